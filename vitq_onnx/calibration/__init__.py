@@ -1,0 +1,1 @@
+"""Calibration in PyTorch: quant points on the timm model, quantizer fitting, methods -> recipe."""

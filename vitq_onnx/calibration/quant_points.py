@@ -1,0 +1,149 @@
+"""Quant points on a timm model: where tensors are quantized, addressed by recipe keys.
+
+Linear and Conv inputs get forward pre-hooks; attention modules get a forward that is timm's
+non-fused path (same ops, same order, so the exported graph is unchanged) with the four matmul
+inputs passed through quant points. A point does nothing until calibration or simulation gives it
+an action.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import VitqError
+from ..naming import attention_nodes, conv_node, linear_node, norm_node
+from ..recipe import tensor_key
+
+
+class QuantPoint:
+    """One quantized tensor. ``action(point, x) -> x'`` is set by calibration or simulation."""
+
+    def __init__(self, key: str, role: str):
+        self.key, self.role = key, role
+        self.action: Optional[Callable[["QuantPoint", torch.Tensor], torch.Tensor]] = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.action is None else self.action(self, x)
+
+
+@dataclass
+class Instrumented:
+    """What ``instrument`` attached: activation points, quantized weights, LayerNorm->Linear pairs."""
+
+    points: dict[str, QuantPoint] = field(default_factory=dict)
+    weights: dict[str, nn.Module] = field(default_factory=dict)  # weight key -> Linear/Conv2d
+    post_norm: list[tuple[str, nn.LayerNorm, list[str], list[nn.Linear]]] = field(default_factory=list)
+
+    def set_action(self, action, keys=None) -> None:
+        for key, point in self.points.items():
+            if keys is None or key in keys:
+                point.action = action
+
+
+def _vit_attention_forward(self, x, attn_mask=None, is_causal=False):
+    if attn_mask is not None or is_causal:
+        raise VitqError("masked or causal attention is not supported")
+    B, N, _ = x.shape
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    q = q * self.scale
+    attn = self.vq_q(q) @ self.vq_k(k.transpose(-2, -1))
+    attn = attn.softmax(dim=-1)
+    attn = self.attn_drop(attn)
+    x = self.vq_p(attn) @ self.vq_v(v)
+    x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+    x = self.norm(x)
+    x = self.proj(x)
+    return self.proj_drop(x)
+
+
+def _swin_attention_forward(self, x, mask=None):
+    B_, N, _ = x.shape
+    qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q = q * self.scale
+    attn = self.vq_q(q) @ self.vq_k(k.transpose(-2, -1))
+    attn = attn + self._get_rel_pos_bias()
+    if mask is not None:
+        num_win = mask.shape[0]
+        attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, self.num_heads, N, N)
+    attn = self.softmax(attn)
+    attn = self.attn_drop(attn)
+    x = self.vq_p(attn) @ self.vq_v(v)
+    x = x.transpose(1, 2).reshape(B_, N, -1)
+    x = self.proj(x)
+    return self.proj_drop(x)
+
+
+def _attention_forward(module: nn.Module):
+    from timm.layers.attention import Attention
+    from timm.models.swin_transformer import WindowAttention
+
+    if isinstance(module, Attention):
+        if module.gate is not None:
+            raise VitqError("gated attention is not supported")
+        return _vit_attention_forward
+    if isinstance(module, WindowAttention):
+        return _swin_attention_forward
+    return None
+
+
+def _input_hook(point: QuantPoint):
+    def hook(_module, args):
+        return (point(args[0]),) + tuple(args[1:])
+
+    return hook
+
+
+def _post_norm_pairs(model: nn.Module):
+    """(LayerNorm name, LayerNorm, Linear names, Linears) whose Linear reads only that norm."""
+    pairs = []
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for norm_attr, path in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"), ("norm", "reduction")):
+            norm = getattr(mod, norm_attr, None)
+            linear = mod.get_submodule(path) if _has(mod, path) else None
+            if isinstance(norm, nn.LayerNorm) and isinstance(linear, nn.Linear):
+                pairs.append((prefix + norm_attr, norm, [prefix + path], [linear]))
+    return pairs
+
+
+def _has(mod: nn.Module, path: str) -> bool:
+    try:
+        mod.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def instrument(model: nn.Module, stem_bits: int | None = None) -> Instrumented:
+    """Attach quant points to every Linear/Conv2d input and every attention matmul input."""
+    inst = Instrumented()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) or isinstance(mod, nn.Conv2d):
+            node = linear_node(name) if isinstance(mod, nn.Linear) else conv_node(name)
+            point = QuantPoint(tensor_key(node, 0), "conv_input" if isinstance(mod, nn.Conv2d) else "linear_input")
+            mod.register_forward_pre_hook(_input_hook(point))
+            inst.points[point.key] = point
+            inst.weights[tensor_key(node, 1)] = mod
+        forward = _attention_forward(mod)
+        if forward is not None:
+            mod.fused_attn = False
+            qk, av = attention_nodes(name)
+            mod.vq_q, mod.vq_k = QuantPoint(tensor_key(qk, 0), "q"), QuantPoint(tensor_key(qk, 1), "k")
+            mod.vq_p, mod.vq_v = QuantPoint(tensor_key(av, 0), "softmax"), QuantPoint(tensor_key(av, 1), "v")
+            for p in (mod.vq_q, mod.vq_k, mod.vq_p, mod.vq_v):
+                inst.points[p.key] = p
+            mod.forward = types.MethodType(forward, mod)
+        elif "Attention" in type(mod).__name__ and hasattr(mod, "qkv"):
+            raise VitqError(f"unsupported attention module {type(mod).__name__} at {name}")
+    inst.post_norm = [(norm_node(n), norm, [linear_node(x) for x in lnames], linears)
+                      for n, norm, lnames, linears in _post_norm_pairs(model)]
+    return inst

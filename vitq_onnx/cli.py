@@ -1,0 +1,83 @@
+"""Command line: ``vitq-onnx export`` and ``vitq-onnx eval``. Errors are one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .calibration.methods import METHODS
+from .errors import VitqError
+from .models import SHORT_NAMES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitq-onnx", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="calibrate a timm ViT and write a quantized ONNX model")
+    e.add_argument("--model", required=True, help=f"{', '.join(SHORT_NAMES)} or a timm model name")
+    e.add_argument("--bits", default="8/8", help="weight/activation bits W/A, each 2..8 (default 8/8)")
+    e.add_argument("--weights", type=Path, help=".safetensors/.pth/.pt checkpoint (loaded safely)")
+    e.add_argument("--random-weights", action="store_true", help="random weights, for graph tests")
+    e.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
+    e.add_argument("--num-calib", type=int, default=32, help="calibration images to use (default 32)")
+    e.add_argument("--method", default="basic", choices=sorted(METHODS),
+                   help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
+    e.add_argument("--format", default="ort", choices=("ort", "qdq"),
+                   help="ort: 8-bit containers for onnxruntime's integer kernels; qdq: portable, int4 packed")
+    e.add_argument("--save-passes", type=Path, help="write the model after every pass to this folder")
+    e.add_argument("--min-agreement", type=float, default=0.9,
+                   help="fail if onnxruntime agrees with the simulation on fewer calibration images")
+    e.add_argument("-o", "--output", type=Path, required=True, help="output .onnx path")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    v = sub.add_parser("eval", help="top-1/top-5 of an ONNX model with onnxruntime")
+    v.add_argument("model", type=Path)
+    v.add_argument("--images", type=Path, required=True,
+                   help="folder of <synset>_*.JPEG files or <synset>/ subfolders")
+    v.add_argument("--compare", type=Path, help="second model: report top-1 agreement with it")
+    v.add_argument("--synsets", type=Path, help="synset list (default: bundled ImageNet-1k)")
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--json", type=Path, help="also write the result here")
+    v.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _export(args) -> None:
+    from .pipeline import ExportOptions, export
+
+    report = export(ExportOptions(
+        model=args.model, bits=args.bits, output=args.output, calib=args.calib, weights=args.weights,
+        random_weights=args.random_weights, num_calib=args.num_calib, method=args.method,
+        format=args.format, save_passes=args.save_passes, min_agreement=args.min_agreement,
+        progress=not args.quiet))
+    print(json.dumps(report))
+
+
+def _eval(args) -> None:
+    from .evaluate import evaluate
+
+    result = evaluate(args.model, args.images, args.compare, args.synsets, args.batch_size,
+                      progress=not args.quiet)
+    line = f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  ({result['images']} images)"
+    if "top1_agreement" in result:
+        line += f"  top-1 agreement with {args.compare.name}: {result['top1_agreement']:.2%}"
+    print(line)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        (_export if args.command == "export" else _eval)(args)
+    except VitqError as exc:
+        print(f"vitq-onnx: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

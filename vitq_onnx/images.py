@@ -1,0 +1,108 @@
+"""Image folders, labels and the timm eval transform, in numpy + PIL only.
+
+The same preprocessing feeds calibration (torch) and evaluation (onnxruntime only), so the
+exported model carries its preprocessing config in its metadata and needs no torch to evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import VitqError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """timm's eval transform: resize the short side to size/crop_pct, center-crop, normalize."""
+
+    size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_model(cls, model) -> "Preprocess":
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=model)
+        if cfg.get("crop_mode", "center") != "center" or cfg["input_size"][1] != cfg["input_size"][2]:
+            raise VitqError(f"unsupported eval transform {cfg}: only square center crops")
+        return cls(cfg["input_size"][2], float(cfg["crop_pct"]), cfg["interpolation"],
+                   tuple(cfg["mean"]), tuple(cfg["std"]))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(int(d["size"]), float(d["crop_pct"]), d["interpolation"],
+                   tuple(d["mean"]), tuple(d["std"]))
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        img = img.convert("RGB")
+        scale = math.floor(self.size / self.crop_pct)
+        w, h = img.size
+        nw, nh = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
+        img = img.resize((nw, nh), _RESAMPLE[self.interpolation])
+        top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))
+        img = img.crop((left, top, left + self.size, top + self.size))
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """All image files under ``folder`` (recursively), sorted; a clear error if there are none."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise VitqError(f"image folder not found: {root}")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise VitqError(f"no images (.jpg/.jpeg/.png/.bmp/.webp) in {root}")
+    return paths
+
+
+def load_images(paths: list[Path], preprocess: Preprocess) -> tuple[np.ndarray, list[Path]]:
+    """Decode and preprocess; unreadable files are skipped with a warning, none usable is an error."""
+    arrays, kept = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                arrays.append(preprocess(img))
+            kept.append(path)
+        except Exception as exc:
+            print(f"warning: skipping unreadable image {path}: {str(exc)[:120]}", file=sys.stderr)
+    if not arrays:
+        raise VitqError(f"none of the {len(paths)} image files could be read")
+    return np.stack(arrays), kept
+
+
+def load_synsets(path: str | Path | None = None) -> dict[str, int]:
+    """Synset id -> class index (line number), from a file or the bundled ImageNet-1k list."""
+    if path is None:
+        text = resources.files("vitq_onnx").joinpath("data/imagenet_synsets.txt").read_text()
+    else:
+        text = Path(path).read_text()
+    return {line.split()[0]: i for i, line in enumerate(text.splitlines()) if line.strip()}
+
+
+def label_of(path: Path, root: Path, synsets: dict[str, int]) -> int:
+    """Class index from ``<synset>_*.JPEG`` file names or an ImageFolder ``<synset>/`` parent."""
+    candidates = [path.name.split("_")[0], path.stem]
+    if path.parent != root:
+        candidates.append(path.parent.name)
+    for c in candidates:
+        if c in synsets:
+            return synsets[c]
+    raise VitqError(f"cannot tell the class of {path}: no known synset in its name or folder")

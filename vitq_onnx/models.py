@@ -1,0 +1,96 @@
+"""Model names and safe weight loading.
+
+Short names map to timm model names; any other timm name is accepted as is. Weights come from a
+file the user passes (safetensors, or a torch checkpoint loaded with ``weights_only=True`` so no
+pickled code runs), from timm's local hub cache, or are random for graph tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import timm
+
+from .errors import VitqError
+
+SHORT_NAMES = {
+    "vit_s": "vit_small_patch16_224",
+    "vit_b": "vit_base_patch16_224",
+    "deit_t": "deit_tiny_patch16_224",
+    "deit_s": "deit_small_patch16_224",
+    "deit_b": "deit_base_patch16_224",
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "swin_s": "swin_small_patch4_window7_224",
+    "swin_b": "swin_base_patch4_window7_224",
+}
+
+
+def resolve_name(name: str) -> str:
+    """Short name or timm name -> timm name; unknown names fail with the list of short names."""
+    timm_name = SHORT_NAMES.get(name, name)
+    if not timm.is_model(timm_name):
+        raise VitqError(
+            f"unknown model '{name}': use one of {', '.join(SHORT_NAMES)} or a timm model name"
+        )
+    return timm_name
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise VitqError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or unsafe files raise many different types
+        raise VitqError(f"cannot read weights {path}: {str(exc).splitlines()[0][:200]}") from None
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VitqError(f"weights file {path} holds no state dict of tensors")
+    return state
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, model_name: str) -> None:
+    """Load a checkpoint strictly: every key and shape must match the architecture."""
+    state = _read_state_dict(Path(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = (missing and f"missing {missing[0]}") or (unexpected and f"unexpected {unexpected[0]}") \
+            or f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
+        raise VitqError(
+            f"weights {path} do not fit {model_name}: {len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(wrong)} mis-shaped keys ({detail})"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def create_model(name: str, weights: str | Path | None = None, random_weights: bool = False):
+    """Build the timm model in eval mode with real weights (or random ones when asked)."""
+    timm_name = resolve_name(name)
+    if weights is not None:
+        model = timm.create_model(timm_name, pretrained=False)
+        load_weights(model, weights, timm_name)
+    elif random_weights:
+        torch.manual_seed(0)
+        model = timm.create_model(timm_name, pretrained=False)
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # only the local cache; never hang on a network
+        try:
+            model = timm.create_model(timm_name, pretrained=True)
+        except Exception:
+            raise VitqError(
+                f"no pretrained weights for {timm_name} in timm's local cache: pass --weights FILE "
+                "(or --random-weights for graph tests)"
+            ) from None
+    return model.eval()

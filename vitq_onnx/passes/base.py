@@ -1,0 +1,70 @@
+"""Passes over an onnx-graphsurgeon graph, run in order, each saved for Netron on request."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import VitqError
+from ..recipe import Recipe
+
+
+@dataclass
+class PassContext:
+    """What passes may read: the recipe and the output options, never the PyTorch model."""
+
+    recipe: Optional[Recipe] = None
+    format: str = "ort"
+    notes: dict = field(default_factory=dict)
+
+
+class Pass:
+    """One named, individually testable graph rewrite.
+
+    ``run`` edits the graph in place, or returns a replacement graph.
+    """
+
+    name = "pass"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> Optional[gs.Graph]:
+        raise NotImplementedError
+
+    def __call__(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+        return (self.run(graph, ctx) or graph).cleanup().toposort()
+
+
+def find_node(graph: gs.Graph, name: str) -> gs.Node:
+    for node in graph.nodes:
+        if node.name == name:
+            return node
+    raise VitqError(f"recipe does not fit the graph: no node named '{name}'")
+
+
+def node_index(graph: gs.Graph) -> dict[str, gs.Node]:
+    return {n.name: n for n in graph.nodes}
+
+
+def to_model(graph: gs.Graph) -> onnx.ModelProto:
+    return gs.export_onnx(graph)
+
+
+def run_passes(model: onnx.ModelProto, passes: list[Pass], ctx: PassContext,
+               save_dir: str | Path | None = None, progress: bool = True) -> onnx.ModelProto:
+    """Apply ``passes`` in order; with ``save_dir`` write 00_fp32.onnx, 01_<pass>.onnx, ..."""
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, save_dir / "00_fp32.onnx")
+    graph = gs.import_onnx(model)
+    for i, p in enumerate(passes, 1):
+        if progress:
+            print(f"pass {i}/{len(passes)}: {p.name}", file=sys.stderr)
+        graph = p(graph, ctx)
+        if save_dir is not None:
+            onnx.save(to_model(graph), save_dir / f"{i:02d}_{p.name}.onnx")
+    return to_model(graph)

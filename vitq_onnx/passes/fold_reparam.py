@@ -1,0 +1,74 @@
+"""RepQ-ViT fold: per-channel post-LayerNorm factors into the LayerNorm affine and next Linear.
+
+Reads ``recipe.reparams`` (r1, shift per channel) and edits initializers only, so the FP function
+of the graph is unchanged while the per-channel quantizer becomes a per-tensor one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import VitqError
+from .base import Pass, PassContext, node_index
+
+# ops that move or select channels-last values without mixing channels
+LAYOUT_OPS = {"Reshape", "Transpose", "Slice", "Concat", "Gather", "Squeeze", "Unsqueeze",
+              "Identity", "Flatten", "ReduceMean"}
+
+
+def linear_bias(graph: gs.Graph, matmul: gs.Node) -> tuple[gs.Node | None, int]:
+    """The Add that adds a constant bias to ``matmul``'s output, and the bias's input index."""
+    for reader in matmul.outputs[0].outputs:
+        if reader.op == "Add":
+            for i, t in enumerate(reader.inputs):
+                if isinstance(t, gs.Constant):
+                    return reader, i
+    return None, -1
+
+
+def _reads_only_through_layout(norm: gs.Node, matmul: gs.Node) -> bool:
+    tensor = matmul.inputs[0]
+    while tensor is not norm.outputs[0]:
+        if not tensor.inputs or tensor.inputs[0].op not in LAYOUT_OPS:
+            return False
+        tensor = tensor.inputs[0].inputs[0]
+    return all(r.op in LAYOUT_OPS | {"MatMul"} for r in norm.outputs[0].outputs)
+
+
+class FoldReparam(Pass):
+    name = "fold_reparam"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> None:
+        nodes = node_index(graph)
+        for rep in ctx.recipe.reparams:
+            norm = nodes.get(rep.norm)
+            if norm is None or norm.op != "LayerNormalization":
+                raise VitqError(f"recipe does not fit the graph: no LayerNormalization '{rep.norm}'")
+            gamma, beta = norm.inputs[1], norm.inputs[2]
+            if len(rep.r1) != gamma.shape[-1]:
+                raise VitqError(f"recipe does not fit the graph: {rep.norm} has {gamma.shape[-1]} "
+                                f"channels, recipe {len(rep.r1)}")
+            r1, shift = rep.r1.astype(np.float32), rep.shift.astype(np.float32)
+            for name in rep.linears:
+                mm = nodes.get(name)
+                if mm is None or mm.op != "MatMul" or not isinstance(mm.inputs[1], gs.Constant):
+                    raise VitqError(f"recipe does not fit the graph: no Linear MatMul '{name}'")
+                if not _reads_only_through_layout(norm, mm):
+                    raise VitqError(f"cannot fold {rep.norm} into {name}: other ops sit between them")
+                w = mm.inputs[1].values  # [in, out]
+                bias_delta = -(shift @ w)
+                add, idx = linear_bias(graph, mm)
+                if add is None:
+                    out = mm.outputs[0]
+                    mm_out = gs.Variable(f"{name}_output_0", dtype=out.dtype)
+                    mm.outputs = [mm_out]
+                    module = name.rpartition("/")[0]
+                    bias = gs.Constant(f"{module}.bias", bias_delta.astype(np.float32))
+                    graph.nodes.append(gs.Node("Add", f"{module}/Add", inputs=[mm_out, bias], outputs=[out]))
+                else:
+                    b = add.inputs[idx]
+                    add.inputs[idx] = gs.Constant(b.name, (b.values + bias_delta).astype(np.float32))
+                mm.inputs[1] = gs.Constant(mm.inputs[1].name, (w * r1[:, None]).astype(np.float32))
+            norm.inputs[1] = gs.Constant(gamma.name, (gamma.values / r1).astype(np.float32))
+            norm.inputs[2] = gs.Constant(beta.name, ((beta.values + shift) / r1).astype(np.float32))

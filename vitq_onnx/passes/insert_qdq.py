@@ -1,0 +1,54 @@
+"""Uniform activation quantization: QuantizeLinear/DequantizeLinear on each recipe tensor.
+
+Codes below 8 bits live on the same grid in an 8-bit container (``ort`` format: a float Clip
+before QuantizeLinear bounds them to [0, 2^bits-1]) or in ONNX uint4 (``qdq`` format, <= 4 bits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import VitqError
+from ..naming import tensor_label
+from ..recipe import split_key
+from .base import Pass, PassContext, node_index
+from .quantize_weights import packed_type
+
+
+class InsertQDQ(Pass):
+    name = "insert_qdq"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> None:
+        nodes = node_index(graph)
+        for key, aq in ctx.recipe.activations.items():
+            if aq.kind != "uniform":
+                continue
+            if not aq.per_tensor:
+                raise VitqError(f"{key}: per-channel activations must be reparameterized first")
+            node_name, index = split_key(key)
+            node = nodes.get(node_name)
+            if node is None or index >= len(node.inputs):
+                raise VitqError(f"recipe does not fit the graph: no tensor at '{key}'")
+            label = tensor_label(node_name, index)
+            scale = np.float32(aq.scale.reshape(()))
+            zp = int(aq.zero_point.reshape(()))
+            qmax = 2**aq.bits - 1
+            dtype = packed_type(aq.bits, ctx.format, signed=False)
+            source = node.inputs[index]
+            if aq.bits < 8 and dtype is None:
+                clipped = gs.Variable(f"{label}_clipped", dtype=np.float32)
+                lo, hi = np.float32(-zp) * scale, np.float32(qmax - zp) * scale
+                graph.nodes.append(gs.Node("Clip", f"{label}_clip", inputs=[
+                    source, gs.Constant(f"{label}_min", np.array(lo, np.float32)),
+                    gs.Constant(f"{label}_max", np.array(hi, np.float32))], outputs=[clipped]))
+                source = clipped
+            codes = gs.Variable(f"{label}_uint{aq.bits}", dtype=np.uint8 if dtype is None else None)
+            zero = gs.Constant(f"{label}_zero_point", np.array(zp, np.uint8), export_dtype=dtype)
+            scale_c = gs.Constant(f"{label}_scale", np.array(scale, np.float32))
+            graph.nodes.append(gs.Node("QuantizeLinear", f"{label}_q", inputs=[source, scale_c, zero],
+                                       outputs=[codes]))
+            out = gs.Variable(f"{label}_dequantized", dtype=np.float32)
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{label}_dq", inputs=[codes, scale_c, zero],
+                                       outputs=[out]))
+            node.inputs[index] = out

@@ -1,0 +1,78 @@
+"""RepQ-ViT post-Softmax quantization in the graph: integer log2 codes and shift arithmetic.
+
+The softmax output leaves as uint8 codes q = clip(round(-2*log2(x/scale)), 0, Z). The value
+fed to attn@v is rebuilt from integers only: a = 2^E >> ceil(q/2) (BitShift), split by the parity
+of q (BitwiseAnd) into even and odd parts; odd codes carry the extra sqrt(2) of the log-sqrt(2)
+grid as one float constant. No Pow, no float exponent: the same arithmetic as
+calibration.quantizers.log2_dequant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..calibration.quantizers import log2_max_exponent, log2_zero_code
+from ..errors import VitqError
+from ..naming import tensor_label
+from ..recipe import split_key
+from .base import Pass, PassContext, node_index
+
+
+class _Builder:
+    """Appends named nodes under one prefix and returns their single outputs."""
+
+    def __init__(self, graph: gs.Graph, prefix: str):
+        self.graph, self.prefix = graph, prefix
+
+    def const(self, name: str, value, dtype) -> gs.Constant:
+        return gs.Constant(f"{self.prefix}_{name}", np.array(value, dtype=dtype))
+
+    def op(self, op: str, name: str, inputs, dtype=None, **attrs) -> gs.Variable:
+        out = gs.Variable(f"{self.prefix}_{name}", dtype=dtype)
+        self.graph.nodes.append(gs.Node(op, f"{self.prefix}_{name}_{op.lower()}", attrs=attrs,
+                                        inputs=inputs, outputs=[out]))
+        return out
+
+
+class Log2Softmax(Pass):
+    name = "log2_softmax"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> None:
+        nodes = node_index(graph)
+        for key, aq in ctx.recipe.activations.items():
+            if aq.kind != "log2":
+                continue
+            node_name, index = split_key(key)
+            node = nodes.get(node_name)
+            if node is None or node.op != "MatMul":
+                raise VitqError(f"recipe does not fit the graph: no attention MatMul at '{key}'")
+            b = _Builder(graph, tensor_label(node_name, index))
+            f32, u32 = np.float32, np.uint32
+            scale = np.float32(aq.scale.reshape(()))
+            zero_code, e_max = log2_zero_code(aq.bits), log2_max_exponent(aq.bits)
+            # quantize: float -> integer log2 codes
+            x = b.op("Div", "ratio", [node.inputs[index], b.const("scale", scale, f32)])
+            x = b.op("Log", "ln", [x])
+            x = b.op("Mul", "neg2log2", [x, b.const("to_code", -2.0 / math.log(2.0), f32)])
+            x = b.op("Round", "rounded", [x])
+            x = b.op("Clip", "clipped", [x, b.const("code_min", 0, f32), b.const("code_max", zero_code, f32)])
+            codes = b.op("Cast", "log2_codes", [x], dtype=np.uint8, to=onnx.TensorProto.UINT8)
+            # dequantize with shifts: 2^E >> ceil(q/2), even/odd split
+            q = b.op("Cast", "codes_u32", [codes], dtype=u32, to=onnx.TensorProto.UINT32)
+            one = b.const("one", 1, u32)
+            half_up = b.op("BitShift", "exponent", [b.op("Add", "q_plus_1", [q, one]), one],
+                           direction="RIGHT")
+            shifted = b.op("BitShift", "pow2", [b.const("two_pow_e", 2**e_max, u32), half_up],
+                           direction="RIGHT")
+            odd = b.op("Mul", "odd_part", [shifted, b.op("BitwiseAnd", "parity", [q, one])])
+            even = b.op("Sub", "even_part", [shifted, odd])
+            odd_f = b.op("Cast", "odd_f", [odd], dtype=f32, to=onnx.TensorProto.FLOAT)
+            even_f = b.op("Cast", "even_f", [even], dtype=f32, to=onnx.TensorProto.FLOAT)
+            odd_f = b.op("Mul", "odd_sqrt2", [odd_f, b.const("sqrt2", math.sqrt(2.0), f32)])
+            total = b.op("Add", "sum", [even_f, odd_f])
+            unit = np.float32(scale * np.float32(2.0**-e_max))
+            node.inputs[index] = b.op("Mul", "dequantized", [total, b.const("unit", unit, f32)], dtype=f32)

@@ -1,0 +1,55 @@
+"""Weights to integers: each quantized initializer becomes int8 codes + per-channel DequantizeLinear."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import VitqError
+from ..naming import tensor_label
+from ..recipe import split_key
+from .base import Pass, PassContext, node_index
+
+
+def weight_codes(w: np.ndarray, scale: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Same grid as calibration.quantizers.weight_codes, for a weight whose channels are on ``axis``."""
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return np.clip(np.round(w / scale.reshape(shape)), lo, hi).astype(np.int8)
+
+
+def packed_type(bits: int, fmt: str, signed: bool):
+    """``qdq`` stores <= 4-bit tensors as ONNX int4/uint4; ``ort`` keeps 8-bit containers."""
+    if fmt == "qdq" and bits <= 4:
+        return onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+    return None
+
+
+class QuantizeWeights(Pass):
+    name = "quantize_weights"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> None:
+        nodes = node_index(graph)
+        for key, wq in ctx.recipe.weights.items():
+            node_name, index = split_key(key)
+            node = nodes.get(node_name)
+            if node is None or not isinstance(node.inputs[index], gs.Constant):
+                raise VitqError(f"recipe does not fit the graph: no weight at '{key}'")
+            w = node.inputs[index].values
+            axis = 1 if node.op == "MatMul" else 0  # MatMul weights are [in, out]; Conv [out, in, ...]
+            if w.shape[axis] != wq.scale.size:
+                raise VitqError(f"recipe does not fit the graph: {key} has {w.shape[axis]} output "
+                                f"channels, recipe {wq.scale.size}")
+            scale = wq.scale.astype(np.float32)
+            label = tensor_label(node_name, index)
+            dtype = packed_type(wq.bits, ctx.format, signed=True)
+            codes = gs.Constant(f"{label}_int{wq.bits}", weight_codes(w, scale, wq.bits, axis),
+                                export_dtype=dtype)
+            zero = gs.Constant(f"{label}_zero_point", np.zeros(scale.shape, np.int8), export_dtype=dtype)
+            out = gs.Variable(f"{label}_dequantized", dtype=np.float32, shape=list(w.shape))
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{label}_dq", attrs={"axis": axis},
+                                       inputs=[codes, gs.Constant(f"{label}_scale", scale), zero],
+                                       outputs=[out]))
+            node.inputs[index] = out

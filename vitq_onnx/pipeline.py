@@ -1,0 +1,141 @@
+"""``vitq-onnx export``: calibrate -> recipe -> FP32 ONNX -> passes -> validate -> write.
+
+Nothing is written until the model has been built and validated, and then atomically (temporary
+files in the output folder, renamed into place), so a failure never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from . import runtime
+from .calibration.calibrate import calibrate
+from .calibration.methods import get_method
+from .errors import VitqError
+from .export import export_fp32
+from .images import Preprocess, list_images, load_images
+from .models import create_model, resolve_name
+from .passes import PassContext, pipeline, run_passes
+from .recipe import Recipe
+from .simulation import simulate
+from .validate import onnx_vs_simulation
+
+BITS_RANGE = range(2, 9)
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """'W/A' -> (W, A), each in 2..8."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise VitqError(f"bad --bits '{text}': expected W/A, e.g. 8/8 or 4/4")
+    w, a = int(parts[0]), int(parts[1])
+    if w not in BITS_RANGE or a not in BITS_RANGE:
+        raise VitqError(f"bad --bits '{text}': weight and activation bits must be 2..8")
+    return w, a
+
+
+def recipe_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".recipe.json")
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    bits: str
+    output: Path
+    calib: Path
+    weights: Path | None = None
+    random_weights: bool = False
+    num_calib: int = 32
+    method: str = "basic"
+    format: str = "ort"
+    save_passes: Path | None = None
+    min_agreement: float = 0.9
+    progress: bool = True
+
+
+def _check_output(output: Path, inputs: list[Path]) -> None:
+    parent = output.parent
+    if not parent.is_dir():
+        raise VitqError(f"output folder does not exist: {parent}")
+    if any(p is not None and output.resolve() == p.resolve() for p in inputs):
+        raise VitqError(f"output {output} would overwrite an input")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise VitqError(f"cannot write to {parent}: {exc.strerror}") from None
+
+
+def calibration_images(folder: Path, count: int, preprocess: Preprocess):
+    """A fixed random subset (seed 0) of the folder, so classes are spread, not alphabetical."""
+    if count < 1:
+        raise VitqError("--num-calib must be at least 1")
+    paths = list_images(folder)
+    if count < len(paths):
+        paths = sorted(random.Random(0).sample(paths, count))
+    return load_images(paths, preprocess)
+
+
+def export(opts: ExportOptions) -> dict:
+    """Run the whole export; returns the validation report stored in the model's metadata."""
+    start = time.time()
+    say = (lambda msg: print(msg, file=sys.stderr)) if opts.progress else (lambda msg: None)
+    w_bits, a_bits = parse_bits(opts.bits)
+    method = get_method(opts.method)
+    timm_name = resolve_name(opts.model)
+    if opts.format not in ("ort", "qdq"):
+        raise VitqError(f"unknown --format '{opts.format}': use ort or qdq")
+    _check_output(opts.output, [opts.weights])
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    model = create_model(opts.model, opts.weights, opts.random_weights)
+    preprocess = Preprocess.from_model(model)
+    images, used = calibration_images(opts.calib, opts.num_calib, preprocess)
+    say(f"calibrating {timm_name} at W{w_bits}/A{a_bits} ({method.name}) on {len(used)} images")
+    recipe = calibrate(model, images, w_bits, a_bits, method, timm_name, progress=opts.progress)
+    recipe.info["format"] = opts.format
+
+    fp32 = export_fp32(model, preprocess.size)
+    runtime.set_metadata(fp32, runtime.META_PREPROCESS, preprocess.to_dict())
+    qmodel = run_passes(fp32, pipeline(recipe), PassContext(recipe, opts.format), opts.save_passes,
+                        opts.progress)
+
+    say("validating onnxruntime against the PyTorch simulation on the calibration images")
+    report = onnx_vs_simulation(qmodel, simulate(model, recipe), images)
+    report["export_seconds"] = round(time.time() - start, 1)
+    say(f"top-1 agreement {report['top1_agreement']:.2%}, max |dlogit| "
+        f"{report['max_abs_logit_error']:.4f}, mean |dlogit| {report['mean_abs_logit_error']:.5f}")
+    if report["top1_agreement"] < opts.min_agreement:
+        raise VitqError(f"onnxruntime agrees with the simulation on only {report['top1_agreement']:.1%} "
+                        f"of calibration images (< {opts.min_agreement:.0%}); nothing written")
+    runtime.set_metadata(qmodel, runtime.META_PREPROCESS, preprocess.to_dict())
+    runtime.set_metadata(qmodel, runtime.META_RECIPE, {
+        "model": timm_name, "method": method.name, "bits": {"w": w_bits, "a": a_bits},
+        "format": opts.format, "float_ops": recipe.float_ops})
+    runtime.set_metadata(qmodel, runtime.META_VALIDATION, report)
+    qmodel.producer_name = "vitq-onnx"
+    _write(qmodel, recipe, opts.output)
+    say(f"wrote {opts.output} and {recipe_path(opts.output)} in {time.time() - start:.1f} s")
+    return report
+
+
+def _write(model: onnx.ModelProto, recipe: Recipe, output: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".vitq-") as tmp:
+        tmp_model = Path(tmp) / "model.onnx"
+        tmp_recipe = Path(tmp) / "recipe.json"
+        onnx.save(model, tmp_model)
+        recipe.save(tmp_recipe)
+        final_recipe = recipe_path(output)
+        os.replace(tmp_recipe.with_suffix(".npz"), final_recipe.with_suffix(".npz"))
+        os.replace(tmp_recipe, final_recipe)
+        os.replace(tmp_model, output)

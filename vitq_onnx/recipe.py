@@ -1,0 +1,136 @@
+"""The recipe: the serializable seam between calibration (PyTorch) and the ONNX passes.
+
+Every quantized tensor is addressed the way the passes see it: the canonical name of the ONNX node
+that consumes it and the input index (``blocks.3.attn.qkv/MatMul:0``). A recipe is saved as JSON
+(readable, diffable) with its arrays in an ``.npz`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import VitqError
+
+FORMAT = "vitq-recipe"
+VERSION = 1
+
+
+def tensor_key(node: str, input_index: int) -> str:
+    return f"{node}:{input_index}"
+
+
+def split_key(key: str) -> tuple[str, int]:
+    node, _, index = key.rpartition(":")
+    return node, int(index)
+
+
+@dataclass
+class ActQuant:
+    """Activation quantizer.
+
+    kind ``uniform``: codes clamp(round(x/scale)+zero_point, 0, 2^bits-1) (scale/zero_point per
+    tensor, or per last-axis channel during calibration only). Kind ``log2``: post-Softmax codes
+    clamp(round(-2*log2(x/scale)), 0, 2^bits-1), code 2^bits-1 meaning zero (see quantizers).
+    """
+
+    kind: str
+    bits: int
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.scale.size == 1
+
+
+@dataclass
+class WeightQuant:
+    """Symmetric per-output-channel weight quantizer: codes clamp(round(w/scale), -2^(b-1), 2^(b-1)-1)."""
+
+    bits: int
+    scale: np.ndarray  # one per output channel
+
+
+@dataclass
+class Reparam:
+    """RepQ-ViT scale reparameterization of a LayerNorm and the Linear layers that read it.
+
+    LayerNorm gamma/beta become gamma/r1 and (beta + shift)/r1; each next Linear's weight columns are
+    multiplied by r1 and its bias loses W @ shift. The FP function is unchanged.
+    """
+
+    norm: str  # canonical LayerNormalization node name
+    linears: list[str]  # canonical MatMul node names reading the norm's output
+    r1: np.ndarray
+    shift: np.ndarray
+
+
+@dataclass
+class Recipe:
+    model: str
+    method: str
+    w_bits: int
+    a_bits: int
+    activations: dict[str, ActQuant] = field(default_factory=dict)
+    weights: dict[str, WeightQuant] = field(default_factory=dict)
+    reparams: list[Reparam] = field(default_factory=list)
+    float_ops: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def save(self, json_path: str | Path) -> None:
+        json_path = Path(json_path)
+        arrays: dict[str, np.ndarray] = {}
+
+        def ref(name: str, arr: np.ndarray) -> str:
+            arrays[name] = np.asarray(arr)
+            return "@" + name
+
+        doc = {
+            "format": FORMAT, "version": VERSION, "model": self.model, "method": self.method,
+            "bits": {"w": self.w_bits, "a": self.a_bits},
+            "activations": {
+                k: {"kind": q.kind, "bits": q.bits, "scale": ref(f"act/{k}/scale", q.scale),
+                    "zero_point": ref(f"act/{k}/zero_point", q.zero_point)}
+                for k, q in self.activations.items()
+            },
+            "weights": {k: {"bits": q.bits, "granularity": "per-output-channel",
+                            "scale": ref(f"w/{k}/scale", q.scale)} for k, q in self.weights.items()},
+            "reparams": [
+                {"norm": r.norm, "linears": r.linears, "r1": ref(f"rep/{r.norm}/r1", r.r1),
+                 "shift": ref(f"rep/{r.norm}/shift", r.shift)} for r in self.reparams
+            ],
+            "float_ops": self.float_ops,
+            "info": self.info,
+        }
+        npz_path = json_path.with_suffix(".npz")
+        with open(npz_path, "wb") as f:
+            np.savez(f, **arrays)
+        json_path.write_text(json.dumps(doc, indent=1))
+
+    @classmethod
+    def load(cls, json_path: str | Path) -> "Recipe":
+        json_path = Path(json_path)
+        try:
+            doc = json.loads(json_path.read_text())
+            arrays = dict(np.load(json_path.with_suffix(".npz")))
+        except Exception as exc:
+            raise VitqError(f"cannot read recipe {json_path}: {str(exc)[:200]}") from None
+        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise VitqError(f"{json_path} is not a {FORMAT} v{VERSION} file")
+
+        def get(value: str) -> np.ndarray:
+            return arrays[value[1:]]
+
+        return cls(
+            model=doc["model"], method=doc["method"], w_bits=doc["bits"]["w"], a_bits=doc["bits"]["a"],
+            activations={k: ActQuant(v["kind"], v["bits"], get(v["scale"]), get(v["zero_point"]))
+                         for k, v in doc["activations"].items()},
+            weights={k: WeightQuant(v["bits"], get(v["scale"])) for k, v in doc["weights"].items()},
+            reparams=[Reparam(r["norm"], r["linears"], get(r["r1"]), get(r["shift"]))
+                      for r in doc["reparams"]],
+            float_ops=doc["float_ops"], info=doc["info"],
+        )

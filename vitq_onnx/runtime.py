@@ -1,0 +1,55 @@
+"""onnxruntime helpers: sessions, batched inference, the metadata vitq-onnx stores in models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import VitqError
+
+META_PREPROCESS = "vitq.preprocess"
+META_RECIPE = "vitq.recipe"
+META_VALIDATION = "vitq.validation"
+
+
+def session(model, threads: int | None = None, optimized_path: str | None = None) -> ort.InferenceSession:
+    """CPU session from a path, bytes or ModelProto."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if optimized_path:
+        opts.optimized_model_filepath = str(optimized_path)
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif isinstance(model, (str, Path)):
+        if not Path(model).is_file():
+            raise VitqError(f"model not found: {model}")
+        model = str(model)
+    try:
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise VitqError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:200]}") from None
+
+
+def run(sess: ort.InferenceSession, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: images[i:i + batch_size]})[0]
+                           for i in range(0, len(images), batch_size)])
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: dict) -> None:
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = json.dumps(value)
+            return
+    model.metadata_props.add(key=key, value=json.dumps(value))
+
+
+def get_metadata(sess: ort.InferenceSession, key: str) -> dict | None:
+    value = sess.get_modelmeta().custom_metadata_map.get(key)
+    return json.loads(value) if value else None
