@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--random-weights", action="store_true", help="random weights, for graph tests")
     e.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
     e.add_argument("--num-calib", type=int, default=32, help="calibration images to use (default 32)")
-    e.add_argument("--method", default="basic", choices=sorted(METHODS),
+    e.add_argument("--method", default="repq", choices=sorted(METHODS),
                    help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
     e.add_argument("--format", default="ort", choices=("ort", "qdq"),
                    help="ort: 8-bit containers for onnxruntime's integer kernels; qdq: portable, int4 packed")

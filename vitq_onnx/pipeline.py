@@ -56,7 +56,7 @@ class ExportOptions:
     weights: Path | None = None
     random_weights: bool = False
     num_calib: int = 32
-    method: str = "basic"
+    method: str = "repq"
     format: str = "ort"
     save_passes: Path | None = None
     min_agreement: float = 0.9

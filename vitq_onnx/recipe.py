@@ -78,6 +78,7 @@ class Recipe:
     activations: dict[str, ActQuant] = field(default_factory=dict)
     weights: dict[str, WeightQuant] = field(default_factory=dict)
     reparams: list[Reparam] = field(default_factory=list)
+    bias_corrections: dict[str, np.ndarray] = field(default_factory=dict)  # Linear node -> added to bias
     float_ops: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
@@ -103,6 +104,7 @@ class Recipe:
                 {"norm": r.norm, "linears": r.linears, "r1": ref(f"rep/{r.norm}/r1", r.r1),
                  "shift": ref(f"rep/{r.norm}/shift", r.shift)} for r in self.reparams
             ],
+            "bias_corrections": {k: ref(f"bias/{k}", v) for k, v in self.bias_corrections.items()},
             "float_ops": self.float_ops,
             "info": self.info,
         }
@@ -132,5 +134,6 @@ class Recipe:
             weights={k: WeightQuant(v["bits"], get(v["scale"])) for k, v in doc["weights"].items()},
             reparams=[Reparam(r["norm"], r["linears"], get(r["r1"]), get(r["shift"]))
                       for r in doc["reparams"]],
+            bias_corrections={k: get(v) for k, v in doc["bias_corrections"].items()},
             float_ops=doc["float_ops"], info=doc["info"],
         )

@@ -11,7 +11,7 @@ from .calibration.calibrate import fake_act
 from .calibration.quant_points import instrument
 from .calibration.reparam import fold_into_torch
 from .errors import VitqError
-from .recipe import Recipe
+from .recipe import Recipe, tensor_key
 
 
 @torch.no_grad()
@@ -33,5 +33,7 @@ def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     for key, mod in inst.weights.items():
         q = recipe.weights[key]
         mod.weight.copy_(Q.fake_weight(mod.weight, torch.from_numpy(q.scale), q.bits))
+    for node, delta in recipe.bias_corrections.items():
+        inst.weights[tensor_key(node, 1)].bias.add_(torch.from_numpy(delta))
     inst.set_action(lambda point, x: fake_act(recipe.activations[point.key], x))
     return model

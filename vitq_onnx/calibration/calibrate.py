@@ -5,7 +5,10 @@
 2. Weights (after the fold) get per-output-channel symmetric scales.
 3. One pass over the calibration batch with quantized weights fits each activation quantizer on
    its first sight and quantizes from then on, so every layer is calibrated on the inputs the
-   quantized layers before it produce.
+   quantized layers before it produce. There each Linear's weight scales are refit against its
+   (quantized) input, weighting each input channel by its mean square so the search minimizes
+   the layer's output error, and the bias absorbs the mean output shift that weight rounding
+   causes (bias correction, Nagel et al. 2019).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..recipe import ActQuant, Recipe, WeightQuant
+from ..recipe import ActQuant, Recipe, WeightQuant, split_key, tensor_key
 from . import quantizers as Q
 from .methods import Method
 from .quant_points import instrument
@@ -73,10 +76,26 @@ def calibrate(model: torch.nn.Module, images: np.ndarray, w_bits: int, a_bits: i
         seen.clear()
 
     say(f"calibration 2/3: weights ({len(inst.weights)} layers, {w_bits} bits)")
-    for key, mod in inst.weights.items():
-        scale = Q.fit_weight(mod.weight, w_bits)
-        mod.weight.copy_(Q.fake_weight(mod.weight, scale, w_bits))
+    fp_weights = {key: mod.weight.detach().clone() for key, mod in inst.weights.items()}
+
+    def set_weight(key, importance=None):
+        mod, w = inst.weights[key], fp_weights[key]
+        scale = Q.fit_weight(w, w_bits, importance)
+        mod.weight.copy_(Q.fake_weight(w, scale, w_bits))
         recipe.weights[key] = WeightQuant(w_bits, scale.numpy().astype(np.float32))
+
+    for key in inst.weights:
+        set_weight(key)
+
+    def refit_linear(node: str, x: torch.Tensor) -> None:
+        """Weight scales weighted by the input's energy per channel, then bias correction."""
+        key = tensor_key(node, 1)
+        set_weight(key, x.pow(2).mean(0))
+        mod = inst.weights[key]
+        if mod.bias is not None:
+            delta = (fp_weights[key] - mod.weight) @ x.mean(0)
+            mod.bias.add_(delta)
+            recipe.bias_corrections[node] = delta.numpy().astype(np.float32)
 
     bar = tqdm(total=len(inst.points), desc="calibration 3/3: activations", disable=not progress,
                file=sys.stderr, unit="tensor")
@@ -91,7 +110,10 @@ def calibrate(model: torch.nn.Module, images: np.ndarray, w_bits: int, a_bits: i
                 recipe.activations[point.key] = _act("uniform", bits, scale, zp)
         bar.update(1)
         point.action = lambda p, t: fake_act(recipe.activations[p.key], t)
-        return point.action(point, x)
+        xq = point.action(point, x)
+        if point.role == "linear_input":
+            refit_linear(split_key(point.key)[0], xq.reshape(-1, xq.shape[-1]))
+        return xq
 
     inst.set_action(fit_then_quantize)
     model(batch)

@@ -65,7 +65,7 @@ def fit_uniform(x: torch.Tensor, bits: int, unsigned: bool = False):
     return uniform_params(lo, hi, bits)
 
 
-def fit_uniform_per_channel(x: torch.Tensor, bits: int, max_rows: int = 8192):
+def fit_uniform_per_channel(x: torch.Tensor, bits: int, max_rows: int = 2048):
     """Per-channel (last axis) ranges by MSE, each channel choosing its own clipping."""
     rows = x.detach().reshape(-1, x.shape[-1]).float()
     lo0, hi0 = rows.min(0).values, rows.max(0).values
@@ -102,16 +102,21 @@ def fake_weight(w, scale, bits: int):
     return weight_codes(w, scale, bits) * scale.reshape(-1, *([1] * (w.dim() - 1)))
 
 
-def fit_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel symmetric scale, each channel's clipping ratio chosen by MSE."""
+def fit_weight(w: torch.Tensor, bits: int, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-output-channel symmetric scale, each channel's clipping ratio chosen by MSE.
+
+    ``importance`` (one weight per input column, e.g. the mean squared input activation) turns the
+    weight MSE into an estimate of the layer's output error, which is what accuracy depends on.
+    """
     rows = w.detach().reshape(w.shape[0], -1).float()
     absmax = rows.abs().amax(1).clamp(min=1e-8)
     qmax = weight_range(bits)[1]
+    col_weight = torch.ones(rows.shape[1]) if importance is None else importance.float()
     best_err = torch.full_like(absmax, float("inf"))
     best = absmax / qmax
     for alpha in _alphas(40, 0.25):
         scale = absmax * alpha / qmax
-        err = ((fake_weight(rows, scale, bits) - rows) ** 2).mean(1)
+        err = (((fake_weight(rows, scale, bits) - rows) ** 2) * col_weight).mean(1)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
     return best

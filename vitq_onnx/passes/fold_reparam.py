@@ -11,20 +11,11 @@ import onnx_graphsurgeon as gs
 
 from ..errors import VitqError
 from .base import Pass, PassContext, node_index
+from .linear import add_to_bias
 
 # ops that move or select channels-last values without mixing channels
 LAYOUT_OPS = {"Reshape", "Transpose", "Slice", "Concat", "Gather", "Squeeze", "Unsqueeze",
               "Identity", "Flatten", "ReduceMean"}
-
-
-def linear_bias(graph: gs.Graph, matmul: gs.Node) -> tuple[gs.Node | None, int]:
-    """The Add that adds a constant bias to ``matmul``'s output, and the bias's input index."""
-    for reader in matmul.outputs[0].outputs:
-        if reader.op == "Add":
-            for i, t in enumerate(reader.inputs):
-                if isinstance(t, gs.Constant):
-                    return reader, i
-    return None, -1
 
 
 def _reads_only_through_layout(norm: gs.Node, matmul: gs.Node) -> bool:
@@ -33,7 +24,7 @@ def _reads_only_through_layout(norm: gs.Node, matmul: gs.Node) -> bool:
         if not tensor.inputs or tensor.inputs[0].op not in LAYOUT_OPS:
             return False
         tensor = tensor.inputs[0].inputs[0]
-    return all(r.op in LAYOUT_OPS | {"MatMul"} for r in norm.outputs[0].outputs)
+    return all(r.op in LAYOUT_OPS | {"MatMul", "Shape"} for r in norm.outputs[0].outputs)
 
 
 class FoldReparam(Pass):
@@ -57,18 +48,7 @@ class FoldReparam(Pass):
                 if not _reads_only_through_layout(norm, mm):
                     raise VitqError(f"cannot fold {rep.norm} into {name}: other ops sit between them")
                 w = mm.inputs[1].values  # [in, out]
-                bias_delta = -(shift @ w)
-                add, idx = linear_bias(graph, mm)
-                if add is None:
-                    out = mm.outputs[0]
-                    mm_out = gs.Variable(f"{name}_output_0", dtype=out.dtype)
-                    mm.outputs = [mm_out]
-                    module = name.rpartition("/")[0]
-                    bias = gs.Constant(f"{module}.bias", bias_delta.astype(np.float32))
-                    graph.nodes.append(gs.Node("Add", f"{module}/Add", inputs=[mm_out, bias], outputs=[out]))
-                else:
-                    b = add.inputs[idx]
-                    add.inputs[idx] = gs.Constant(b.name, (b.values + bias_delta).astype(np.float32))
+                add_to_bias(graph, mm, -(shift @ w))
                 mm.inputs[1] = gs.Constant(mm.inputs[1].name, (w * r1[:, None]).astype(np.float32))
             norm.inputs[1] = gs.Constant(gamma.name, (gamma.values / r1).astype(np.float32))
             norm.inputs[2] = gs.Constant(beta.name, ((beta.values + shift) / r1).astype(np.float32))

@@ -1,4 +1,7 @@
-"""Weights to integers: each quantized initializer becomes int8 codes + per-channel DequantizeLinear."""
+"""Weights to integers: each quantized initializer becomes int8 codes + per-channel DequantizeLinear.
+
+Also adds the recipe's bias corrections (the expected output shift the weight rounding causes).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from ..errors import VitqError
 from ..naming import tensor_label
 from ..recipe import split_key
 from .base import Pass, PassContext, node_index
+from .linear import add_to_bias
 
 
 def weight_codes(w: np.ndarray, scale: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -53,3 +57,8 @@ class QuantizeWeights(Pass):
                                        inputs=[codes, gs.Constant(f"{label}_scale", scale), zero],
                                        outputs=[out]))
             node.inputs[index] = out
+        for node_name, delta in ctx.recipe.bias_corrections.items():
+            node = nodes.get(node_name)
+            if node is None or node.op != "MatMul":
+                raise VitqError(f"recipe does not fit the graph: no Linear MatMul '{node_name}'")
+            add_to_bias(graph, node, delta)

@@ -1,0 +1,111 @@
+"""Accuracy benchmark: export with the CLI, score on ../shared val in onnxruntime, check vs simulation.
+
+    python benchmarks/accuracy.py --configs deit_t:8/8:repq deit_t:4/4:repq -o benchmarks/results/accuracy.md
+
+Each config ``model:W/A:method`` is exported by ``vitq-onnx export`` (timed as a user runs it,
+imports included), calibrated on ../shared calib (32 images), then evaluated on all of val:
+onnxruntime top-1/top-5, the PyTorch simulation's top-1 and the top-1 agreement between the two.
+A ``fp32`` config scores the exported FP32 graph and checks it against torch. Models without real
+weights (``model:W/A:method:random``) are scored for agreement only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitq_onnx import runtime
+from vitq_onnx.images import Preprocess, label_of, list_images, load_images, load_synsets
+from vitq_onnx.models import create_model
+from vitq_onnx.recipe import Recipe
+from vitq_onnx.simulation import simulate
+from vitq_onnx.validate import compare_logits, torch_logits
+
+SHARED = Path(os.environ.get("VITQ_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+WEIGHTS = {"deit_t": SHARED / "models" / "deit_tiny_patch16_224.safetensors"}
+CALIB = SHARED / "data" / "imagenet-sample" / "calib"
+VAL = SHARED / "data" / "imagenet-sample" / "val"
+
+
+def export(model: str, bits: str, method: str, random: bool, out: Path) -> float:
+    args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", model, "--bits", bits,
+            "--method", method, "--calib", str(CALIB), "-o", str(out), "--save-passes", str(out.with_suffix(""))]
+    args += ["--random-weights"] if random else ["--weights", str(WEIGHTS[model])]
+    start = time.time()
+    subprocess.run(args, check=True)
+    return time.time() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", required=True)
+    p.add_argument("--work", type=Path, default=Path("runs/accuracy"))
+    p.add_argument("--val-limit", type=int, default=0, help="score on the first N val images only")
+    p.add_argument("-o", "--output", type=Path, required=True, help="markdown table (and .json beside)")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    rows, cache = [], {}
+    for config in args.configs:
+        model_name, bits, method, *rest = config.split(":")
+        random = rest == ["random"]
+        if model_name not in cache:
+            fp = create_model(model_name, None if random else WEIGHTS[model_name], random_weights=random)
+            pre = Preprocess.from_model(fp)
+            paths = list_images(VAL)[: args.val_limit or None] if not random else list_images(CALIB)[-16:]
+            images, kept = load_images(paths, pre)
+            labels = np.array([label_of(p, VAL, load_synsets()) for p in kept]) if not random else None
+            cache[model_name] = (fp, images, labels, torch_logits(fp, images))
+        fp, images, labels, fp_logits = cache[model_name]
+        out = args.work / f"{model_name}_w{bits.replace('/', 'a')}_{method}.onnx"
+        seconds = export(model_name, bits, method, random, out)
+        print(f"{config}: exported in {seconds:.1f} s; scoring", file=sys.stderr)
+        sim_logits = torch_logits(simulate(fp, Recipe.load(out.with_name(out.stem + ".recipe.json"))), images)
+        ort_logits = runtime.run(runtime.session(out), images)
+        fp32_onnx = runtime.run(runtime.session(out.with_suffix("") / "00_fp32.onnx"), images)
+        row = {"config": config, "images": len(images), "export_s": round(seconds, 1),
+               "ort_vs_sim": compare_logits(sim_logits, ort_logits),
+               "fp32_onnx_vs_torch": compare_logits(fp_logits, fp32_onnx)}
+        if labels is not None:
+            row.update({
+                "torch_fp32_top1": float((fp_logits.argmax(1) == labels).mean()),
+                "onnx_fp32_top1": float((fp32_onnx.argmax(1) == labels).mean()),
+                "sim_top1": float((sim_logits.argmax(1) == labels).mean()),
+                "onnx_top1": float((ort_logits.argmax(1) == labels).mean()),
+                "onnx_top5": float((np.argsort(-ort_logits, 1)[:, :5] == labels[:, None]).any(1).mean()),
+            })
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+        write(rows, args.output)
+
+
+def pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def write(rows: list[dict], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    lines = ["| config | images | FP32 torch top-1 | FP32 ONNX top-1 | sim top-1 | ONNX top-1 | ONNX top-5 "
+             "| ONNX vs sim top-1 agreement | max / mean \\|Δlogit\\| | export s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r["ort_vs_sim"]
+        lines.append(f"| {r['config']} | {r['images']} | {pct(r.get('torch_fp32_top1'))} | {pct(r.get('onnx_fp32_top1'))} "
+                     f"| {pct(r.get('sim_top1'))} | {pct(r.get('onnx_top1'))} | {pct(r.get('onnx_top5'))} "
+                     f"| {pct(a['top1_agreement'])} | {a['max_abs_logit_error']:.3f} / {a['mean_abs_logit_error']:.4f} "
+                     f"| {r['export_s']} |")
+    output.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Bad input: one clear line on stderr, exit 1, no output file, inputs untouched."""
+
+import hashlib
+
+import pytest
+
+from vitq_onnx.cli import main
+
+from .conftest import CALIB, DEIT_WEIGHTS
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fails(args, capsys, match):
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("vitq-onnx: error:"), err
+    assert match in err[-1], err[-1]
+
+
+@pytest.fixture
+def base(tmp_path, deit):
+    return ["export", "--model", "deit_t", "--weights", str(DEIT_WEIGHTS), "--calib", str(CALIB), "-q"]
+
+
+@pytest.mark.parametrize("bits", ["4", "9/8", "8/1", "a/b", "8/8/8", "-4/4"])
+def test_bad_bits(base, bits, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    _fails(base + ["--bits", bits, "-o", str(out)], capsys, "bad --bits")
+    assert not out.exists()
+
+
+def test_unknown_model(base, tmp_path, capsys):
+    args = base + ["-o", str(tmp_path / "m.onnx")]
+    args[args.index("deit_t")] = "resnet_nonexistent"
+    _fails(args, capsys, "unknown model 'resnet_nonexistent'")
+
+
+def test_missing_empty_and_broken_calibration_folders(base, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    args = base + ["-o", str(out)]
+    calib_at = args.index(str(CALIB))
+    for folder, match in [(tmp_path / "nope", "image folder not found"), (tmp_path / "empty", "no images"),
+                          (tmp_path / "text", "no images"), (tmp_path / "broken", "could be read")]:
+        folder.mkdir(exist_ok=True)
+        if folder.name == "text":
+            (folder / "notes.txt").write_text("hello")
+        if folder.name == "broken":
+            (folder / "a.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+        args[calib_at] = str(folder)
+        _fails(args, capsys, match)
+    assert not out.exists()
+
+
+def test_bad_weights(base, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    args = base + ["-o", str(out)]
+    at = args.index(str(DEIT_WEIGHTS))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00garbage" * 10)
+    pickled = tmp_path / "corrupt.pth"
+    pickled.write_bytes(b"not a zip or pickle")
+    for weights, match in [(tmp_path / "missing.pth", "not found"), (corrupt, "cannot read weights"),
+                           (pickled, "cannot read weights")]:
+        args[at] = str(weights)
+        _fails(args, capsys, match)
+    args[at] = str(DEIT_WEIGHTS)
+    args[args.index("deit_t")] = "vit_s"  # DeiT-Ti weights for a ViT-S
+    _fails(args, capsys, "do not fit vit_small_patch16_224")
+    assert not out.exists()
+
+
+def test_bad_output_paths_and_inputs_untouched(base, tmp_path, capsys):
+    before = _sha(DEIT_WEIGHTS)
+    _fails(base + ["-o", str(tmp_path / "missing" / "m.onnx")], capsys, "output folder does not exist")
+    _fails(base + ["-o", "/proc/m.onnx"], capsys, "cannot write")
+    _fails(base + ["-o", str(DEIT_WEIGHTS)], capsys, "overwrite an input")
+    assert _sha(DEIT_WEIGHTS) == before
+
+
+def test_no_pretrained_weights_says_what_to_pass(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hub"))
+    _fails(["export", "--model", "deit_t", "--calib", str(CALIB), "-q", "-o", str(tmp_path / "m.onnx")],
+           capsys, "pass --weights")

@@ -1,0 +1,60 @@
+"""End to end through the CLI: real DeiT-Ti at 8/8, Swin-T graph with random weights, eval."""
+
+import json
+
+import onnx
+import onnxruntime as ort
+import pytest
+
+from vitq_onnx.cli import main
+
+from .conftest import CALIB, DEIT_WEIGHTS, VAL
+
+
+@pytest.fixture(scope="module")
+def deit_w8a8(tmp_path_factory, deit):
+    out = tmp_path_factory.mktemp("export") / "deit_t_w8a8.onnx"
+    args = ["export", "--model", "deit_t", "--bits", "8/8", "--weights", str(DEIT_WEIGHTS),
+            "--calib", str(CALIB), "--num-calib", "8", "-q", "-o", str(out)]
+    assert main(args) == 0
+    return out
+
+
+def test_export_writes_model_recipe_and_metadata(deit_w8a8):
+    assert sorted(p.name for p in deit_w8a8.parent.iterdir()) == [
+        "deit_t_w8a8.onnx", "deit_t_w8a8.recipe.json", "deit_t_w8a8.recipe.npz"]
+    model = onnx.load(deit_w8a8)
+    onnx.checker.check_model(model)
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert meta["vitq.recipe"]["bits"] == {"w": 8, "a": 8}
+    assert meta["vitq.validation"]["top1_agreement"] >= 0.99
+    assert meta["vitq.preprocess"]["size"] == 224
+    recipe = json.loads(deit_w8a8.with_name("deit_t_w8a8.recipe.json").read_text())
+    assert recipe["activations"]["blocks.3.attn.qkv/MatMul:0"]["bits"] == 8
+    assert recipe["activations"]["patch_embed.proj/Conv:0"]["bits"] == 8
+    # every Linear weight is stored as integers
+    ints = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    assert len(ints) == 4 * 12 + 1 + 1
+
+
+def test_eval_reports_accuracy_and_agreement(deit_w8a8, tmp_path, capsys):
+    images = tmp_path / "val"
+    images.mkdir()
+    for p in sorted(VAL.iterdir())[:16]:
+        (images / p.name).symlink_to(p)
+    result = tmp_path / "r.json"
+    assert main(["eval", str(deit_w8a8), "--images", str(images), "--compare", str(deit_w8a8),
+                 "--json", str(result), "-q"]) == 0
+    r = json.loads(result.read_text())
+    assert r["images"] == 16 and r["top1_agreement"] == 1.0 and r["top1"] >= 0.6
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_swin_random_weights_exports_and_runs(tmp_path):
+    out = tmp_path / "swin_t.onnx"
+    assert main(["export", "--model", "swin_t", "--random-weights", "--bits", "8/8", "--calib", str(CALIB),
+                 "--num-calib", "4", "-q", "-o", str(out)]) == 0
+    model = onnx.load(out)
+    names = {n.name for n in model.graph.node}
+    assert "layers.1.downsample.reduction/input_q" in names and "layers.0.blocks.1.attn/q_q" in names
+    assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()[0].name == "image"

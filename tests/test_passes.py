@@ -1,0 +1,107 @@
+"""Each pass on the real DeiT-Ti graph: names, lossless fold, QDQ grids, log2 shifts, recipe checks."""
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+
+from vitq_onnx import runtime
+from vitq_onnx.calibration import quantizers as Q
+from vitq_onnx.calibration.calibrate import calibrate
+from vitq_onnx.calibration.methods import get_method
+from vitq_onnx.errors import VitqError
+from vitq_onnx.passes import PassContext, pipeline, run_passes
+from vitq_onnx.passes.fold_reparam import FoldReparam
+from vitq_onnx.passes.name_nodes import NameNodes, scope_name
+from vitq_onnx.recipe import Recipe, WeightQuant
+from vitq_onnx.simulation import simulate
+from vitq_onnx.validate import compare_logits, torch_logits
+
+
+@pytest.fixture(scope="module")
+def repq_w4a4(deit, calib_images) -> Recipe:
+    return calibrate(deit, calib_images, 4, 4, get_method("repq"), "deit_tiny_patch16_224", progress=False)
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for name in names:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    return model
+
+
+def test_scope_names_become_module_paths():
+    assert scope_name("/blocks/blocks.3/attn/qkv/MatMul") == "blocks.3.attn.qkv/MatMul"
+    assert scope_name("/layers/layers.1/blocks/blocks.0/mlp/fc1/MatMul") == "layers.1.blocks.0.mlp.fc1/MatMul"
+    assert scope_name("/head/Gemm") == "head/Gemm"
+    assert scope_name("Constant_12") == "Constant_12"
+
+
+def test_name_nodes_gives_every_linear_and_attention_a_canonical_node(deit, fp32_onnx):
+    graph = NameNodes()(gs.import_onnx(fp32_onnx), PassContext())
+    nodes = {n.name: n for n in graph.nodes}
+    linears = [name for name, m in deit.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * 12 + 1
+    for name in linears:
+        node = nodes[f"{name}/MatMul"]
+        w = node.inputs[1]
+        assert isinstance(w, gs.Constant)
+        assert w.values.shape == tuple(deit.get_submodule(name).weight.shape[::-1])
+    for i in range(12):
+        assert nodes[f"blocks.{i}.attn/matmul_qk"].op == "MatMul"
+        assert nodes[f"blocks.{i}.attn/matmul_av"].inputs[0].inputs[0].op == "Softmax"
+    assert "patch_embed.proj/Conv" in nodes and not any(n.op == "Gemm" for n in graph.nodes)
+
+
+def test_fold_reparam_is_lossless_and_not_a_no_op(fp32_onnx, repq_w4a4, val_images):
+    assert len(repq_w4a4.reparams) == 24
+    folded = run_passes(fp32_onnx, [NameNodes(), FoldReparam()], PassContext(repq_w4a4), progress=False)
+    before = runtime.run(runtime.session(fp32_onnx), val_images)
+    after = runtime.run(runtime.session(folded), val_images)
+    assert np.abs(before - after).max() <= 1e-3
+    gammas = {i.name: onnx.numpy_helper.to_array(i) for i in folded.graph.initializer}
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in fp32_onnx.graph.initializer}
+    assert not np.allclose(gammas["blocks.0.norm1.weight"], original["blocks.0.norm1.weight"])
+
+
+def test_w4a4_graph_matches_simulation_with_per_tensor_qdq_only(deit, fp32_onnx, repq_w4a4, val_images, tmp_path):
+    model = run_passes(fp32_onnx, pipeline(repq_w4a4), PassContext(repq_w4a4), tmp_path, progress=False)
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["00_fp32.onnx", "01_name_nodes.onnx", "02_fold_reparam.onnx", "03_quantize_weights.onnx",
+                     "04_insert_qdq.onnx", "05_log2_softmax.onnx", "06_check_model.onnx"]
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantize) == 12 * 7 + 2  # 4 Linear + q, k, v per block; patch embed and head inputs
+    assert all(inits[n.input[1]].size == 1 for n in quantize)
+    assert "blocks.3.attn.qkv/input_q" in {n.name for n in quantize}
+    # 4-bit codes stay on the 4-bit grid inside their uint8 containers
+    codes = ["blocks.5.mlp.fc2/input_uint4", "blocks.5.attn/q_uint4"]
+    outs = runtime.session(_with_outputs(model, codes)).run(codes, {"image": val_images})
+    assert all(o.dtype == np.uint8 and o.max() <= 15 for o in outs)
+    report = compare_logits(torch_logits(simulate(deit, repq_w4a4), val_images),
+                            runtime.run(runtime.session(model), val_images))
+    assert report["top1_agreement"] == 1.0
+
+
+def test_log2_softmax_is_integer_shift_arithmetic(fp32_onnx, repq_w4a4, val_images):
+    model = run_passes(fp32_onnx, pipeline(repq_w4a4), PassContext(repq_w4a4), progress=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Pow" not in ops and ops.count("BitShift") == 2 * 12 and ops.count("BitwiseAnd") == 12
+    names = ["blocks.2.attn/attn_log2_codes", "blocks.2.attn/attn_dequantized"]
+    codes, values = runtime.session(_with_outputs(model, names)).run(names, {"image": val_images})
+    assert codes.dtype == np.uint8 and codes.max() <= Q.log2_zero_code(4)
+    scale = torch.from_numpy(repq_w4a4.activations["blocks.2.attn/matmul_av:0"].scale)
+    expected = Q.log2_dequant(torch.from_numpy(codes.astype(np.float32)), scale, 4).numpy()
+    np.testing.assert_array_equal(values, expected)
+
+
+def test_recipe_roundtrip_and_mismatch_is_a_clear_error(fp32_onnx, repq_w4a4, tmp_path):
+    repq_w4a4.save(tmp_path / "r.json")
+    loaded = Recipe.load(tmp_path / "r.json")
+    assert loaded.activations.keys() == repq_w4a4.activations.keys()
+    key = "blocks.0.attn.qkv/MatMul:1"
+    np.testing.assert_array_equal(loaded.weights[key].scale, repq_w4a4.weights[key].scale)
+    bad = Recipe("x", "basic", 8, 8, weights={"blocks.99.attn.qkv/MatMul:1": WeightQuant(8, np.ones(3, np.float32))})
+    with pytest.raises(VitqError, match="does not fit"):
+        run_passes(fp32_onnx, pipeline(bad), PassContext(bad), progress=False)
