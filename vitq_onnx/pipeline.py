@@ -76,14 +76,14 @@ def _check_output(output: Path, inputs: list[Path]) -> None:
         raise VitqError(f"cannot write to {parent}: {exc.strerror}") from None
 
 
-def calibration_images(folder: Path, count: int, preprocess: Preprocess):
+def calibration_subset(folder: Path, count: int) -> list[Path]:
     """A fixed random subset (seed 0) of the folder, so classes are spread, not alphabetical."""
     if count < 1:
         raise VitqError("--num-calib must be at least 1")
     paths = list_images(folder)
     if count < len(paths):
         paths = sorted(random.Random(0).sample(paths, count))
-    return load_images(paths, preprocess)
+    return paths
 
 
 def export(opts: ExportOptions) -> dict:
@@ -96,11 +96,12 @@ def export(opts: ExportOptions) -> dict:
     if opts.format not in ("ort", "qdq"):
         raise VitqError(f"unknown --format '{opts.format}': use ort or qdq")
     _check_output(opts.output, [opts.weights])
+    calib_paths = calibration_subset(opts.calib, opts.num_calib)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     model = create_model(opts.model, opts.weights, opts.random_weights)
     preprocess = Preprocess.from_model(model)
-    images, used = calibration_images(opts.calib, opts.num_calib, preprocess)
+    images, used = load_images(calib_paths, preprocess)
     say(f"calibrating {timm_name} at W{w_bits}/A{a_bits} ({method.name}) on {len(used)} images")
     recipe = calibrate(model, images, w_bits, a_bits, method, timm_name, progress=opts.progress)
     recipe.info["format"] = opts.format

@@ -13,9 +13,10 @@ from ..errors import VitqError
 from .base import Pass, PassContext, node_index
 from .linear import add_to_bias
 
-# ops that move or select channels-last values without mixing channels
+# ops that move or select channels-last values without mixing channels. Pad is Swin's padding to
+# a window multiple: zero-sized at the standard input sizes, where the fold stays exact.
 LAYOUT_OPS = {"Reshape", "Transpose", "Slice", "Concat", "Gather", "Squeeze", "Unsqueeze",
-              "Identity", "Flatten", "ReduceMean"}
+              "Identity", "Flatten", "ReduceMean", "Pad"}
 
 
 def _reads_only_through_layout(norm: gs.Node, matmul: gs.Node) -> bool:

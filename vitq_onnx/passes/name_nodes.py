@@ -3,7 +3,7 @@
 The exporter names nodes by module scope (``/blocks/blocks.0/attn/qkv/MatMul``); this pass renames
 them to ``blocks.0.attn.qkv/MatMul``, names the two attention matmuls ``<attn>/matmul_qk`` and
 ``<attn>/matmul_av``, and rewrites Gemm (2-D Linear, e.g. the head) as MatMul + Add so every Linear
-is a MatMul on a [in, out] weight. Every later pass and every recipe key relies on these names.
+is a MatMul on a [in, out] weight. Shared constants are copied per node. Every later pass and every recipe key relies on these names.
 """
 
 from __future__ import annotations
@@ -69,10 +69,32 @@ def _name_attention(graph: gs.Graph) -> None:
         av.name, qk.name = f"{module}/{AV}", f"{module}/{QK}"
 
 
+def _own_constants(graph: gs.Graph) -> None:
+    """Give every node its own copy of each constant it reads.
+
+    The exporter shares identical initializers (e.g. zero biases of a randomly initialized model)
+    between layers, directly or through Identity nodes; later passes edit weights and biases per
+    layer, so sharing would leak one layer's edit into another.
+    """
+    for node in [n for n in graph.nodes if n.op == "Identity" and isinstance(n.inputs[0], gs.Constant)]:
+        const, out = node.inputs[0], node.outputs[0]
+        for reader in list(out.outputs):
+            reader.inputs[reader.inputs.index(out)] = gs.Constant(out.name, const.values.copy())
+        node.outputs.clear()
+    copies = 0
+    for node in graph.nodes:
+        for i, t in enumerate(node.inputs):
+            if isinstance(t, gs.Constant) and len(t.outputs) > 1 and t.outputs[0] is not node:
+                copies += 1
+                node.inputs[i] = gs.Constant(f"{t.name}__{copies}", t.values.copy())
+
+
 class NameNodes(Pass):
     name = "name_nodes"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> None:
+        _own_constants(graph)
+        graph.cleanup()
         for node in graph.nodes:
             node.name = scope_name(node.name)
         for node in [n for n in graph.nodes if n.op == "Gemm"]:

@@ -31,6 +31,16 @@ def packed_type(bits: int, fmt: str, signed: bool):
     return None
 
 
+def _unsigned(codes: np.ndarray) -> np.ndarray:
+    """The same grid as uint8 with zero point 128.
+
+    onnxruntime's u8s8 kernels on CPUs without VNNI add pairs of u8*s8 products in int16 and
+    saturate when 8-bit weight codes are large; u8u8 kernels do not. Weights of 7 bits or fewer
+    cannot saturate (255 * 64 * 2 < 2^15) and stay int8.
+    """
+    return (codes.astype(np.int16) + 128).astype(np.uint8)
+
+
 class QuantizeWeights(Pass):
     name = "quantize_weights"
 
@@ -49,9 +59,11 @@ class QuantizeWeights(Pass):
             scale = wq.scale.astype(np.float32)
             label = tensor_label(node_name, index)
             dtype = packed_type(wq.bits, ctx.format, signed=True)
-            codes = gs.Constant(f"{label}_int{wq.bits}", weight_codes(w, scale, wq.bits, axis),
-                                export_dtype=dtype)
-            zero = gs.Constant(f"{label}_zero_point", np.zeros(scale.shape, np.int8), export_dtype=dtype)
+            codes, zero = weight_codes(w, scale, wq.bits, axis), np.zeros(scale.shape, np.int8)
+            if wq.bits == 8:
+                codes, zero = _unsigned(codes), _unsigned(zero)
+            codes = gs.Constant(f"{label}_int{wq.bits}", codes, export_dtype=dtype)
+            zero = gs.Constant(f"{label}_zero_point", zero, export_dtype=dtype)
             out = gs.Variable(f"{label}_dequantized", dtype=np.float32, shape=list(w.shape))
             graph.nodes.append(gs.Node("DequantizeLinear", f"{label}_dq", attrs={"axis": axis},
                                        inputs=[codes, gs.Constant(f"{label}_scale", scale), zero],
