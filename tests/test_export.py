@@ -32,8 +32,8 @@ def test_export_writes_model_recipe_and_metadata(deit_w8a8):
     recipe = json.loads(deit_w8a8.with_name("deit_t_w8a8.recipe.json").read_text())
     assert recipe["activations"]["blocks.3.attn.qkv/MatMul:0"]["bits"] == 8
     assert recipe["activations"]["patch_embed.proj/Conv:0"]["bits"] == 8
-    # every Linear weight is stored as integers
-    ints = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    # every Linear and the patch-embedding weight is stored as integers (8-bit: uint8, zero point 128)
+    ints = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) >= 2]
     assert len(ints) == 4 * 12 + 1 + 1
 
 

@@ -108,7 +108,7 @@ def export(opts: ExportOptions) -> dict:
 
     fp32 = export_fp32(model, preprocess.size)
     runtime.set_metadata(fp32, runtime.META_PREPROCESS, preprocess.to_dict())
-    qmodel = run_passes(fp32, pipeline(recipe), PassContext(recipe, opts.format), opts.save_passes,
+    qmodel = run_passes(fp32, pipeline(recipe, opts.format), PassContext(recipe, opts.format), opts.save_passes,
                         opts.progress)
 
     say("validating onnxruntime against the PyTorch simulation on the calibration images")

@@ -1,22 +1,76 @@
-"""The PyTorch simulation of a recipe: the reference the exported ONNX model must match."""
+"""The PyTorch simulation of a recipe: the reference the exported ONNX model must match.
+
+Every quantized matmul and convolution runs on the integer codes, summed exactly (float64 holds
+any such sum) and scaled in the order the exported integer kernels use (MatMulInteger/ConvInteger,
+Cast, Mul by the product of the scales, Add bias), so the simulation and onnxruntime differ only
+where float kernels do (LayerNorm, Softmax, GELU), not by matmul summation order.
+"""
 
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
+import torch.nn.functional as F
 
 from .calibration import quantizers as Q
 from .calibration.calibrate import fake_act
-from .calibration.quant_points import instrument
+from .calibration.quant_points import QuantMatMul, instrument
 from .calibration.reparam import fold_into_torch
 from .errors import VitqError
-from .recipe import Recipe, tensor_key
+from .recipe import ActQuant, Recipe, split_key, tensor_key
+
+
+def _ints(x: torch.Tensor, step) -> torch.Tensor:
+    return torch.round(x / step).double()
+
+
+def _step(q: ActQuant) -> torch.Tensor:
+    return torch.from_numpy(q.scale.reshape(()).astype("float32"))
+
+
+def integer_matmul(a, b, step_a, step_b) -> torch.Tensor:
+    """float32(exact sum of integer products) * (step_a * step_b)."""
+    return (_ints(a, step_a) @ _ints(b, step_b)).float() * (step_a * step_b)
+
+
+def _exact_linear(s_x, s_w):
+    def forward(self, x):
+        y = integer_matmul(x, self.weight.t(), s_x, s_w[None, :])
+        return y if self.bias is None else y + self.bias
+
+    return forward
+
+
+def _exact_conv(s_x, s_w):
+    def forward(self, x):
+        w_step = s_w.reshape(-1, 1, 1, 1)
+        acc = F.conv2d(_ints(x, s_x), _ints(self.weight, w_step), None, self.stride, self.padding,
+                       self.dilation, self.groups)
+        y = acc.float() * (s_x * s_w).reshape(1, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
+
+    return forward
+
+
+def _exact_attention(mm: QuantMatMul, qa: ActQuant, qb: ActQuant):
+    s_a, s_b = _step(qa), _step(qb)
+    if qa.kind == "log2":
+        unit_b = Q.log2_unit(s_a, qa.bits) * s_b
+
+        def log2_matmul(a, b):
+            even, odd = Q.log2_parts(Q.log2_codes(a, s_a, qa.bits), qa.bits)
+            kv = _ints(fake_act(qb, b), s_b)
+            return ((even.double() @ kv).float() + (odd.double() @ kv).float() * Q.SQRT2) * unit_b
+
+        return log2_matmul
+    return lambda a, b: integer_matmul(fake_act(qa, a), fake_act(qb, b), s_a, s_b)
 
 
 @torch.no_grad()
 def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
-    """A copy of the FP model with the recipe's reparameterizations and fake quantization."""
+    """A copy of the FP model with the recipe's reparameterizations and integer arithmetic."""
     model = copy.deepcopy(model).eval()
     inst = instrument(model)
     expected = set(inst.points) | set(inst.weights)
@@ -32,8 +86,14 @@ def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         fold_into_torch(*norms[rep.norm], rep)
     for key, mod in inst.weights.items():
         q = recipe.weights[key]
-        mod.weight.copy_(Q.fake_weight(mod.weight, torch.from_numpy(q.scale), q.bits))
+        s_w = torch.from_numpy(q.scale.astype("float32"))
+        mod.weight.copy_(Q.fake_weight(mod.weight, s_w, q.bits))
+        s_x = _step(recipe.activations[tensor_key(split_key(key)[0], 0)])
+        exact = _exact_conv if isinstance(mod, torch.nn.Conv2d) else _exact_linear
+        mod.forward = types.MethodType(exact(s_x, s_w), mod)
     for node, delta in recipe.bias_corrections.items():
         inst.weights[tensor_key(node, 1)].bias.add_(torch.from_numpy(delta))
     inst.set_action(lambda point, x: fake_act(recipe.activations[point.key], x))
+    for mm in inst.matmuls:
+        mm.exact = _exact_attention(mm, recipe.activations[mm.a.key], recipe.activations[mm.b.key])
     return model

@@ -31,12 +31,31 @@ class QuantPoint:
         return x if self.action is None else self.action(self, x)
 
 
+class QuantMatMul:
+    """An activation-by-activation matmul with a quant point on each input.
+
+    Calibration quantizes the inputs and multiplies in float; the simulation sets ``exact`` to
+    reproduce the exported integer arithmetic bit for bit.
+    """
+
+    def __init__(self, node: str, role_a: str, role_b: str):
+        self.node = node
+        self.a, self.b = QuantPoint(tensor_key(node, 0), role_a), QuantPoint(tensor_key(node, 1), role_b)
+        self.exact: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.exact is not None:
+            return self.exact(a, b)
+        return self.a(a) @ self.b(b)
+
+
 @dataclass
 class Instrumented:
     """What ``instrument`` attached: activation points, quantized weights, LayerNorm->Linear pairs."""
 
     points: dict[str, QuantPoint] = field(default_factory=dict)
     weights: dict[str, nn.Module] = field(default_factory=dict)  # weight key -> Linear/Conv2d
+    matmuls: list[QuantMatMul] = field(default_factory=list)
     post_norm: list[tuple[str, nn.LayerNorm, list[str], list[nn.Linear]]] = field(default_factory=list)
 
     def set_action(self, action, keys=None) -> None:
@@ -53,10 +72,10 @@ def _vit_attention_forward(self, x, attn_mask=None, is_causal=False):
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
     q = q * self.scale
-    attn = self.vq_q(q) @ self.vq_k(k.transpose(-2, -1))
+    attn = self.vq_qk(q, k.transpose(-2, -1))
     attn = attn.softmax(dim=-1)
     attn = self.attn_drop(attn)
-    x = self.vq_p(attn) @ self.vq_v(v)
+    x = self.vq_av(attn, v)
     x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
     x = self.norm(x)
     x = self.proj(x)
@@ -68,7 +87,7 @@ def _swin_attention_forward(self, x, mask=None):
     qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q = q * self.scale
-    attn = self.vq_q(q) @ self.vq_k(k.transpose(-2, -1))
+    attn = self.vq_qk(q, k.transpose(-2, -1))
     attn = attn + self._get_rel_pos_bias()
     if mask is not None:
         num_win = mask.shape[0]
@@ -76,7 +95,7 @@ def _swin_attention_forward(self, x, mask=None):
         attn = attn.view(-1, self.num_heads, N, N)
     attn = self.softmax(attn)
     attn = self.attn_drop(attn)
-    x = self.vq_p(attn) @ self.vq_v(v)
+    x = self.vq_av(attn, v)
     x = x.transpose(1, 2).reshape(B_, N, -1)
     x = self.proj(x)
     return self.proj_drop(x)
@@ -137,10 +156,10 @@ def instrument(model: nn.Module, stem_bits: int | None = None) -> Instrumented:
         if forward is not None:
             mod.fused_attn = False
             qk, av = attention_nodes(name)
-            mod.vq_q, mod.vq_k = QuantPoint(tensor_key(qk, 0), "q"), QuantPoint(tensor_key(qk, 1), "k")
-            mod.vq_p, mod.vq_v = QuantPoint(tensor_key(av, 0), "softmax"), QuantPoint(tensor_key(av, 1), "v")
-            for p in (mod.vq_q, mod.vq_k, mod.vq_p, mod.vq_v):
-                inst.points[p.key] = p
+            mod.vq_qk, mod.vq_av = QuantMatMul(qk, "q", "k"), QuantMatMul(av, "softmax", "v")
+            for mm in (mod.vq_qk, mod.vq_av):
+                inst.matmuls.append(mm)
+                inst.points[mm.a.key], inst.points[mm.b.key] = mm.a, mm.b
             mod.forward = types.MethodType(forward, mod)
         elif "Attention" in type(mod).__name__ and hasattr(mod, "qkv"):
             raise VitqError(f"unsupported attention module {type(mod).__name__} at {name}")

@@ -141,19 +141,27 @@ def log2_codes(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round(torch.log(x / scale) * LOG2_TO_CODE), 0, log2_zero_code(bits))
 
 
-def log2_dequant(codes: torch.Tensor, scale, bits: int) -> torch.Tensor:
-    """Rebuild values as the graph does: the integer 2^E >> ceil(q/2), split by the parity of q.
+def log2_parts(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer 2^E >> ceil(q/2), split by the parity of q into (even, odd) parts.
 
-    Even codes give scale*2^(-q/2); odd codes the same times sqrt(2): the log-sqrt(2) quantizer
+    Even codes stand for 2^(-q/2), odd codes for the same times sqrt(2): the log-sqrt(2) quantizer
     reparameterized to base 2, so the integers are plain shifts. The zero code shifts 2^E right by
     more than E bits, which gives exactly 0 with no mask.
     """
-    e_max = log2_max_exponent(bits)
     q = codes.to(torch.int64)
-    shifted = torch.bitwise_right_shift(torch.full_like(q, 2**e_max), (q + 1) >> 1)
-    odd_part = shifted * (q & 1)
-    even_part = shifted - odd_part
-    return (even_part.float() + odd_part.float() * SQRT2) * (scale * 2.0 ** (-e_max))
+    shifted = torch.bitwise_right_shift(torch.full_like(q, 2 ** log2_max_exponent(bits)), (q + 1) >> 1)
+    odd = shifted * (q & 1)
+    return shifted - odd, odd
+
+
+def log2_unit(scale, bits: int):
+    """The value of integer 1 in ``log2_parts``: scale * 2^-E."""
+    return scale * 2.0 ** (-log2_max_exponent(bits))
+
+
+def log2_dequant(codes: torch.Tensor, scale, bits: int) -> torch.Tensor:
+    even, odd = log2_parts(codes, bits)
+    return (even.float() + odd.float() * SQRT2) * log2_unit(scale, bits)
 
 
 def fake_log2(x, scale, bits: int):

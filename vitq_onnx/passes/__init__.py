@@ -8,20 +8,23 @@ from .check_model import CheckModel
 from .fold_reparam import FoldReparam
 from .insert_qdq import InsertQDQ
 from .log2_softmax import Log2Softmax
+from .lower_integer import LowerInteger
 from .name_nodes import NameNodes
 from .quantize_weights import QuantizeWeights
 
 FORMATS = ("ort", "qdq")
 
 
-def pipeline(recipe: Recipe) -> list[Pass]:
-    """The passes a recipe needs, in order."""
+def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:
+    """The passes a recipe needs, in order, for output format ``fmt``."""
     passes: list[Pass] = [NameNodes()]
     if recipe.reparams:
         passes.append(FoldReparam())
     passes += [QuantizeWeights(), InsertQDQ()]
     if any(a.kind == "log2" for a in recipe.activations.values()):
         passes.append(Log2Softmax())
+    if fmt == "ort":
+        passes.append(LowerInteger())
     passes.append(CheckModel())
     return passes
 

@@ -1,10 +1,10 @@
-"""RepQ-ViT post-Softmax quantization in the graph: integer log2 codes and shift arithmetic.
+"""RepQ-ViT post-Softmax quantization in the graph: integer log2 codes, shifts, integer attn@v.
 
-The softmax output leaves as uint8 codes q = clip(round(-2*log2(x/scale)), 0, Z). The value
-fed to attn@v is rebuilt from integers only: a = 2^E >> ceil(q/2) (BitShift), split by the parity
-of q (BitwiseAnd) into even and odd parts; odd codes carry the extra sqrt(2) of the log-sqrt(2)
-grid as one float constant. No Pow, no float exponent: the same arithmetic as
-calibration.quantizers.log2_dequant.
+The softmax output leaves as uint8 codes q = clip(round(-2*log2(x/scale)), 0, Z). From there on
+everything is integer until one final scale: a = 2^E >> ceil(q/2) (BitShift), split by the parity
+of q (BitwiseAnd) into even and odd parts, each multiplied with v's integer codes (int32 MatMul);
+the odd sum carries the extra sqrt(2) of the log-sqrt(2) grid as one float constant. No Pow, no
+float exponent: the arithmetic of calibration.quantizers.log2_parts and the simulation.
 """
 
 from __future__ import annotations
@@ -70,9 +70,26 @@ class Log2Softmax(Pass):
                            direction="RIGHT")
             odd = b.op("Mul", "odd_part", [shifted, b.op("BitwiseAnd", "parity", [q, one])])
             even = b.op("Sub", "even_part", [shifted, odd])
-            odd_f = b.op("Cast", "odd_f", [odd], dtype=f32, to=onnx.TensorProto.FLOAT)
-            even_f = b.op("Cast", "even_f", [even], dtype=f32, to=onnx.TensorProto.FLOAT)
+            v_codes, v_scale, v_zero = _dequantized_from(node.inputs[1], key)
+            v = b.op("Sub", "v_int", [b.op("Cast", "v_i32", [v_codes], dtype=np.int32, to=onnx.TensorProto.INT32),
+                                      b.const("v_zero_point", v_zero, np.int32)])
+            sums = [b.op("MatMul", f"{part}_sum", [b.op("Cast", f"{part}_i32", [t], dtype=np.int32,
+                                                        to=onnx.TensorProto.INT32), v], dtype=np.int32)
+                    for part, t in (("even", even), ("odd", odd))]
+            even_f, odd_f = (b.op("Cast", f"{part}_f", [t], dtype=f32, to=onnx.TensorProto.FLOAT)
+                             for part, t in zip(("even_sum", "odd_sum"), sums))
             odd_f = b.op("Mul", "odd_sqrt2", [odd_f, b.const("sqrt2", math.sqrt(2.0), f32)])
             total = b.op("Add", "sum", [even_f, odd_f])
-            unit = np.float32(scale * np.float32(2.0**-e_max))
-            node.inputs[index] = b.op("Mul", "dequantized", [total, b.const("unit", unit, f32)], dtype=f32)
+            unit = np.float32(np.float32(scale * np.float32(2.0**-e_max)) * v_scale)
+            out = node.outputs[0]
+            node.outputs.clear()
+            graph.nodes.append(gs.Node("Mul", f"{node_name}_scaled", outputs=[out],
+                                       inputs=[total, b.const("unit", unit, f32)]))
+
+
+def _dequantized_from(tensor: gs.Tensor, key: str):
+    """(codes, scale, zero point) of a per-tensor DequantizeLinear output."""
+    dq = tensor.inputs[0] if tensor.inputs else None
+    if dq is None or dq.op != "DequantizeLinear" or dq.inputs[1].values.size != 1:
+        raise VitqError(f"{key}: the other attention input must be quantized per tensor first")
+    return dq.inputs[0], np.float32(dq.inputs[1].values), int(dq.inputs[2].values)
