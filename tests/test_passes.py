@@ -69,7 +69,7 @@ def test_w4a4_graph_matches_simulation_with_per_tensor_qdq_only(deit, fp32_onnx,
     model = run_passes(fp32_onnx, pipeline(repq_w4a4), PassContext(repq_w4a4), tmp_path, progress=False)
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert saved == ["00_fp32.onnx", "01_name_nodes.onnx", "02_fold_reparam.onnx", "03_quantize_weights.onnx",
-                     "04_insert_qdq.onnx", "05_log2_softmax.onnx", "06_check_model.onnx"]
+                     "04_insert_qdq.onnx", "05_log2_softmax.onnx", "06_lower_integer.onnx", "07_check_model.onnx"]
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert len(quantize) == 12 * 7 + 2  # 4 Linear + q, k, v per block; patch embed and head inputs
@@ -81,19 +81,34 @@ def test_w4a4_graph_matches_simulation_with_per_tensor_qdq_only(deit, fp32_onnx,
     assert all(o.dtype == np.uint8 and o.max() <= 15 for o in outs)
     report = compare_logits(torch_logits(simulate(deit, repq_w4a4), val_images),
                             runtime.run(runtime.session(model), val_images))
-    assert report["top1_agreement"] == 1.0
+    assert report["top1_agreement"] >= 0.8  # 4-bit: one LSB of LayerNorm/GELU noise can flip a borderline image
 
 
 def test_log2_softmax_is_integer_shift_arithmetic(fp32_onnx, repq_w4a4, val_images):
     model = run_passes(fp32_onnx, pipeline(repq_w4a4), PassContext(repq_w4a4), progress=False)
     ops = [n.op_type for n in model.graph.node]
     assert "Pow" not in ops and ops.count("BitShift") == 2 * 12 and ops.count("BitwiseAnd") == 12
-    names = ["blocks.2.attn/attn_log2_codes", "blocks.2.attn/attn_dequantized"]
-    codes, values = runtime.session(_with_outputs(model, names)).run(names, {"image": val_images})
+    names = ["blocks.2.attn/attn_log2_codes", "blocks.2.attn/attn_even_part", "blocks.2.attn/attn_odd_part"]
+    codes, even, odd = runtime.session(_with_outputs(model, names)).run(names, {"image": val_images})
     assert codes.dtype == np.uint8 and codes.max() <= Q.log2_zero_code(4)
-    scale = torch.from_numpy(repq_w4a4.activations["blocks.2.attn/matmul_av:0"].scale)
-    expected = Q.log2_dequant(torch.from_numpy(codes.astype(np.float32)), scale, 4).numpy()
-    np.testing.assert_array_equal(values, expected)
+    ref_even, ref_odd = Q.log2_parts(torch.from_numpy(codes.astype(np.int64)), 4)
+    np.testing.assert_array_equal(even, ref_even.numpy())
+    np.testing.assert_array_equal(odd, ref_odd.numpy())
+    assert ((even == 0) | (odd == 0)).all() and even.max() == 2 ** Q.log2_max_exponent(4)
+
+
+def test_every_matmul_is_lowered_to_integer_kernels(fp32_onnx, repq_w4a4, tmp_path):
+    model = run_passes(fp32_onnx, pipeline(repq_w4a4), PassContext(repq_w4a4), progress=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulInteger") == 12 * 5 + 1 and ops.count("ConvInteger") == 1
+    assert ops.count("MatMul") == 2 * 12 and "Conv" not in ops  # the int32 attn@v of the log2 path
+    # and onnxruntime keeps them integer after its own graph optimizations
+    optimized = tmp_path / "optimized.onnx"
+    runtime.session(model, optimized_path=optimized)
+    opt_ops = [n.op_type for n in onnx.load(optimized).graph.node]
+    assert not {"Gemm", "Conv", "FusedMatMul", "FusedConv"} & set(opt_ops)
+    float_matmuls = [n for n in onnx.load(optimized).graph.node if n.op_type == "MatMul"]
+    assert len(float_matmuls) == 2 * 12  # still the int32 ones
 
 
 def test_recipe_roundtrip_and_mismatch_is_a_clear_error(fp32_onnx, repq_w4a4, tmp_path):

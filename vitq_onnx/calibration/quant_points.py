@@ -73,7 +73,7 @@ def _vit_attention_forward(self, x, attn_mask=None, is_causal=False):
     q, k = self.q_norm(q), self.k_norm(k)
     q = q * self.scale
     attn = self.vq_qk(q, k.transpose(-2, -1))
-    attn = attn.softmax(dim=-1)
+    attn = self.vq_softmax(attn)
     attn = self.attn_drop(attn)
     x = self.vq_av(attn, v)
     x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
@@ -93,12 +93,16 @@ def _swin_attention_forward(self, x, mask=None):
         num_win = mask.shape[0]
         attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(-1, self.num_heads, N, N)
-    attn = self.softmax(attn)
+    attn = self.vq_softmax(attn)
     attn = self.attn_drop(attn)
     x = self.vq_av(attn, v)
     x = x.transpose(1, 2).reshape(B_, N, -1)
     x = self.proj(x)
     return self.proj_drop(x)
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    return x.softmax(dim=-1)
 
 
 def _attention_forward(module: nn.Module):
@@ -157,6 +161,7 @@ def instrument(model: nn.Module, stem_bits: int | None = None) -> Instrumented:
             mod.fused_attn = False
             qk, av = attention_nodes(name)
             mod.vq_qk, mod.vq_av = QuantMatMul(qk, "q", "k"), QuantMatMul(av, "softmax", "v")
+            mod.vq_softmax = _softmax
             for mm in (mod.vq_qk, mod.vq_av):
                 inst.matmuls.append(mm)
                 inst.points[mm.a.key], inst.points[mm.b.key] = mm.a, mm.b

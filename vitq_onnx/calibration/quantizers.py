@@ -133,12 +133,15 @@ def log2_max_exponent(bits: int) -> int:
     return log2_zero_code(bits) // 2  # ceil((Z-1)/2): the largest shift of a non-zero code
 
 
-LOG2_TO_CODE = torch.tensor(-2.0 / math.log(2.0), dtype=torch.float32)
+LOG2_TO_CODE = -2.0 / math.log(2.0)
 
 
 def log2_codes(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
-    """log-sqrt(2) codes round(-2*log2(x/scale)), as the graph computes them (Log, Mul, Round, Clip)."""
-    return torch.clamp(torch.round(torch.log(x / scale) * LOG2_TO_CODE), 0, log2_zero_code(bits))
+    """log-sqrt(2) codes round(-2*log2(x/scale)), as the graph computes them: in float64
+    (Div, Log, Mul, Round, Clip) so both runtimes round the same values."""
+    scale = torch.as_tensor(scale, dtype=torch.float32).double()
+    codes = torch.round(torch.log(x.double() / scale) * LOG2_TO_CODE)
+    return torch.clamp(codes, 0, log2_zero_code(bits)).float()
 
 
 def log2_parts(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

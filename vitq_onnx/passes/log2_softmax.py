@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..calibration.quantizers import log2_max_exponent, log2_zero_code
+from ..calibration.quantizers import LOG2_TO_CODE, log2_max_exponent, log2_zero_code
 from ..errors import VitqError
 from ..naming import tensor_label
 from ..recipe import split_key
@@ -54,12 +54,14 @@ class Log2Softmax(Pass):
             f32, u32 = np.float32, np.uint32
             scale = np.float32(aq.scale.reshape(()))
             zero_code, e_max = log2_zero_code(aq.bits), log2_max_exponent(aq.bits)
-            # quantize: float -> integer log2 codes
-            x = b.op("Div", "ratio", [node.inputs[index], b.const("scale", scale, f32)])
+            # quantize: float -> integer log2 codes (in float64, as quantizers.log2_codes)
+            f64 = np.float64
+            x = b.op("Cast", "f64", [node.inputs[index]], dtype=f64, to=onnx.TensorProto.DOUBLE)
+            x = b.op("Div", "ratio", [x, b.const("scale", scale, f64)])
             x = b.op("Log", "ln", [x])
-            x = b.op("Mul", "neg2log2", [x, b.const("to_code", -2.0 / math.log(2.0), f32)])
+            x = b.op("Mul", "neg2log2", [x, b.const("to_code", LOG2_TO_CODE, f64)])
             x = b.op("Round", "rounded", [x])
-            x = b.op("Clip", "clipped", [x, b.const("code_min", 0, f32), b.const("code_max", zero_code, f32)])
+            x = b.op("Clip", "clipped", [x, b.const("code_min", 0, f64), b.const("code_max", zero_code, f64)])
             codes = b.op("Cast", "log2_codes", [x], dtype=np.uint8, to=onnx.TensorProto.UINT8)
             # dequantize with shifts: 2^E >> ceil(q/2), even/odd split
             q = b.op("Cast", "codes_u32", [codes], dtype=u32, to=onnx.TensorProto.UINT32)

@@ -1,0 +1,51 @@
+"""Classify images with a vitq-onnx model using only onnxruntime, numpy and Pillow.
+
+    python examples/classify.py deit_t_w4a4.onnx photo1.jpg photo2.jpg [--labels synsets.txt]
+
+The model carries its preprocessing (timm's eval transform) in the metadata entry
+``vitq.preprocess``; nothing from vitq-onnx or PyTorch is needed at inference time.
+"""
+
+import argparse
+import json
+import math
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+
+def preprocess(path: str, cfg: dict) -> np.ndarray:
+    img = Image.open(path).convert("RGB")
+    scale = math.floor(cfg["size"] / cfg["crop_pct"])  # short side before the center crop
+    w, h = img.size
+    w2, h2 = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
+    img = img.resize((w2, h2), {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[cfg["interpolation"]])
+    top, left = round((h2 - cfg["size"]) / 2), round((w2 - cfg["size"]) / 2)
+    img = img.crop((left, top, left + cfg["size"], top + cfg["size"]))
+    x = (np.asarray(img, np.float32) / 255 - np.float32(cfg["mean"])) / np.float32(cfg["std"])
+    return x.transpose(2, 0, 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--labels", help="one class per line (e.g. ImageNet synsets.txt)")
+    args = p.parse_args()
+
+    session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    cfg = json.loads(session.get_modelmeta().custom_metadata_map["vitq.preprocess"])
+    labels = open(args.labels).read().splitlines() if args.labels else None
+    batch = np.stack([preprocess(path, cfg) for path in args.images])
+    logits = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    for path, row in zip(args.images, probs):
+        top = np.argsort(-row)[:5]
+        names = [labels[i] if labels else str(i) for i in top]
+        print(path + ": " + ", ".join(f"{n} {row[i]:.1%}" for n, i in zip(names, top)))
+
+
+if __name__ == "__main__":
+    main()
