@@ -27,13 +27,18 @@ def channelwise_reparam(x: torch.Tensor, bits: int, norm: str, linears: list[str
     return rep, scale_t, zp_t
 
 
+def bias_delta(weight_in_out, shift):
+    """-(shift @ W) summed in float64, rounded once: torch and the ONNX pass get the same bits."""
+    return -(shift.double() @ weight_in_out.double()).float()
+
+
 @torch.no_grad()
 def fold_into_torch(norm: nn.LayerNorm, linears: list[nn.Linear], rep: Reparam) -> None:
     r1 = torch.from_numpy(rep.r1)
     shift = torch.from_numpy(rep.shift)
     for lin in linears:
         bias = lin.bias if lin.bias is not None else torch.zeros(lin.out_features)
-        new_bias = bias - lin.weight @ shift
+        new_bias = bias + bias_delta(lin.weight.t(), shift)
         lin.weight.mul_(r1[None, :])
         lin.bias = nn.Parameter(new_bias)
     norm.bias = nn.Parameter((norm.bias + shift) / r1)

@@ -49,7 +49,7 @@ class FoldReparam(Pass):
                 if not _reads_only_through_layout(norm, mm):
                     raise VitqError(f"cannot fold {rep.norm} into {name}: other ops sit between them")
                 w = mm.inputs[1].values  # [in, out]
-                add_to_bias(graph, mm, -(shift @ w))
+                add_to_bias(graph, mm, -(shift.astype(np.float64) @ w.astype(np.float64)).astype(np.float32))
                 mm.inputs[1] = gs.Constant(mm.inputs[1].name, (w * r1[:, None]).astype(np.float32))
             norm.inputs[1] = gs.Constant(gamma.name, (gamma.values / r1).astype(np.float32))
             norm.inputs[2] = gs.Constant(beta.name, ((beta.values + shift) / r1).astype(np.float32))
