@@ -25,6 +25,7 @@ class QuantPoint:
 
     def __init__(self, key: str, role: str):
         self.key, self.role = key, role
+        self.partner: Optional[torch.Tensor] = None
         self.action: Optional[Callable[["QuantPoint", torch.Tensor], torch.Tensor]] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,9 @@ class QuantMatMul:
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.exact is not None:
             return self.exact(a, b)
-        return self.a(a) @ self.b(b)
+        b = self.b(b)
+        self.a.partner = b  # lets calibration score a's quantizer by the product it feeds
+        return self.a(a) @ b
 
 
 @dataclass

@@ -171,10 +171,19 @@ def fake_log2(x, scale, bits: int):
     return log2_dequant(log2_codes(x, scale, bits), scale, bits)
 
 
-def fit_log2(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Scale by MSE among the maximum shifted down by fractions of one code step."""
-    s = _sample(x)
+def fit_log2(x: torch.Tensor, bits: int, v: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale for the log2 quantizer: the maximum, or up to two octaves below it.
+
+    With ``v`` (the values the probabilities multiply) the score is the error of ``x @ v``, what
+    attention actually outputs; small probabilities matter there in bulk, not one by one.
+    """
     top = x.max().clamp(min=1e-8)
-    candidates = top * 2.0 ** (-torch.arange(16) / 32.0)
-    errs = torch.stack([((fake_log2(s, c, bits) - s) ** 2).mean() for c in candidates])
-    return candidates[errs.argmin()].reshape(())
+    candidates = top * 2.0 ** (-torch.arange(32) / 16.0)
+    if v is None:
+        s = _sample(x)
+        errs = [((fake_log2(s, c, bits) - s) ** 2).mean() for c in candidates]
+    else:
+        n = min(len(x), 4)
+        ref = x[:n] @ v[:n]
+        errs = [((fake_log2(x[:n], c, bits) @ v[:n] - ref) ** 2).mean() for c in candidates]
+    return candidates[torch.stack(errs).argmin()].reshape(())

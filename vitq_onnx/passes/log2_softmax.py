@@ -2,7 +2,7 @@
 
 The softmax output leaves as uint8 codes q = clip(round(-2*log2(x/scale)), 0, Z). From there on
 everything is integer until one final scale: a = 2^E >> ceil(q/2) (BitShift), split by the parity
-of q (BitwiseAnd) into even and odd parts, each multiplied with v's integer codes (int32 MatMul);
+of q (BitwiseAnd) into even and odd parts, each multiplied with v's integer codes (a float64 MatMul, exact for these sums);
 the odd sum carries the extra sqrt(2) of the log-sqrt(2) grid as one float constant. No Pow, no
 float exponent: the arithmetic of calibration.quantizers.log2_parts and the simulation.
 """
@@ -72,11 +72,12 @@ class Log2Softmax(Pass):
                            direction="RIGHT")
             odd = b.op("Mul", "odd_part", [shifted, b.op("BitwiseAnd", "parity", [q, one])])
             even = b.op("Sub", "even_part", [shifted, odd])
+            # attn @ v on integers: float64 holds these sums exactly and has fast GEMM kernels
             v_codes, v_scale, v_zero = _dequantized_from(node.inputs[1], key)
-            v = b.op("Sub", "v_int", [b.op("Cast", "v_i32", [v_codes], dtype=np.int32, to=onnx.TensorProto.INT32),
-                                      b.const("v_zero_point", v_zero, np.int32)])
-            sums = [b.op("MatMul", f"{part}_sum", [b.op("Cast", f"{part}_i32", [t], dtype=np.int32,
-                                                        to=onnx.TensorProto.INT32), v], dtype=np.int32)
+            v = b.op("Sub", "v_int", [b.op("Cast", "v_f64", [v_codes], dtype=f64, to=onnx.TensorProto.DOUBLE),
+                                      b.const("v_zero_point", v_zero, f64)])
+            sums = [b.op("MatMul", f"{part}_sum", [b.op("Cast", f"{part}_f64", [t], dtype=f64,
+                                                        to=onnx.TensorProto.DOUBLE), v], dtype=f64)
                     for part, t in (("even", even), ("odd", odd))]
             even_f, odd_f = (b.op("Cast", f"{part}_f", [t], dtype=f32, to=onnx.TensorProto.FLOAT)
                              for part, t in zip(("even_sum", "odd_sum"), sums))
