@@ -24,9 +24,6 @@ def attention_nodes(module: str) -> tuple[str, str]:
     return f"{module}/{QK}", f"{module}/{AV}"
 
 
-def module_of(node: str) -> str:
-    return node.rpartition("/")[0]
-
 
 _ATTENTION_INPUTS = {(QK, 0): "q", (QK, 1): "k", (AV, 0): "attn", (AV, 1): "v"}
 

@@ -10,7 +10,6 @@ from typing import Optional
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import VitqError
 from ..recipe import Recipe
 
 
@@ -36,13 +35,6 @@ class Pass:
 
     def __call__(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         return (self.run(graph, ctx) or graph).cleanup().toposort()
-
-
-def find_node(graph: gs.Graph, name: str) -> gs.Node:
-    for node in graph.nodes:
-        if node.name == name:
-            return node
-    raise VitqError(f"recipe does not fit the graph: no node named '{name}'")
 
 
 def node_index(graph: gs.Graph) -> dict[str, gs.Node]:
