@@ -35,9 +35,9 @@ CALIB = SHARED / "data" / "imagenet-sample" / "calib"
 VAL = SHARED / "data" / "imagenet-sample" / "val"
 
 
-def export(model: str, bits: str, method: str, random: bool, out: Path) -> float:
-    args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", model, "--bits", bits,
-            "--method", method, "--calib", str(CALIB), "-o", str(out), "--save-passes", str(out.with_suffix(""))]
+def export(model: str, bits: str, method: str, random: bool, out: Path, num_calib: int) -> float:
+    args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", model, "--bits", bits, "--method", method,
+            "--calib", str(CALIB), "--num-calib", str(num_calib), "-o", str(out), "--save-passes", str(out.with_suffix(""))]
     args += ["--random-weights"] if random else ["--weights", str(WEIGHTS[model])]
     start = time.time()
     subprocess.run(args, check=True)
@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", required=True)
     p.add_argument("--work", type=Path, default=Path("runs/accuracy"))
     p.add_argument("--val-limit", type=int, default=0, help="score on the first N val images only")
+    p.add_argument("--num-calib", type=int, default=32, help="calibration images per export")
     p.add_argument("-o", "--output", type=Path, required=True, help="markdown table (and .json beside)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -61,13 +62,13 @@ def main() -> None:
         if model_name not in cache:
             fp = create_model(model_name, None if random else WEIGHTS[model_name], random_weights=random)
             pre = Preprocess.from_model(fp)
-            paths = list_images(VAL)[: args.val_limit or None] if not random else list_images(CALIB)[-16:]
+            paths = list_images(VAL)[: args.val_limit or None] if not random else list_images(CALIB)[-8:]
             images, kept = load_images(paths, pre)
             labels = np.array([label_of(p, VAL, load_synsets()) for p in kept]) if not random else None
             cache[model_name] = (fp, images, labels, torch_logits(fp, images))
         fp, images, labels, fp_logits = cache[model_name]
         out = args.work / f"{model_name}_w{bits.replace('/', 'a')}_{method}.onnx"
-        seconds = export(model_name, bits, method, random, out)
+        seconds = export(model_name, bits, method, random, out, args.num_calib)
         print(f"{config}: exported in {seconds:.1f} s; scoring", file=sys.stderr)
         sim_logits = torch_logits(simulate(fp, Recipe.load(out.with_name(out.stem + ".recipe.json"))), images)
         ort_logits = runtime.run(runtime.session(out), images)

@@ -121,3 +121,14 @@ def test_recipe_roundtrip_and_mismatch_is_a_clear_error(fp32_onnx, repq_w4a4, tm
     bad = Recipe("x", "basic", 8, 8, weights={"blocks.99.attn.qkv/MatMul:1": WeightQuant(8, np.ones(3, np.float32))})
     with pytest.raises(VitqError, match="does not fit"):
         run_passes(fp32_onnx, pipeline(bad), PassContext(bad), progress=False)
+
+
+def test_basic_method_lowers_uniform_attention_too(deit, fp32_onnx, calib_images, val_images):
+    recipe = calibrate(deit, calib_images, 4, 4, get_method("basic"), "deit_tiny_patch16_224", progress=False)
+    assert not recipe.reparams and all(a.kind == "uniform" for a in recipe.activations.values())
+    model = run_passes(fp32_onnx, pipeline(recipe), PassContext(recipe), progress=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulInteger") == 12 * 6 + 1 and "MatMul" not in ops
+    report = compare_logits(torch_logits(simulate(deit, recipe), val_images),
+                            runtime.run(runtime.session(model), val_images))
+    assert report["max_abs_logit_error"] == 0.0

@@ -41,8 +41,11 @@ class LowerInteger(Pass):
             a, b = (_dequantize_input(t) for t in node.inputs[:2])
             if a is None or b is None or a[1].size != 1:
                 continue
-            module = node.name.rpartition("/")[0] or node.name
             op = "MatMulInteger" if node.op == "MatMul" else "ConvInteger"
+            # blocks.0.attn.qkv/MatMul -> blocks.0.attn.qkv/MatMulInteger...; attention matmuls
+            # keep their own name: blocks.0.attn/matmul_qk/MatMulInteger...
+            suffix = "/" + node.op
+            module = node.name[: -len(suffix)] if node.name.endswith(suffix) else node.name
             scale = np.asarray(np.float32(a[1].reshape(())) * b[1], dtype=np.float32)
             attrs = {}
             if node.op == "Conv":
