@@ -24,7 +24,7 @@ from .errors import VitqError
 from .export import export_fp32
 from .images import Preprocess, list_images, load_images
 from .models import create_model, resolve_name
-from .passes import PassContext, pipeline, run_passes
+from .passes import FORMATS, PassContext, pipeline, run_passes
 from .recipe import Recipe
 from .simulation import simulate
 from .validate import onnx_vs_simulation
@@ -93,8 +93,8 @@ def export(opts: ExportOptions) -> dict:
     w_bits, a_bits = parse_bits(opts.bits)
     method = get_method(opts.method)
     timm_name = resolve_name(opts.model)
-    if opts.format not in ("ort", "qdq"):
-        raise VitqError(f"unknown --format '{opts.format}': use ort or qdq")
+    if opts.format not in FORMATS:
+        raise VitqError(f"unknown --format '{opts.format}': use {' or '.join(FORMATS)}")
     _check_output(opts.output, [opts.weights])
     calib_paths = calibration_subset(opts.calib, opts.num_calib)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
