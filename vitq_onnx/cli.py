@@ -10,6 +10,7 @@ from pathlib import Path
 from .calibration.methods import METHODS
 from .errors import VitqError
 from .models import SHORT_NAMES
+from .passes import FORMATS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--num-calib", type=int, default=32, help="calibration images to use (default 32)")
     e.add_argument("--method", default="repq", choices=sorted(METHODS),
                    help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
-    e.add_argument("--format", default="ort", choices=("ort", "qdq"),  # passes.FORMATS, kept light
+    e.add_argument("--format", default="ort", choices=FORMATS,
                    help="ort: 8-bit containers for onnxruntime's integer kernels; qdq: portable, int4 packed")
     e.add_argument("--save-passes", type=Path, help="write the model after every pass to this folder")
     e.add_argument("--min-agreement", type=float, default=0.9,
