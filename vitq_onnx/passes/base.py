@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -35,6 +36,22 @@ class Pass:
 
     def __call__(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         return (self.run(graph, ctx) or graph).cleanup().toposort()
+
+
+class OpBuilder:
+    """Appends ops to a graph, each node and its output named ``<prefix><sep><name>``."""
+
+    def __init__(self, graph: gs.Graph, prefix: str, sep: str = "/"):
+        self.graph, self.prefix, self.sep = graph, prefix, sep
+
+    def const(self, name: str, value, dtype=np.float64) -> gs.Constant:
+        return gs.Constant(f"{self.prefix}{self.sep}{name}", np.asarray(value, dtype=dtype))
+
+    def op(self, op: str, name: str, inputs, out=None, dtype=None, **attrs) -> gs.Variable:
+        full = f"{self.prefix}{self.sep}{name}"
+        out = out if out is not None else gs.Variable(full, dtype=dtype)
+        self.graph.nodes.append(gs.Node(op, full, attrs=attrs, inputs=inputs, outputs=[out]))
+        return out
 
 
 def node_index(graph: gs.Graph) -> dict[str, gs.Node]:

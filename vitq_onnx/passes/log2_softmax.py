@@ -19,23 +19,7 @@ from ..calibration.quantizers import LOG2_TO_CODE, log2_max_exponent, log2_zero_
 from ..errors import VitqError
 from ..naming import tensor_label
 from ..recipe import split_key
-from .base import Pass, PassContext, node_index
-
-
-class _Builder:
-    """Appends named nodes under one prefix and returns their single outputs."""
-
-    def __init__(self, graph: gs.Graph, prefix: str):
-        self.graph, self.prefix = graph, prefix
-
-    def const(self, name: str, value, dtype) -> gs.Constant:
-        return gs.Constant(f"{self.prefix}_{name}", np.array(value, dtype=dtype))
-
-    def op(self, op: str, name: str, inputs, dtype=None, **attrs) -> gs.Variable:
-        out = gs.Variable(f"{self.prefix}_{name}", dtype=dtype)
-        self.graph.nodes.append(gs.Node(op, f"{self.prefix}_{name}_{op.lower()}", attrs=attrs,
-                                        inputs=inputs, outputs=[out]))
-        return out
+from .base import OpBuilder, Pass, PassContext, node_index
 
 
 class Log2Softmax(Pass):
@@ -50,7 +34,7 @@ class Log2Softmax(Pass):
             node = nodes.get(node_name)
             if node is None or node.op != "MatMul":
                 raise VitqError(f"recipe does not fit the graph: no attention MatMul at '{key}'")
-            b = _Builder(graph, tensor_label(node_name, index))
+            b = OpBuilder(graph, tensor_label(node_name, index), sep="_")
             f32, u32 = np.float32, np.uint32
             scale = np.float32(aq.scale.reshape(()))
             zero_code, e_max = log2_zero_code(aq.bits), log2_max_exponent(aq.bits)
