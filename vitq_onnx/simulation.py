@@ -1,10 +1,10 @@
 """The PyTorch simulation of a recipe: the reference the exported ONNX model must match.
 
 Every quantized matmul and convolution runs on the integer codes, summed exactly (float64 holds
-any such sum) and scaled in the order the exported integer kernels use (MatMulInteger/ConvInteger,
-Cast, Mul by the product of the scales, Add bias); LayerNorm, Softmax and GELU use the float64
-sequences of ``float_ops`` that the graph uses too. So the simulation and onnxruntime agree to
-the last bit nearly everywhere, which at 4 bits is what keeps their predictions the same.
+any such sum) and scaled in the order the exported integer kernels use (float32 of the sum, times
+the product of the scales, plus bias); LayerNorm, Softmax, GELU and the Log of the log2 quantizer
+run on onnxruntime's own kernels (``runtime_kernels``). So the simulation and onnxruntime agree to
+the last bit, which at 4 bits is what keeps their predictions the same.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from . import float_ops
+from . import runtime_kernels
 from .calibration import quantizers as Q
 from .calibration.calibrate import fake_act
 from .calibration.quant_points import QuantMatMul, instrument
@@ -59,12 +59,13 @@ def _exact_conv(s_x, s_w):
 def _exact_attention(mm: QuantMatMul, qa: ActQuant, qb: ActQuant):
     s_a, s_b = _step(qa), _step(qb)
     if qa.kind == "log2":
-        unit_b = Q.log2_unit(s_a, qa.bits) * s_b
+        unit = Q.log2_unit(s_a, qa.bits) * s_b
+        unit_odd = unit * (Q.SQRT2 - 1)
 
-        def log2_matmul(a, b):
-            even, odd = Q.log2_parts(Q.log2_codes(a, s_a, qa.bits), qa.bits)
+        def log2_matmul(log_a, b):  # log_a: onnxruntime's LogSoftmax, as in the graph
+            shifted, odd = Q.log2_parts(Q.log2_codes_of_log(log_a, s_a, qa.bits), qa.bits)
             kv = _ints(fake_act(qb, b), s_b)
-            return ((even.double() @ kv).float() + (odd.double() @ kv).float() * Q.SQRT2) * unit_b
+            return (shifted.double() @ kv).float() * unit + (odd.double() @ kv).float() * unit_odd
 
         return log2_matmul
     return lambda a, b: integer_matmul(fake_act(qa, a), fake_act(qb, b), s_a, s_b)
@@ -98,17 +99,19 @@ def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     inst.set_action(lambda point, x: fake_act(recipe.activations[point.key], x))
     for mm in inst.matmuls:
         mm.exact = _exact_attention(mm, recipe.activations[mm.a.key], recipe.activations[mm.b.key])
-    _deterministic_float_ops(model)
+    log2_attention = {mm.node for mm in inst.matmuls if recipe.activations[mm.a.key].kind == "log2"}
+    _runtime_float_ops(model, log2_attention)
     return model
 
 
-def _deterministic_float_ops(model: torch.nn.Module) -> None:
-    """LayerNorm, GELU and Softmax as the deterministic_float pass exports them."""
+def _runtime_float_ops(model: torch.nn.Module, log2_attention: set[str]) -> None:
+    """LayerNorm, GELU and (Log)Softmax on the onnxruntime kernels the exported graph runs."""
     for mod in model.modules():
         if isinstance(mod, torch.nn.LayerNorm):
             mod.forward = types.MethodType(
-                lambda self, x: float_ops.layer_norm(x, self.weight, self.bias, self.eps), mod)
+                lambda self, x: runtime_kernels.layer_norm(x, self.weight, self.bias, self.eps), mod)
         elif isinstance(mod, torch.nn.GELU):
-            mod.forward = types.MethodType(lambda self, x: float_ops.gelu(x), mod)
+            mod.forward = types.MethodType(lambda self, x: runtime_kernels.gelu(x), mod)
         if hasattr(mod, "vq_softmax"):
-            mod.vq_softmax = float_ops.softmax
+            log2 = mod.vq_av.node in log2_attention
+            mod.vq_softmax = runtime_kernels.log_softmax if log2 else runtime_kernels.softmax

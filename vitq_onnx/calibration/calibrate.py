@@ -102,7 +102,7 @@ def calibrate(model: torch.nn.Module, images: np.ndarray, w_bits: int, a_bits: i
 
     def fit_then_quantize(point, x):
         if point.key not in recipe.activations:
-            if point.role == "softmax" and method.log2_softmax:
+            if point.role == "softmax" and method.log2_softmax(a_bits):
                 recipe.activations[point.key] = _act("log2", a_bits, Q.fit_log2(x, a_bits, point.partner), 0)
             else:
                 bits = STEM_BITS if point.role == "conv_input" else a_bits

@@ -12,7 +12,7 @@ import math
 import torch
 
 SAMPLE = 2**16  # values used to score candidate ranges: a stable MSE at a small cost
-LOG2_MAX_LEVELS = 32  # log2 codes beyond 2^-15 carry nothing; keeps shifted integers in 16 bits
+LOG2_MAX_LEVELS = 16  # 4-bit codes at most: the shifted integers 2^7..1 fit uint8 kernels
 SQRT2 = torch.tensor(math.sqrt(2.0), dtype=torch.float32)
 
 
@@ -133,28 +133,41 @@ def log2_max_exponent(bits: int) -> int:
     return log2_zero_code(bits) // 2  # ceil((Z-1)/2): the largest shift of a non-zero code
 
 
-LOG2_TO_CODE = -2.0 / math.log(2.0)
+LOG2_STEP = torch.tensor(math.log(2.0) / 2.0, dtype=torch.float32)  # one code = ln(sqrt(2))
+
+
+def log2_log_scale(scale) -> torch.Tensor:
+    """ln(scale) rounded once to float32: the constant the graph subtracts from ln(x)."""
+    return torch.tensor(math.log(float(scale)), dtype=torch.float32)
+
+
+def log2_codes_of_log(log_x: torch.Tensor, scale, bits: int) -> torch.Tensor:
+    """log-sqrt(2) codes round((ln(scale) - ln(x)) / ln(sqrt(2))) in float32, clamped to [0, Z].
+
+    The graph computes LogSoftmax, Sub, then a QuantizeLinear by ln(sqrt(2)) (round half to even,
+    saturating to uint8) and a Min with Z; the simulation feeds onnxruntime's LogSoftmax here so
+    both round the same values.
+    """
+    codes = torch.round((log2_log_scale(scale) - log_x.float()) / LOG2_STEP)
+    return torch.clamp(codes, 0, log2_zero_code(bits))
 
 
 def log2_codes(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
-    """log-sqrt(2) codes round(-2*log2(x/scale)), as the graph computes them: in float64
-    (Div, Log, Mul, Round, Clip) so both runtimes round the same values."""
-    scale = torch.as_tensor(scale, dtype=torch.float32).double()
-    codes = torch.round(torch.log(x.double() / scale) * LOG2_TO_CODE)
-    return torch.clamp(codes, 0, log2_zero_code(bits)).float()
+    return log2_codes_of_log(torch.log(x.float()), scale, bits)
 
 
 def log2_parts(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer 2^E >> ceil(q/2), split by the parity of q into (even, odd) parts.
+    """Integers (shifted, odd): shifted = 2^E >> ceil(q/2), odd = shifted where q is odd, else 0.
 
-    Even codes stand for 2^(-q/2), odd codes for the same times sqrt(2): the log-sqrt(2) quantizer
-    reparameterized to base 2, so the integers are plain shifts. The zero code shifts 2^E right by
-    more than E bits, which gives exactly 0 with no mask.
+    Code q stands for scale * 2^(-q/2) = unit * (shifted + (sqrt(2) - 1) * odd), unit = scale * 2^-E:
+    the log-sqrt(2) quantizer reparameterized to base 2, so the integers are plain shifts and the
+    irrational factor sits in one float constant. The zero code Z shifts 2^E right by more than E
+    bits, which gives exactly 0.
     """
     q = codes.to(torch.int64)
-    shifted = torch.bitwise_right_shift(torch.full_like(q, 2 ** log2_max_exponent(bits)), (q + 1) >> 1)
-    odd = shifted * (q & 1)
-    return shifted - odd, odd
+    half_up = (q + 1) >> 1
+    shifted = torch.bitwise_right_shift(torch.full_like(q, 2 ** log2_max_exponent(bits)), half_up)
+    return shifted, shifted * (2 * half_up - q)
 
 
 def log2_unit(scale, bits: int):
@@ -163,8 +176,9 @@ def log2_unit(scale, bits: int):
 
 
 def log2_dequant(codes: torch.Tensor, scale, bits: int) -> torch.Tensor:
-    even, odd = log2_parts(codes, bits)
-    return (even.float() + odd.float() * SQRT2) * log2_unit(scale, bits)
+    shifted, odd = log2_parts(codes, bits)
+    unit = log2_unit(scale, bits)
+    return shifted.float() * unit + odd.float() * (unit * (SQRT2 - 1))
 
 
 def fake_log2(x, scale, bits: int):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from ..recipe import Recipe
 from .base import Pass, PassContext, run_passes
 from .check_model import CheckModel
-from .deterministic_float import DeterministicFloat
 from .fold_reparam import FoldReparam
 from .insert_qdq import InsertQDQ
 from .log2_softmax import Log2Softmax
@@ -21,7 +20,7 @@ def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:
     passes: list[Pass] = [NameNodes()]
     if recipe.reparams:
         passes.append(FoldReparam())
-    passes += [DeterministicFloat(), QuantizeWeights(), InsertQDQ()]
+    passes += [QuantizeWeights(), InsertQDQ()]
     if any(a.kind == "log2" for a in recipe.activations.values()):
         passes.append(Log2Softmax())
     if fmt == "ort":

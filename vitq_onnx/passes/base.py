@@ -47,10 +47,10 @@ class OpBuilder:
     def const(self, name: str, value, dtype=np.float64) -> gs.Constant:
         return gs.Constant(f"{self.prefix}{self.sep}{name}", np.asarray(value, dtype=dtype))
 
-    def op(self, op: str, name: str, inputs, out=None, dtype=None, **attrs) -> gs.Variable:
+    def op(self, op: str, name: str, inputs, out=None, dtype=None, domain=None, **attrs) -> gs.Variable:
         full = f"{self.prefix}{self.sep}{name}"
         out = out if out is not None else gs.Variable(full, dtype=dtype)
-        self.graph.nodes.append(gs.Node(op, full, attrs=attrs, inputs=inputs, outputs=[out]))
+        self.graph.nodes.append(gs.Node(op, full, attrs=attrs, inputs=inputs, outputs=[out], domain=domain))
         return out
 
 

@@ -1,7 +1,10 @@
 """Uniform activation quantization: QuantizeLinear/DequantizeLinear on each recipe tensor.
 
 Codes below 8 bits live on the same grid in an 8-bit container (``ort`` format: a float Clip
-before QuantizeLinear bounds them to [0, 2^bits-1]) or in ONNX uint4 (``qdq`` format, <= 4 bits).
+before QuantizeLinear bounds them to 2^bits levels) or in ONNX uint4/int4 (``qdq`` format, <= 4
+bits). The second operand of an activation-by-activation matmul (k, v) is stored signed below 8
+bits: the same grid shifted by 2^(bits-1), so onnxruntime picks its faster u8*s8 kernels, which
+cannot saturate at these widths.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ class InsertQDQ(Pass):
             scale = np.float32(aq.scale.reshape(()))
             zp = int(aq.zero_point.reshape(()))
             qmax = 2**aq.bits - 1
-            dtype = packed_type(aq.bits, ctx.format, signed=False)
+            signed = aq.bits < 8 and _activation_rhs(node, index)
+            offset = 2 ** (aq.bits - 1) if signed else 0
+            dtype = packed_type(aq.bits, ctx.format, signed=signed)
+            container = np.int8 if signed else np.uint8
             source = node.inputs[index]
             if aq.bits < 8 and dtype is None:
                 clipped = gs.Variable(f"{label}_clipped", dtype=np.float32)
@@ -43,8 +49,9 @@ class InsertQDQ(Pass):
                     source, gs.Constant(f"{label}_min", np.array(lo, np.float32)),
                     gs.Constant(f"{label}_max", np.array(hi, np.float32))], outputs=[clipped]))
                 source = clipped
-            codes = gs.Variable(f"{label}_uint{aq.bits}", dtype=np.uint8 if dtype is None else None)
-            zero = gs.Constant(f"{label}_zero_point", np.array(zp, np.uint8), export_dtype=dtype)
+            codes = gs.Variable(f"{label}_{'int' if signed else 'uint'}{aq.bits}",
+                                dtype=container if dtype is None else None)
+            zero = gs.Constant(f"{label}_zero_point", np.array(zp - offset, container), export_dtype=dtype)
             scale_c = gs.Constant(f"{label}_scale", np.array(scale, np.float32))
             graph.nodes.append(gs.Node("QuantizeLinear", f"{label}_q", inputs=[source, scale_c, zero],
                                        outputs=[codes]))
@@ -52,3 +59,8 @@ class InsertQDQ(Pass):
             graph.nodes.append(gs.Node("DequantizeLinear", f"{label}_dq", inputs=[codes, scale_c, zero],
                                        outputs=[out]))
             node.inputs[index] = out
+
+
+def _activation_rhs(node: gs.Node, index: int) -> bool:
+    """Is this the right-hand input of a matmul of two activations (attention's k or v)?"""
+    return node.op == "MatMul" and index == 1 and not isinstance(node.inputs[0], gs.Constant)

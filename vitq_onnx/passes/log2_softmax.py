@@ -1,10 +1,12 @@
-"""RepQ-ViT post-Softmax quantization in the graph: integer log2 codes, shifts, integer attn@v.
+"""RepQ-ViT post-Softmax quantization in the graph: log2 codes, shifts, integer attn@v.
 
-The softmax output leaves as uint8 codes q = clip(round(-2*log2(x/scale)), 0, Z). From there on
-everything is integer until one final scale: a = 2^E >> ceil(q/2) (BitShift), split by the parity
-of q (BitwiseAnd) into even and odd parts, each multiplied with v's integer codes (a float64 MatMul, exact for these sums);
-the odd sum carries the extra sqrt(2) of the log-sqrt(2) grid as one float constant. No Pow, no
-float exponent: the arithmetic of calibration.quantizers.log2_parts and the simulation.
+Codes: the Softmax becomes a LogSoftmax, and q = min(QuantizeLinear(ln(scale) - ln(x),
+ln(sqrt(2))), Z) as uint8 (Z, the top code, means zero). Dequantizing is a shift: code q stands
+for unit * (shifted + (sqrt(2) - 1) * odd), shifted = 2^E >> ceil(q/2) and odd = shifted when q
+is odd (calibration.quantizers.log2_parts): the log-sqrt(2) quantizer reparameterized to base 2.
+onnxruntime's integer BitShift is slow, so the integers are made with fast float kernels and
+rounded back exactly: ceil(q/2) = round(0.5 q / (1 - 2^-8)) and 2^(E-c) = round(exp((E - c) ln 2)
+/ (1 + 2^-9)), each far from a rounding tie. Two integer GEMMs multiply them with v's codes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..calibration.quantizers import LOG2_TO_CODE, log2_max_exponent, log2_zero_code
+from ..calibration.quantizers import (
+    LOG2_STEP,
+    SQRT2,
+    log2_log_scale,
+    log2_max_exponent,
+    log2_unit,
+    log2_zero_code,
+)
 from ..errors import VitqError
 from ..naming import tensor_label
 from ..recipe import split_key
@@ -32,51 +41,61 @@ class Log2Softmax(Pass):
                 continue
             node_name, index = split_key(key)
             node = nodes.get(node_name)
-            if node is None or node.op != "MatMul":
+            if node is None or node.op != "MatMul" or index != 0:
                 raise VitqError(f"recipe does not fit the graph: no attention MatMul at '{key}'")
+            softmax = _softmax_of(node.inputs[0], key)
             b = OpBuilder(graph, tensor_label(node_name, index), sep="_")
-            f32, u32 = np.float32, np.uint32
-            scale = np.float32(aq.scale.reshape(()))
-            zero_code, e_max = log2_zero_code(aq.bits), log2_max_exponent(aq.bits)
-            # quantize: float -> integer log2 codes (in float64, as quantizers.log2_codes)
-            f64 = np.float64
-            x = b.op("Cast", "f64", [node.inputs[index]], dtype=f64, to=onnx.TensorProto.DOUBLE)
-            x = b.op("Div", "ratio", [x, b.const("scale", scale, f64)])
-            x = b.op("Log", "ln", [x])
-            x = b.op("Mul", "neg2log2", [x, b.const("to_code", LOG2_TO_CODE, f64)])
-            x = b.op("Round", "rounded", [x])
-            x = b.op("Clip", "clipped", [x, b.const("code_min", 0, f64), b.const("code_max", zero_code, f64)])
-            codes = b.op("Cast", "log2_codes", [x], dtype=np.uint8, to=onnx.TensorProto.UINT8)
-            # dequantize with shifts: 2^E >> ceil(q/2), even/odd split
-            q = b.op("Cast", "codes_u32", [codes], dtype=u32, to=onnx.TensorProto.UINT32)
-            one = b.const("one", 1, u32)
-            half_up = b.op("BitShift", "exponent", [b.op("Add", "q_plus_1", [q, one]), one],
-                           direction="RIGHT")
-            shifted = b.op("BitShift", "pow2", [b.const("two_pow_e", 2**e_max, u32), half_up],
-                           direction="RIGHT")
-            odd = b.op("Mul", "odd_part", [shifted, b.op("BitwiseAnd", "parity", [q, one])])
-            even = b.op("Sub", "even_part", [shifted, odd])
-            # attn @ v on integers: float64 holds these sums exactly and has fast GEMM kernels
-            v_codes, v_scale, v_zero = _dequantized_from(node.inputs[1], key)
-            v = b.op("Sub", "v_int", [b.op("Cast", "v_f64", [v_codes], dtype=f64, to=onnx.TensorProto.DOUBLE),
-                                      b.const("v_zero_point", v_zero, f64)])
-            sums = [b.op("MatMul", f"{part}_sum", [b.op("Cast", f"{part}_f64", [t], dtype=f64,
-                                                        to=onnx.TensorProto.DOUBLE), v], dtype=f64)
-                    for part, t in (("even", even), ("odd", odd))]
-            even_f, odd_f = (b.op("Cast", f"{part}_f", [t], dtype=f32, to=onnx.TensorProto.FLOAT)
-                             for part, t in zip(("even_sum", "odd_sum"), sums))
-            odd_f = b.op("Mul", "odd_sqrt2", [odd_f, b.const("sqrt2", math.sqrt(2.0), f32)])
-            total = b.op("Add", "sum", [even_f, odd_f])
-            unit = np.float32(np.float32(scale * np.float32(2.0**-e_max)) * v_scale)
-            out = node.outputs[0]
-            node.outputs.clear()
-            graph.nodes.append(gs.Node("Mul", f"{node_name}_scaled", outputs=[out],
-                                       inputs=[total, b.const("unit", unit, f32)]))
+            log_x = b.op("LogSoftmax", "log_softmax", [softmax.inputs[0]], dtype=np.float32, axis=-1)
+            _rewrite(b, node, log_x, aq, key)
 
 
-def _dequantized_from(tensor: gs.Tensor, key: str):
-    """(codes, scale, zero point) of a per-tensor DequantizeLinear output."""
+def _softmax_of(tensor: gs.Tensor, key: str) -> gs.Node:
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None or producer.op != "Softmax" or len(tensor.outputs) != 1 \
+            or producer.attrs.get("axis", -1) != -1:
+        raise VitqError(f"{key}: log2 quantization needs a last-axis Softmax read only by this MatMul")
+    return producer
+
+
+def _rewrite(b: OpBuilder, node: gs.Node, log_x: gs.Variable, aq, key: str) -> None:
+    f32, u8 = np.float32, np.uint8
+    scale, e_max = f32(aq.scale.reshape(())), log2_max_exponent(aq.bits)
+    y = b.op("Sub", "ln_ratio", [b.const("ln_scale", log2_log_scale(scale).numpy(), f32), log_x], dtype=f32)
+    q = b.op("QuantizeLinear", "log2_codes_u8", [y, b.const("ln_sqrt2", LOG2_STEP.numpy(), f32),
+                                                 b.const("zero", 0, u8)], dtype=u8)
+    q = b.op("Min", "log2_codes", [q, b.const("zero_code", log2_zero_code(aq.bits), u8)], dtype=u8)
+    half = b.op("DequantizeLinear", "half_q", [q, b.const("half", 0.5, f32), b.const("half_zero", 0, u8)], dtype=f32)
+    c = b.op("QuantizeLinear", "half_up", [half, b.const("below_one", 1 - 2.0**-8, f32), b.const("c_zero", 0, u8)],
+             dtype=u8)
+    exponent = b.op("DequantizeLinear", "exponent", [c, b.const("minus_ln2", -math.log(2.0), f32),
+                                                     b.const("e_max", e_max, u8)], dtype=f32)
+    shifted = b.op("QuantizeLinear", "shifted", [b.op("Exp", "pow2", [exponent], dtype=f32),
+                                                 b.const("above_one", 1 + 2.0**-9, f32), b.const("s_zero", 0, u8)],
+                   dtype=u8)
+    parity = b.op("Sub", "parity", [b.op("Add", "two_c", [c, c], dtype=u8), q], dtype=u8)
+    odd = b.op("Mul", "odd", [shifted, parity], dtype=u8)
+    v_codes, v_scale, v_zero = _dequantized_from(b, node.inputs[1], key)
+    unit = (log2_unit(scale, aq.bits) * v_scale).astype(f32)
+    unit_odd = (unit * (SQRT2 - 1).numpy()).astype(f32)
+    sums = [b.op("MatMulIntegerToFloat", f"{part}_sum", [t, v_codes, b.const(f"{part}_a_scale", 1.0, f32),
+                                                          b.const(f"{part}_unit", weight, f32),
+                                                          b.const(f"{part}_zero", 0, u8), v_zero],
+                 dtype=f32, domain="com.microsoft")
+            for part, t, weight in (("shifted", shifted, unit), ("odd", odd, unit_odd))]
+    out = node.outputs[0]
+    node.outputs.clear()
+    b.op("Add", "sum", sums, out=out)
+
+
+def _dequantized_from(b: OpBuilder, tensor: gs.Tensor, key: str):
+    """(codes, scale, zero point) of a per-tensor DequantizeLinear output, in 8-bit containers."""
     dq = tensor.inputs[0] if tensor.inputs else None
     if dq is None or dq.op != "DequantizeLinear" or dq.inputs[1].values.size != 1:
         raise VitqError(f"{key}: the other attention input must be quantized per tensor first")
-    return dq.inputs[0], np.float32(dq.inputs[1].values), int(dq.inputs[2].values)
+    codes, zero = dq.inputs[0], dq.inputs[2]
+    if zero.export_dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):  # qdq format: widen
+        signed = zero.export_dtype == onnx.TensorProto.INT4
+        to = onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
+        codes = b.op("Cast", "v_codes_8bit", [codes], dtype=np.int8 if signed else np.uint8, to=to)
+        zero = b.const("v_zero_point_8bit", zero.values, np.int8 if signed else np.uint8)
+    return codes, np.float32(dq.inputs[1].values), zero

@@ -1,9 +1,10 @@
 """Lower dequantize-then-float matmuls to integer kernels (``ort`` format).
 
-MatMul(DequantizeLinear(a), DequantizeLinear(b)) becomes MatMulInteger(a, b) -> Cast -> Mul by
-scale_a*scale_b (per output channel for weights); Conv likewise becomes ConvInteger. The sums are
-exact int32, so onnxruntime and the simulation agree to the last bit on every matmul, and
-onnxruntime runs integer GEMMs instead of float ones.
+MatMul(DequantizeLinear(a), DequantizeLinear(b)) [+ bias] becomes onnxruntime's fused
+MatMulIntegerToFloat: an int32 GEMM whose epilogue is float32(sum) * (scale_a*scale_b) + bias,
+the order the simulation uses (checked bit for bit in the tests). Conv becomes ConvInteger -> Cast
+-> Mul -> Add. The sums are exact, so onnxruntime and the simulation agree to the last bit on
+every matmul, and onnxruntime runs integer GEMMs instead of float ones.
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ def _scalar_zero_point(zp: gs.Constant, name: str) -> gs.Constant:
     return gs.Constant(f"{name}_zp", np.array(values[0], dtype=values.dtype))
 
 
+def _bias_of(graph: gs.Graph, node: gs.Node):
+    """The Add(MatMul, constant bias vector) that follows a Linear's MatMul, if any."""
+    users = node.outputs[0].outputs
+    if len(users) != 1 or users[0].op != "Add" or len(node.outputs[0].outputs) != 1:
+        return None
+    add = users[0]
+    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+    if isinstance(other, gs.Constant) and other.values.ndim == 1:
+        return add, other
+    return None
+
+
 class LowerInteger(Pass):
     name = "lower_integer"
 
@@ -41,29 +54,46 @@ class LowerInteger(Pass):
             a, b = (_dequantize_input(t) for t in node.inputs[:2])
             if a is None or b is None or a[1].size != 1:
                 continue
-            op = "MatMulInteger" if node.op == "MatMul" else "ConvInteger"
-            # blocks.0.attn.qkv/MatMul -> blocks.0.attn.qkv/MatMulInteger...; attention matmuls
-            # keep their own name: blocks.0.attn/matmul_qk/MatMulInteger...
+            # blocks.0.attn.qkv/MatMul -> blocks.0.attn.qkv/MatMulIntegerToFloat; attention matmuls
+            # keep their own name: blocks.0.attn/matmul_qk/MatMulIntegerToFloat
             suffix = "/" + node.op
             module = node.name[: -len(suffix)] if node.name.endswith(suffix) else node.name
-            scale = np.asarray(np.float32(a[1].reshape(())) * b[1], dtype=np.float32)
-            attrs = {}
-            if node.op == "Conv":
-                scale = scale.reshape(1, -1, 1, 1)
-                attrs = {k: v for k, v in node.attrs.items() if k in _CONV_ATTRS}
-            acc = gs.Variable(f"{module}/{op}_int32", dtype=np.int32)
-            graph.nodes.append(gs.Node(op, f"{module}/{op}", attrs=attrs, outputs=[acc], inputs=[
-                a[0], b[0], _scalar_zero_point(a[2], f"{module}/{op}_a"),
-                _scalar_zero_point(b[2], f"{module}/{op}_b")]))
-            acc_f = gs.Variable(f"{module}/{op}_float", dtype=np.float32)
-            graph.nodes.append(gs.Node("Cast", f"{module}/{op}_cast", attrs={"to": onnx.TensorProto.FLOAT},
-                                       inputs=[acc], outputs=[acc_f]))
-            out = node.outputs[0]
-            bias = node.inputs[2] if node.op == "Conv" and len(node.inputs) > 2 else None
-            scaled = out if bias is None else gs.Variable(f"{module}/{op}_scaled", dtype=np.float32)
-            graph.nodes.append(gs.Node("Mul", f"{module}/{op}_scale", outputs=[scaled],
-                                       inputs=[acc_f, gs.Constant(f"{module}/{op}_scale_ab", scale)]))
-            if bias is not None:
-                graph.nodes.append(gs.Node("Add", f"{module}/{op}_bias", outputs=[out], inputs=[
-                    scaled, gs.Constant(f"{module}/{op}_bias_c", bias.values.reshape(1, -1, 1, 1))]))
+            zps = [_scalar_zero_point(a[2], f"{module}/a"), _scalar_zero_point(b[2], f"{module}/b")]
+            if node.op == "MatMul":
+                _matmul(graph, node, module, a, b, zps)
+            else:
+                _conv(graph, node, module, a, b, zps)
             node.outputs.clear()
+
+
+def _matmul(graph, node, module, a, b, zps) -> None:
+    scale = np.asarray(np.float32(a[1].reshape(())) * b[1], dtype=np.float32).reshape(-1)
+    out, inputs = node.outputs[0], [a[0], b[0], gs.Constant(f"{module}/scale_a", np.array(1.0, np.float32)),
+                                    gs.Constant(f"{module}/scale_ab", scale), *zps]
+    fused = _bias_of(graph, node)
+    if fused is not None:
+        add, bias = fused
+        out = add.outputs[0]
+        add.outputs.clear()
+        inputs.append(bias)
+    graph.nodes.append(gs.Node("MatMulIntegerToFloat", f"{module}/MatMulIntegerToFloat", inputs=inputs,
+                               outputs=[out], domain="com.microsoft"))
+
+
+def _conv(graph, node, module, a, b, zps) -> None:
+    scale = np.asarray(np.float32(a[1].reshape(())) * b[1], dtype=np.float32).reshape(1, -1, 1, 1)
+    attrs = {k: v for k, v in node.attrs.items() if k in _CONV_ATTRS}
+    acc = gs.Variable(f"{module}/ConvInteger_int32", dtype=np.int32)
+    graph.nodes.append(gs.Node("ConvInteger", f"{module}/ConvInteger", attrs=attrs, outputs=[acc],
+                               inputs=[a[0], b[0], *zps]))
+    acc_f = gs.Variable(f"{module}/ConvInteger_float", dtype=np.float32)
+    graph.nodes.append(gs.Node("Cast", f"{module}/ConvInteger_cast", attrs={"to": onnx.TensorProto.FLOAT},
+                               inputs=[acc], outputs=[acc_f]))
+    out = node.outputs[0]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    scaled = out if bias is None else gs.Variable(f"{module}/ConvInteger_scaled", dtype=np.float32)
+    graph.nodes.append(gs.Node("Mul", f"{module}/ConvInteger_scale", outputs=[scaled],
+                               inputs=[acc_f, gs.Constant(f"{module}/ConvInteger_scale_ab", scale)]))
+    if bias is not None:
+        graph.nodes.append(gs.Node("Add", f"{module}/ConvInteger_bias", outputs=[out], inputs=[
+            scaled, gs.Constant(f"{module}/ConvInteger_bias_c", bias.values.reshape(1, -1, 1, 1))]))
