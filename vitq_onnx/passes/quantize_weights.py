@@ -8,7 +8,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import torch
 
+from ..calibration import quantizers as Q
 from ..errors import VitqError
 from ..naming import tensor_label
 from ..recipe import split_key
@@ -17,11 +19,10 @@ from .linear import add_to_bias
 
 
 def weight_codes(w: np.ndarray, scale: np.ndarray, bits: int, axis: int) -> np.ndarray:
-    """Same grid as calibration.quantizers.weight_codes, for a weight whose channels are on ``axis``."""
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return np.clip(np.round(w / scale.reshape(shape)), lo, hi).astype(np.int8)
+    """calibration.quantizers.weight_codes for a weight whose channels are on ``axis``."""
+    channels_first = torch.from_numpy(np.ascontiguousarray(np.moveaxis(w, axis, 0)))
+    codes = Q.weight_codes(channels_first, torch.from_numpy(scale), bits).numpy().astype(np.int8)
+    return np.moveaxis(codes, 0, axis)
 
 
 def packed_type(bits: int, fmt: str, signed: bool):
@@ -32,12 +33,7 @@ def packed_type(bits: int, fmt: str, signed: bool):
 
 
 def _unsigned(codes: np.ndarray) -> np.ndarray:
-    """The same grid as uint8 with zero point 128.
-
-    onnxruntime's u8s8 kernels on CPUs without VNNI add pairs of u8*s8 products in int16 and
-    saturate when 8-bit weight codes are large; u8u8 kernels do not. Weights of 7 bits or fewer
-    cannot saturate (255 * 64 * 2 < 2^15) and stay int8.
-    """
+    """The same grid as uint8 with zero point 128, for ConvInteger's u8*u8 kernel."""
     return (codes.astype(np.int16) + 128).astype(np.uint8)
 
 
@@ -60,7 +56,7 @@ class QuantizeWeights(Pass):
             label = tensor_label(node_name, index)
             dtype = packed_type(wq.bits, ctx.format, signed=True)
             codes, zero = weight_codes(w, scale, wq.bits, axis), np.zeros(scale.shape, np.int8)
-            if wq.bits == 8:
+            if wq.bits == 8 and node.op == "Conv":
                 codes, zero = _unsigned(codes), _unsigned(zero)
             codes = gs.Constant(f"{label}_int{wq.bits}", codes, export_dtype=dtype)
             zero = gs.Constant(f"{label}_zero_point", zero, export_dtype=dtype)
