@@ -10,3 +10,4 @@ python benchmarks/accuracy.py -o benchmarks/results/ablation.md --configs deit_t
 python benchmarks/accuracy.py -o benchmarks/results/random_weights.md --num-calib 8 \
     --configs swin_t:8/8:repq:random deit_b:8/8:repq:random vit_b:8/8:repq:random
 python benchmarks/accuracy.py -o benchmarks/results/ablation_w6a6.md --configs deit_t:6/6:basic deit_t:6/6:repq-cw
+python benchmarks/speed.py -o benchmarks/results/speed.md

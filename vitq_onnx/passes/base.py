@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -58,8 +59,31 @@ def node_index(graph: gs.Graph) -> dict[str, gs.Node]:
     return {n.name: n for n in graph.nodes}
 
 
+_PACKED = {np.dtype(ml_dtypes.int4): (onnx.TensorProto.INT4, np.int8),
+           np.dtype(ml_dtypes.uint4): (onnx.TensorProto.UINT4, np.uint8)}
+
+
 def to_model(graph: gs.Graph) -> onnx.ModelProto:
-    return gs.export_onnx(graph)
+    """Export; int4/uint4 constants (ml_dtypes arrays) are stored packed two per byte.
+
+    onnx-graphsurgeon 0.6 does not pack 4-bit arrays, so they leave it as 8-bit and onnx packs them.
+    """
+    narrow = {t.name: t for t in graph.tensors().values()
+              if isinstance(t, gs.Constant) and t.values.dtype in _PACKED}
+    originals = {name: t.values for name, t in narrow.items()}
+    for t in narrow.values():
+        t.values = t.values.astype(_PACKED[t.values.dtype][1])
+    try:
+        model = gs.export_onnx(graph)
+    finally:
+        for name, t in narrow.items():
+            t.values = originals[name]
+    for init in model.graph.initializer:
+        if init.name in originals:
+            values = onnx.numpy_helper.to_array(init)
+            init.CopyFrom(onnx.helper.make_tensor(init.name, _PACKED[originals[init.name].dtype][0],
+                                                  values.shape, values.reshape(-1).tolist()))
+    return model
 
 
 def run_passes(model: onnx.ModelProto, passes: list[Pass], ctx: PassContext,

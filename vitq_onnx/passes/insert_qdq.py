@@ -51,7 +51,7 @@ class InsertQDQ(Pass):
                 source = clipped
             codes = gs.Variable(f"{label}_{'int' if signed else 'uint'}{aq.bits}",
                                 dtype=container if dtype is None else None)
-            zero = gs.Constant(f"{label}_zero_point", np.array(zp - offset, container), export_dtype=dtype)
+            zero = gs.Constant(f"{label}_zero_point", np.array(zp - offset, container).astype(dtype or container))
             scale_c = gs.Constant(f"{label}_scale", np.array(scale, np.float32))
             graph.nodes.append(gs.Node("QuantizeLinear", f"{label}_q", inputs=[source, scale_c, zero],
                                        outputs=[codes]))

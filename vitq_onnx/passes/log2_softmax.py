@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -93,8 +94,8 @@ def _dequantized_from(b: OpBuilder, tensor: gs.Tensor, key: str):
     if dq is None or dq.op != "DequantizeLinear" or dq.inputs[1].values.size != 1:
         raise VitqError(f"{key}: the other attention input must be quantized per tensor first")
     codes, zero = dq.inputs[0], dq.inputs[2]
-    if zero.export_dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):  # qdq format: widen
-        signed = zero.export_dtype == onnx.TensorProto.INT4
+    if zero.values.dtype in (ml_dtypes.int4, ml_dtypes.uint4):  # qdq format: widen
+        signed = zero.values.dtype == ml_dtypes.int4
         to = onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
         codes = b.op("Cast", "v_codes_8bit", [codes], dtype=np.int8 if signed else np.uint8, to=to)
         zero = b.const("v_zero_point_8bit", zero.values, np.int8 if signed else np.uint8)

@@ -5,6 +5,7 @@ Also adds the recipe's bias corrections (the expected output shift the weight ro
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -26,9 +27,9 @@ def weight_codes(w: np.ndarray, scale: np.ndarray, bits: int, axis: int) -> np.n
 
 
 def packed_type(bits: int, fmt: str, signed: bool):
-    """``qdq`` stores <= 4-bit tensors as ONNX int4/uint4; ``ort`` keeps 8-bit containers."""
+    """``qdq`` stores <= 4-bit tensors as ONNX int4/uint4 (ml_dtypes arrays); ``ort`` keeps 8-bit containers."""
     if fmt == "qdq" and bits <= 4:
-        return onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+        return ml_dtypes.int4 if signed else ml_dtypes.uint4
     return None
 
 
@@ -58,8 +59,10 @@ class QuantizeWeights(Pass):
             codes, zero = weight_codes(w, scale, wq.bits, axis), np.zeros(scale.shape, np.int8)
             if wq.bits == 8 and node.op == "Conv":
                 codes, zero = _unsigned(codes), _unsigned(zero)
-            codes = gs.Constant(f"{label}_int{wq.bits}", codes, export_dtype=dtype)
-            zero = gs.Constant(f"{label}_zero_point", zero, export_dtype=dtype)
+            if dtype is not None:
+                codes, zero = codes.astype(dtype), zero.astype(dtype)
+            codes = gs.Constant(f"{label}_int{wq.bits}", codes)
+            zero = gs.Constant(f"{label}_zero_point", zero)
             out = gs.Variable(f"{label}_dequantized", dtype=np.float32, shape=list(w.shape))
             graph.nodes.append(gs.Node("DequantizeLinear", f"{label}_dq", attrs={"axis": axis},
                                        inputs=[codes, gs.Constant(f"{label}_scale", scale), zero],
