@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..recipe import Recipe
 from .base import Pass, PassContext, run_passes
 from .check_model import CheckModel
+from .factor_scales import FactorScales
 from .fold_reparam import FoldReparam
 from .insert_qdq import InsertQDQ
 from .log2_softmax import Log2Softmax
@@ -23,8 +24,7 @@ def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:
     passes += [QuantizeWeights(), InsertQDQ()]
     if any(a.kind == "log2" for a in recipe.activations.values()):
         passes.append(Log2Softmax())
-    if fmt == "ort":
-        passes.append(LowerInteger())
+    passes.append(LowerInteger() if fmt == "ort" else FactorScales())
     passes.append(CheckModel())
     return passes
 

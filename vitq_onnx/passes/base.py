@@ -59,20 +59,20 @@ def node_index(graph: gs.Graph) -> dict[str, gs.Node]:
     return {n.name: n for n in graph.nodes}
 
 
-_PACKED = {np.dtype(ml_dtypes.int4): (onnx.TensorProto.INT4, np.int8),
-           np.dtype(ml_dtypes.uint4): (onnx.TensorProto.UINT4, np.uint8)}
+_PACKED = {np.dtype(ml_dtypes.int4): np.int8, np.dtype(ml_dtypes.uint4): np.uint8}  # -> export container
 
 
 def to_model(graph: gs.Graph) -> onnx.ModelProto:
     """Export; int4/uint4 constants (ml_dtypes arrays) are stored packed two per byte.
 
-    onnx-graphsurgeon 0.6 does not pack 4-bit arrays, so they leave it as 8-bit and onnx packs them.
+    onnx-graphsurgeon 0.6 does not pack 4-bit arrays, so they leave it as 8-bit and onnx's
+    numpy_helper, which does, writes them back.
     """
     narrow = {t.name: t for t in graph.tensors().values()
               if isinstance(t, gs.Constant) and t.values.dtype in _PACKED}
     originals = {name: t.values for name, t in narrow.items()}
     for t in narrow.values():
-        t.values = t.values.astype(_PACKED[t.values.dtype][1])
+        t.values = t.values.astype(_PACKED[t.values.dtype])
     try:
         model = gs.export_onnx(graph)
     finally:
@@ -80,9 +80,7 @@ def to_model(graph: gs.Graph) -> onnx.ModelProto:
             t.values = originals[name]
     for init in model.graph.initializer:
         if init.name in originals:
-            values = onnx.numpy_helper.to_array(init)
-            init.CopyFrom(onnx.helper.make_tensor(init.name, _PACKED[originals[init.name].dtype][0],
-                                                  values.shape, values.reshape(-1).tolist()))
+            init.CopyFrom(onnx.numpy_helper.from_array(originals[init.name], init.name))
     return model
 
 

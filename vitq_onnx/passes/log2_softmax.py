@@ -47,7 +47,7 @@ class Log2Softmax(Pass):
             softmax = _softmax_of(node.inputs[0], key)
             b = OpBuilder(graph, tensor_label(node_name, index), sep="_")
             log_x = b.op("LogSoftmax", "log_softmax", [softmax.inputs[0]], dtype=np.float32, axis=-1)
-            _rewrite(b, node, log_x, aq, key)
+            _rewrite(b, node, log_x, aq, key, ctx.format)
 
 
 def _softmax_of(tensor: gs.Tensor, key: str) -> gs.Node:
@@ -58,7 +58,7 @@ def _softmax_of(tensor: gs.Tensor, key: str) -> gs.Node:
     return producer
 
 
-def _rewrite(b: OpBuilder, node: gs.Node, log_x: gs.Variable, aq, key: str) -> None:
+def _rewrite(b: OpBuilder, node: gs.Node, log_x: gs.Variable, aq, key: str, fmt: str) -> None:
     f32, u8 = np.float32, np.uint8
     scale, e_max = f32(aq.scale.reshape(())), log2_max_exponent(aq.bits)
     y = b.op("Sub", "ln_ratio", [b.const("ln_scale", log2_log_scale(scale).numpy(), f32), log_x], dtype=f32)
@@ -78,14 +78,24 @@ def _rewrite(b: OpBuilder, node: gs.Node, log_x: gs.Variable, aq, key: str) -> N
     v_codes, v_scale, v_zero = _dequantized_from(b, node.inputs[1], key)
     unit = (log2_unit(scale, aq.bits) * v_scale).astype(f32)
     unit_odd = (unit * (SQRT2 - 1).numpy()).astype(f32)
-    sums = [b.op("MatMulIntegerToFloat", f"{part}_sum", [t, v_codes, b.const(f"{part}_a_scale", 1.0, f32),
-                                                          b.const(f"{part}_unit", weight, f32),
-                                                          b.const(f"{part}_zero", 0, u8), v_zero],
-                 dtype=f32, domain="com.microsoft")
+    sums = [_scaled_integer_matmul(b, part, t, v_codes, v_zero, weight, fmt)
             for part, t, weight in (("shifted", shifted, unit), ("odd", odd, unit_odd))]
     out = node.outputs[0]
     node.outputs.clear()
     b.op("Add", "sum", sums, out=out)
+
+
+def _scaled_integer_matmul(b: OpBuilder, part: str, a, v_codes, v_zero, scale, fmt: str) -> gs.Variable:
+    """float32(a @ (v - v_zero)) * scale: onnxruntime's fused kernel, or standard ops for ``qdq``."""
+    f32 = np.float32
+    a_zero = b.const(f"{part}_zero", 0, np.uint8)
+    if fmt == "ort":
+        return b.op("MatMulIntegerToFloat", f"{part}_sum", [a, v_codes, b.const(f"{part}_a_scale", 1.0, f32),
+                                                           b.const(f"{part}_unit", scale, f32), a_zero, v_zero],
+                    dtype=f32, domain="com.microsoft")
+    sums = b.op("MatMulInteger", f"{part}_sum_int32", [a, v_codes, a_zero, v_zero], dtype=np.int32)
+    sums = b.op("Cast", f"{part}_sum_float", [sums], dtype=f32, to=onnx.TensorProto.FLOAT)
+    return b.op("Mul", f"{part}_sum", [sums, b.const(f"{part}_unit", scale, f32)], dtype=f32)
 
 
 def _dequantized_from(b: OpBuilder, tensor: gs.Tensor, key: str):

@@ -14,11 +14,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassContext
+from .linear import linear_bias
 
 _CONV_ATTRS = ("dilations", "group", "kernel_shape", "pads", "strides", "auto_pad")
 
 
-def _dequantize_input(tensor: gs.Tensor):
+def dequantize_input(tensor: gs.Tensor):
     """(codes, scale, zero point) when ``tensor`` comes straight from a DequantizeLinear."""
     node = tensor.inputs[0] if tensor.inputs else None
     if node is None or node.op != "DequantizeLinear" or not isinstance(node.inputs[1], gs.Constant):
@@ -26,7 +27,7 @@ def _dequantize_input(tensor: gs.Tensor):
     return node.inputs[0], node.inputs[1].values.astype(np.float32), node.inputs[2]
 
 
-def _scalar_zero_point(zp: gs.Constant, name: str) -> gs.Constant:
+def scalar_zero_point(zp: gs.Constant, name: str) -> gs.Constant:
     """Per-channel zero points that are all equal (ours always are) as one scalar."""
     values = zp.values.reshape(-1)
     if not (values == values[0]).all():
@@ -34,16 +35,20 @@ def _scalar_zero_point(zp: gs.Constant, name: str) -> gs.Constant:
     return gs.Constant(f"{name}_zp", np.array(values[0], dtype=values.dtype))
 
 
-def _bias_of(graph: gs.Graph, node: gs.Node):
-    """The Add(MatMul, constant bias vector) that follows a Linear's MatMul, if any."""
-    users = node.outputs[0].outputs
-    if len(users) != 1 or users[0].op != "Add" or len(node.outputs[0].outputs) != 1:
+def _bias_of(node: gs.Node):
+    """The Add of a constant bias vector that alone reads a Linear MatMul's output, if any."""
+    add, index = linear_bias(node)
+    if add is None or len(node.outputs[0].outputs) != 1 or add.inputs[index].values.ndim != 1:
         return None
-    add = users[0]
-    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
-    if isinstance(other, gs.Constant) and other.values.ndim == 1:
-        return add, other
-    return None
+    return add, add.inputs[index]
+
+
+def conv_bias_split(node: gs.Node) -> gs.Constant | None:
+    """Detach a Conv's bias input, returned shaped [1, C, 1, 1] to be added after the scale."""
+    if len(node.inputs) < 3:
+        return None
+    bias = node.inputs.pop(2)
+    return gs.Constant(f"{bias.name}_nchw", bias.values.reshape(1, -1, 1, 1))
 
 
 class LowerInteger(Pass):
@@ -51,14 +56,13 @@ class LowerInteger(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> None:
         for node in [n for n in graph.nodes if n.op in ("MatMul", "Conv")]:
-            a, b = (_dequantize_input(t) for t in node.inputs[:2])
+            a, b = (dequantize_input(t) for t in node.inputs[:2])
             if a is None or b is None or a[1].size != 1:
                 continue
             # blocks.0.attn.qkv/MatMul -> blocks.0.attn.qkv/MatMulIntegerToFloat; attention matmuls
             # keep their own name: blocks.0.attn/matmul_qk/MatMulIntegerToFloat
-            suffix = "/" + node.op
-            module = node.name[: -len(suffix)] if node.name.endswith(suffix) else node.name
-            zps = [_scalar_zero_point(a[2], f"{module}/a"), _scalar_zero_point(b[2], f"{module}/b")]
+            module = node.name.removesuffix("/" + node.op)
+            zps = [scalar_zero_point(a[2], f"{module}/a"), scalar_zero_point(b[2], f"{module}/b")]
             if node.op == "MatMul":
                 _matmul(graph, node, module, a, b, zps)
             else:
@@ -70,7 +74,7 @@ def _matmul(graph, node, module, a, b, zps) -> None:
     scale = np.asarray(np.float32(a[1].reshape(())) * b[1], dtype=np.float32).reshape(-1)
     out, inputs = node.outputs[0], [a[0], b[0], gs.Constant(f"{module}/scale_a", np.array(1.0, np.float32)),
                                     gs.Constant(f"{module}/scale_ab", scale), *zps]
-    fused = _bias_of(graph, node)
+    fused = _bias_of(node)
     if fused is not None:
         add, bias = fused
         out = add.outputs[0]
@@ -83,6 +87,7 @@ def _matmul(graph, node, module, a, b, zps) -> None:
 def _conv(graph, node, module, a, b, zps) -> None:
     scale = np.asarray(np.float32(a[1].reshape(())) * b[1], dtype=np.float32).reshape(1, -1, 1, 1)
     attrs = {k: v for k, v in node.attrs.items() if k in _CONV_ATTRS}
+    bias = conv_bias_split(node)
     acc = gs.Variable(f"{module}/ConvInteger_int32", dtype=np.int32)
     graph.nodes.append(gs.Node("ConvInteger", f"{module}/ConvInteger", attrs=attrs, outputs=[acc],
                                inputs=[a[0], b[0], *zps]))
@@ -90,10 +95,8 @@ def _conv(graph, node, module, a, b, zps) -> None:
     graph.nodes.append(gs.Node("Cast", f"{module}/ConvInteger_cast", attrs={"to": onnx.TensorProto.FLOAT},
                                inputs=[acc], outputs=[acc_f]))
     out = node.outputs[0]
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
     scaled = out if bias is None else gs.Variable(f"{module}/ConvInteger_scaled", dtype=np.float32)
     graph.nodes.append(gs.Node("Mul", f"{module}/ConvInteger_scale", outputs=[scaled],
                                inputs=[acc_f, gs.Constant(f"{module}/ConvInteger_scale_ab", scale)]))
     if bias is not None:
-        graph.nodes.append(gs.Node("Add", f"{module}/ConvInteger_bias", outputs=[out], inputs=[
-            scaled, gs.Constant(f"{module}/ConvInteger_bias_c", bias.values.reshape(1, -1, 1, 1))]))
+        graph.nodes.append(gs.Node("Add", f"{module}/ConvInteger_bias", outputs=[out], inputs=[scaled, bias]))
