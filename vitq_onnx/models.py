@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 import timm
+import torch
 
 from .errors import VitqError
 

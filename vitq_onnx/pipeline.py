@@ -107,6 +107,8 @@ def export(opts: ExportOptions) -> dict:
     recipe.info["format"] = opts.format
 
     fp32 = export_fp32(model, preprocess.size)
+    stored = {init.name for init in fp32.graph.initializer}  # parameters the exporter folded away stay float32
+    recipe.param_storage = {k: v for k, v in recipe.param_storage.items() if k in stored}
     runtime.set_metadata(fp32, runtime.META_PREPROCESS, preprocess.to_dict())
     qmodel = run_passes(fp32, pipeline(recipe, opts.format), PassContext(recipe, opts.format), opts.save_passes,
                         opts.progress)
@@ -125,6 +127,7 @@ def export(opts: ExportOptions) -> dict:
         "format": opts.format, "float_ops": recipe.float_ops})
     runtime.set_metadata(qmodel, runtime.META_VALIDATION, report)
     qmodel.producer_name = "vitq-onnx"
+    del qmodel.graph.value_info[:]  # intermediate shapes: in the --save-passes files, not the deliverable
     _write(qmodel, recipe, opts.output)
     say(f"wrote {opts.output} and {recipe_path(opts.output)} in {time.time() - start:.1f} s")
     return report

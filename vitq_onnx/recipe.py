@@ -80,6 +80,10 @@ class Recipe:
     reparams: list[Reparam] = field(default_factory=list)
     bias_corrections: dict[str, np.ndarray] = field(default_factory=dict)  # Linear node -> added to bias
     float_ops: list[str] = field(default_factory=list)
+    # non-quantized float parameters -> "float16" (biases, LayerNorm: rounded to float16 values)
+    # or "int8" (embedding tables: symmetric per last-axis channel), so the file stores them in
+    # half or a quarter of the bytes; see passes/param_storage.py
+    param_storage: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
     def save(self, json_path: str | Path) -> None:
@@ -106,6 +110,7 @@ class Recipe:
             ],
             "bias_corrections": {k: ref(f"bias/{k}", v) for k, v in self.bias_corrections.items()},
             "float_ops": self.float_ops,
+            "param_storage": self.param_storage,
             "info": self.info,
         }
         npz_path = json_path.with_suffix(".npz")
@@ -135,5 +140,5 @@ class Recipe:
             reparams=[Reparam(r["norm"], r["linears"], get(r["r1"]), get(r["shift"]))
                       for r in doc["reparams"]],
             bias_corrections={k: get(v) for k, v in doc["bias_corrections"].items()},
-            float_ops=doc["float_ops"], info=doc["info"],
+            float_ops=doc["float_ops"], param_storage=doc.get("param_storage", {}), info=doc["info"],
         )

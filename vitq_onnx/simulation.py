@@ -21,6 +21,7 @@ from .calibration.calibrate import fake_act
 from .calibration.quant_points import QuantMatMul, instrument
 from .calibration.reparam import fold_into_torch
 from .errors import VitqError
+from .passes.param_storage import store_param
 from .recipe import ActQuant, Recipe, split_key, tensor_key
 
 
@@ -99,6 +100,9 @@ def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     inst.set_action(lambda point, x: fake_act(recipe.activations[point.key], x))
     for mm in inst.matmuls:
         mm.exact = _exact_attention(mm, recipe.activations[mm.a.key], recipe.activations[mm.b.key])
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, storage in recipe.param_storage.items():
+        tensors[name].copy_(store_param(tensors[name], storage))
     log2_attention = {mm.node for mm in inst.matmuls if recipe.activations[mm.a.key].kind == "log2"}
     _runtime_float_ops(model, log2_attention)
     return model

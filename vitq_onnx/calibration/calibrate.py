@@ -121,4 +121,14 @@ def calibrate(model: torch.nn.Module, images: np.ndarray, w_bits: int, a_bits: i
     missing = set(inst.points) - set(recipe.activations)
     if missing:
         raise RuntimeError(f"quant points never reached during calibration: {sorted(missing)[:3]}")
+    recipe.param_storage = param_storage(model, inst)
     return recipe
+
+
+def param_storage(model: torch.nn.Module, inst) -> dict[str, str]:
+    """How each float parameter/buffer that is not a quantized weight is stored: embedding
+    tables (2-D and up) as int8 per channel, the rest (biases, LayerNorm) as float16 values."""
+    quantized = {id(mod.weight) for mod in inst.weights.values()}
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return {name: "int8" if t.squeeze().dim() >= 2 else "float16"
+            for name, t in sorted(tensors, key=lambda nt: nt[0]) if t.is_floating_point() and id(t) not in quantized}

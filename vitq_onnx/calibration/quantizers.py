@@ -142,7 +142,7 @@ def fit_weight(w: torch.Tensor, bits: int, importance: torch.Tensor | None = Non
         err = (((fake_weight(rows, scale, bits) - rows) ** 2) * col_weight).mean(1)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
-    return best
+    return best.half().float()  # float16 values: the file stores them in half the bytes, exactly
 
 
 # ---------------------------------------------------------------- log2 (post-Softmax)

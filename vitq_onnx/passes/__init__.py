@@ -11,6 +11,7 @@ from .insert_qdq import InsertQDQ
 from .log2_softmax import Log2Softmax
 from .lower_integer import LowerInteger
 from .name_nodes import NameNodes
+from .param_storage import RoundParams, StoreFloat16
 from .quantize_weights import QuantizeWeights
 
 FORMATS = ("ort", "qdq")
@@ -21,10 +22,13 @@ def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:
     passes: list[Pass] = [NameNodes()]
     if recipe.reparams:
         passes.append(FoldReparam())
-    passes += [QuantizeWeights(), InsertQDQ()]
+    passes += [QuantizeWeights()]
+    if recipe.param_storage:
+        passes.append(RoundParams())
+    passes.append(InsertQDQ())
     if any(a.kind == "log2" for a in recipe.activations.values()):
         passes.append(Log2Softmax())
-    passes.append(LowerInteger() if fmt == "ort" else FactorScales())
+    passes += [LowerInteger() if fmt == "ort" else FactorScales(), StoreFloat16()]
     passes.append(CheckModel())
     return passes
 

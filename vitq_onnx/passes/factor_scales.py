@@ -15,7 +15,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassContext
-from .lower_integer import conv_bias_split, dequantize_input, scalar_zero_point
+from .lower_integer import (
+    conv_bias_split,
+    dequantize_input,
+    scalar_zero_point,
+    scale_product,
+)
 
 
 class FactorScales(Pass):
@@ -33,15 +38,13 @@ class FactorScales(Pass):
                 graph.nodes.append(gs.Node("DequantizeLinear", f"{module}/{'ab'[i]}_integers_dq", outputs=[integers],
                                            inputs=[codes, one, scalar_zero_point(zero, f"{module}/{'ab'[i]}")]))
                 node.inputs[i] = integers
-            scale = np.asarray(np.float32(a[1].reshape(())) * b[1], dtype=np.float32)
             bias = conv_bias_split(node) if node.op == "Conv" else None
-            if node.op == "Conv":
-                scale = scale.reshape(1, -1, 1, 1)
+            scale = scale_product(graph, module, a[1], b[1], [1, -1, 1, 1] if node.op == "Conv" else [-1])
             out = node.outputs[0]
             sums = gs.Variable(f"{module}/integer_sums", dtype=np.float32)
             node.outputs = [sums]
             scaled = out if bias is None else gs.Variable(f"{module}/scaled", dtype=np.float32)
             graph.nodes.append(gs.Node("Mul", f"{module}/scale", outputs=[scaled],
-                                       inputs=[sums, gs.Constant(f"{module}/scale_ab", scale)]))
+                                       inputs=[sums, scale]))
             if bias is not None:
                 graph.nodes.append(gs.Node("Add", f"{module}/bias", outputs=[out], inputs=[scaled, bias]))

@@ -35,6 +35,16 @@ def scalar_zero_point(zp: gs.Constant, name: str) -> gs.Constant:
     return gs.Constant(f"{name}_zp", np.array(values[0], dtype=values.dtype))
 
 
+def scale_product(graph: gs.Graph, module: str, scale_a: np.ndarray, scale_b: np.ndarray, shape) -> gs.Variable:
+    """scale_a * scale_b as a Mul of two constants: the same float32 product the simulation takes,
+    folded by onnxruntime at load, while the per-channel scales stay storable as float16."""
+    out = gs.Variable(f"{module}/scale_ab", dtype=np.float32)
+    graph.nodes.append(gs.Node("Mul", f"{module}/scale_ab", outputs=[out], inputs=[
+        gs.Constant(f"{module}/scale_a", np.asarray(scale_a, np.float32).reshape(())),
+        gs.Constant(f"{module}/scale_b", np.asarray(scale_b, np.float32).reshape(shape))]))
+    return out
+
+
 def _bias_of(node: gs.Node):
     """The Add of a constant bias vector that alone reads a Linear MatMul's output, if any."""
     add, index = linear_bias(node)
@@ -71,9 +81,9 @@ class LowerInteger(Pass):
 
 
 def _matmul(graph, node, module, a, b, zps) -> None:
-    scale = np.asarray(np.float32(a[1].reshape(())) * b[1], dtype=np.float32).reshape(-1)
-    out, inputs = node.outputs[0], [a[0], b[0], gs.Constant(f"{module}/scale_a", np.array(1.0, np.float32)),
-                                    gs.Constant(f"{module}/scale_ab", scale), *zps]
+    scale = scale_product(graph, module, a[1], b[1], [-1])
+    out, inputs = node.outputs[0], [a[0], b[0], gs.Constant(f"{module}/unit_scale", np.array(1.0, np.float32)),
+                                    scale, *zps]
     fused = _bias_of(node)
     if fused is not None:
         add, bias = fused
@@ -85,7 +95,7 @@ def _matmul(graph, node, module, a, b, zps) -> None:
 
 
 def _conv(graph, node, module, a, b, zps) -> None:
-    scale = np.asarray(np.float32(a[1].reshape(())) * b[1], dtype=np.float32).reshape(1, -1, 1, 1)
+    scale = scale_product(graph, module, a[1], b[1], [1, -1, 1, 1])
     attrs = {k: v for k, v in node.attrs.items() if k in _CONV_ATTRS}
     bias = conv_bias_split(node)
     acc = gs.Variable(f"{module}/ConvInteger_int32", dtype=np.int32)
@@ -97,6 +107,6 @@ def _conv(graph, node, module, a, b, zps) -> None:
     out = node.outputs[0]
     scaled = out if bias is None else gs.Variable(f"{module}/ConvInteger_scaled", dtype=np.float32)
     graph.nodes.append(gs.Node("Mul", f"{module}/ConvInteger_scale", outputs=[scaled],
-                               inputs=[acc_f, gs.Constant(f"{module}/ConvInteger_scale_ab", scale)]))
+                               inputs=[acc_f, scale]))
     if bias is not None:
         graph.nodes.append(gs.Node("Add", f"{module}/ConvInteger_bias", outputs=[out], inputs=[scaled, bias]))

@@ -1,0 +1,85 @@
+"""Non-quantized float parameters in fewer bytes, with the exact values the simulation uses.
+
+The recipe says how each is stored (``param_storage``). ``RoundParams``: "float16" parameters
+(biases, LayerNorm affine) are rounded to float16 values; "int8" ones (embedding tables such as
+pos_embed) become int8 codes with a per-channel scale and a DequantizeLinear, which onnxruntime
+folds when the session loads. The simulation rounds the same PyTorch tensors with the same
+arithmetic (``store_param``). ``StoreFloat16`` then writes every float32 initializer whose values
+float16 holds exactly as float16 plus a Cast: lossless, and also folded at load.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from ..errors import VitqError
+from .base import Pass, PassContext
+
+MIN_ELEMENTS = 64  # smaller float constants are not worth a Cast node
+
+
+def int8_channel_scale(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scale per last-axis channel (1 for an all-zero channel)."""
+    s = x.reshape(-1, x.shape[-1]).abs().amax(0) / 127.0
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def store_param(x: torch.Tensor, storage: str) -> torch.Tensor:
+    """The float32 values a parameter has once stored as ``storage``."""
+    if storage == "float16":
+        return x.half().float()
+    s = int8_channel_scale(x)
+    return torch.round(x / s) * s
+
+
+def _param_name(constant: str) -> str:
+    return re.sub(r"__\d+$", "", constant)  # name_nodes' per-reader copies: bias__1 -> bias
+
+
+class RoundParams(Pass):
+    name = "round_params"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> None:
+        storage = ctx.recipe.param_storage
+        found = set()
+        for t in list(graph.tensors().values()):
+            name = _param_name(t.name)
+            if not isinstance(t, gs.Constant) or t.values.dtype != np.float32 or name not in storage:
+                continue
+            found.add(name)
+            x = torch.from_numpy(t.values)
+            if storage[name] == "float16":
+                t.values = store_param(x, "float16").numpy()
+                continue
+            scale = int8_channel_scale(x)
+            codes = gs.Constant(f"{t.name}_int8", torch.round(x / scale).numpy().astype(np.int8))
+            out = gs.Variable(f"{t.name}_dequantized", dtype=np.float32, shape=list(t.values.shape))
+            for reader in list(t.outputs):
+                reader.inputs[reader.inputs.index(t)] = out
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{t.name}_dq", attrs={"axis": -1}, outputs=[out],
+                                       inputs=[codes, gs.Constant(f"{t.name}_scale", scale.numpy())]))
+        missing = sorted(set(storage) - found)
+        if missing:
+            raise VitqError(f"recipe does not fit the graph: no parameter '{missing[0]}' to store")
+
+
+class StoreFloat16(Pass):
+    name = "store_float16"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> None:
+        for t in list(graph.tensors().values()):
+            if not isinstance(t, gs.Constant) or t.values.dtype != np.float32 or t.values.size < MIN_ELEMENTS:
+                continue
+            half = t.values.astype(np.float16)
+            if not np.array_equal(half.astype(np.float32), t.values):
+                continue
+            out = gs.Variable(f"{t.name}_float32", dtype=np.float32, shape=list(t.values.shape))
+            for reader in list(t.outputs):
+                reader.inputs[reader.inputs.index(t)] = out
+            graph.nodes.append(gs.Node("Cast", f"{t.name}_cast", attrs={"to": onnx.TensorProto.FLOAT},
+                                       inputs=[gs.Constant(f"{t.name}_float16", half)], outputs=[out]))
