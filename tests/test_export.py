@@ -32,9 +32,11 @@ def test_export_writes_model_recipe_and_metadata(deit_w8a8):
     recipe = json.loads(deit_w8a8.with_name("deit_t_w8a8.recipe.json").read_text())
     assert recipe["activations"]["blocks.3.attn.qkv/MatMul:0"]["bits"] == 8
     assert recipe["activations"]["patch_embed.proj/Conv:0"]["bits"] == 8
-    # every Linear and the patch-embedding weight is stored as integers (8-bit: uint8, zero point 128)
-    ints = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) >= 2]
-    assert len(ints) == 4 * 12 + 1 + 1
+    # every Linear weight is stored as int8 (u8*s8-safe pairs), the patch embedding's as uint8
+    # (zero point 128) for onnxruntime's u8*u8 kernel
+    dtypes = [i.data_type for i in model.graph.initializer if len(i.dims) >= 2]
+    assert dtypes.count(onnx.TensorProto.INT8) == 4 * 12 + 1 and dtypes.count(onnx.TensorProto.UINT8) == 1
+    assert onnx.TensorProto.FLOAT not in dtypes  # pos_embed: int8 codes too
 
 
 def test_eval_reports_accuracy_and_agreement(deit_w8a8, tmp_path, capsys):

@@ -75,6 +75,8 @@ class LowerInteger(Pass):
             zps = [scalar_zero_point(a[2], f"{module}/a"), scalar_zero_point(b[2], f"{module}/b")]
             if node.op == "MatMul":
                 _matmul(graph, node, module, a, b, zps)
+            elif _patch_size(node, a[0]):
+                _patchify_conv(graph, node, module, a, b, zps)
             else:
                 _conv(graph, node, module, a, b, zps)
             node.outputs.clear()
@@ -92,6 +94,51 @@ def _matmul(graph, node, module, a, b, zps) -> None:
         inputs.append(bias)
     graph.nodes.append(gs.Node("MatMulIntegerToFloat", f"{module}/MatMulIntegerToFloat", inputs=inputs,
                                outputs=[out], domain="com.microsoft"))
+
+
+def _patch_size(node: gs.Node, codes: gs.Tensor) -> int:
+    """k for a k x k, stride-k, unpadded, ungrouped Conv (a patch embedding) of a known image size."""
+    at = node.attrs
+    k = list(at.get("kernel_shape", []))
+    shape = codes.inputs[0].inputs[0].shape if codes.inputs else None  # QuantizeLinear's input
+    if len(k) != 2 or k[0] != k[1] or list(at.get("strides", [])) != k or any(at.get("pads", [0])) \
+            or at.get("group", 1) != 1 or any(d != 1 for d in at.get("dilations", [1])) \
+            or shape is None or not all(isinstance(d, int) for d in shape[1:]) or shape[2] % k[0] or shape[3] % k[0]:
+        return 0
+    return k[0]
+
+
+def _patchify_conv(graph, node, module, a, b, zps) -> None:
+    """A patch-embedding Conv as one integer GEMM over the image's non-overlapping patches
+    (onnxruntime's MatMulIntegerToFloat is much faster than its ConvInteger): the same sums."""
+    k = _patch_size(node, a[0])
+    _, cin, h, w = a[0].inputs[0].inputs[0].shape
+    weight = b[0].values
+    cout = weight.shape[0]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    i64 = np.int64
+    x = gs.Variable(f"{module}/patches_6d", dtype=a[0].dtype)
+    graph.nodes.append(gs.Node("Reshape", f"{module}/patches_6d", outputs=[x], inputs=[
+        a[0], gs.Constant(f"{module}/shape_6d", np.array([-1, cin, h // k, k, w // k, k], i64))]))
+    xt = gs.Variable(f"{module}/patches_nhwc", dtype=a[0].dtype)
+    graph.nodes.append(gs.Node("Transpose", f"{module}/patches_nhwc", attrs={"perm": [0, 2, 4, 1, 3, 5]},
+                               inputs=[x], outputs=[xt]))
+    rows = gs.Variable(f"{module}/patches", dtype=a[0].dtype)
+    graph.nodes.append(gs.Node("Reshape", f"{module}/patches", outputs=[rows], inputs=[
+        xt, gs.Constant(f"{module}/shape_rows", np.array([-1, (h // k) * (w // k), cin * k * k], i64))]))
+    matrix = gs.Constant(f"{module}/weight_matrix", np.ascontiguousarray(weight.reshape(cout, -1).T))
+    inputs = [rows, matrix, gs.Constant(f"{module}/unit_scale", np.array(1.0, np.float32)),
+              scale_product(graph, module, a[1], b[1], [-1]), *zps]
+    if bias is not None:
+        inputs.append(bias)
+    tokens = gs.Variable(f"{module}/tokens", dtype=np.float32)
+    graph.nodes.append(gs.Node("MatMulIntegerToFloat", f"{module}/MatMulIntegerToFloat", inputs=inputs,
+                               outputs=[tokens], domain="com.microsoft"))
+    channels = gs.Variable(f"{module}/channels_first", dtype=np.float32)
+    graph.nodes.append(gs.Node("Transpose", f"{module}/channels_first", attrs={"perm": [0, 2, 1]},
+                               inputs=[tokens], outputs=[channels]))
+    graph.nodes.append(gs.Node("Reshape", f"{module}/feature_map", outputs=[node.outputs[0]], inputs=[
+        channels, gs.Constant(f"{module}/shape_nchw", np.array([-1, cout, h // k, w // k], i64))]))
 
 
 def _conv(graph, node, module, a, b, zps) -> None:
