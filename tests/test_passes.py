@@ -69,10 +69,11 @@ def test_w4a4_graph_equals_simulation_bit_for_bit_with_per_tensor_qdq_only(deit,
     model = run_passes(fp32_onnx, pipeline(repq_w4a4), PassContext(repq_w4a4), tmp_path, progress=False)
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert saved == ["00_fp32.onnx", "01_name_nodes.onnx", "02_fold_reparam.onnx", "03_quantize_weights.onnx",
-                     "04_insert_qdq.onnx", "05_log2_softmax.onnx", "06_lower_integer.onnx", "07_check_model.onnx"]
+                     "04_round_params.onnx", "05_insert_qdq.onnx", "06_log2_softmax.onnx", "07_lower_integer.onnx",
+                     "08_store_float16.onnx", "09_check_model.onnx"]
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.name.endswith("_q")]
-    assert len(quantize) == 12 * 6 + 2  # 4 Linear + q, k, v per block (the softmax output: log2 codes); patch embed and head inputs
+    assert len(quantize) == 12 * 7 + 2  # 4 Linear + q, k, v per block (softmax: log2 codes); patch embed, head
     assert all(inits[n.input[1]].size == 1 for n in quantize)
     assert "blocks.3.attn.qkv/input_q" in {n.name for n in quantize}
     # 4-bit codes stay on the 4-bit grid inside their 8-bit containers; k and v (right-hand
@@ -103,15 +104,16 @@ def test_log2_softmax_is_integer_shift_arithmetic(fp32_onnx, repq_w4a4, val_imag
 def test_every_matmul_is_lowered_to_integer_kernels(fp32_onnx, repq_w4a4, tmp_path):
     model = run_passes(fp32_onnx, pipeline(repq_w4a4), PassContext(repq_w4a4), progress=False)
     ops = [n.op_type for n in model.graph.node]
-    # 4 Linears + q.k per block, the head, and the log2 attn@v as two integer GEMMs per block
-    assert ops.count("MatMulIntegerToFloat") == 12 * 5 + 1 + 2 * 12 and ops.count("ConvInteger") == 1
-    assert not {"MatMul", "Gemm", "Conv"} & set(ops)
+    # 4 Linears + q.k per block, the head, the patch embedding (a GEMM over patches) and the log2
+    # attn@v as two integer GEMMs per block
+    assert ops.count("MatMulIntegerToFloat") == 12 * 5 + 1 + 1 + 2 * 12
+    assert not {"MatMul", "Gemm", "Conv", "ConvInteger"} & set(ops)
     # and onnxruntime keeps them integer after its own graph optimizations
     optimized = tmp_path / "optimized.onnx"
     runtime.session(model, optimized_path=optimized)
     opt_ops = [n.op_type for n in onnx.load(optimized).graph.node]
     assert not {"MatMul", "Gemm", "Conv", "FusedMatMul", "FusedConv"} & set(opt_ops)
-    assert opt_ops.count("MatMulIntegerToFloat") == 12 * 7 + 1
+    assert opt_ops.count("MatMulIntegerToFloat") == 12 * 7 + 2
 
 
 def test_recipe_roundtrip_and_mismatch_is_a_clear_error(fp32_onnx, repq_w4a4, tmp_path):
@@ -130,7 +132,33 @@ def test_basic_method_lowers_uniform_attention_too(deit, fp32_onnx, calib_images
     assert not recipe.reparams and all(a.kind == "uniform" for a in recipe.activations.values())
     model = run_passes(fp32_onnx, pipeline(recipe), PassContext(recipe), progress=False)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulIntegerToFloat") == 12 * 6 + 1 and "MatMul" not in ops
+    assert ops.count("MatMulIntegerToFloat") == 12 * 6 + 2 and "MatMul" not in ops
     report = compare_logits(torch_logits(simulate(deit, recipe), val_images),
                             runtime.run(runtime.session(model), val_images))
     assert report["max_abs_logit_error"] == 0.0
+
+
+def test_qdq_format_is_standard_packed_int4_and_bit_exact(deit, fp32_onnx, repq_w4a4, val_images):
+    model = run_passes(fp32_onnx, pipeline(repq_w4a4, "qdq"), PassContext(repq_w4a4, "qdq"), progress=False)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}  # no onnxruntime contrib ops
+    int4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4 and len(i.dims) >= 2]
+    assert len(int4) == 4 * 12 + 1 + 1  # Linear weights, head and the patch-embedding Conv
+    assert all(len(i.raw_data) == (np.prod(i.dims) + 1) // 2 for i in int4)  # two codes per byte
+    q_types = {i.data_type for i in model.graph.initializer if i.name.endswith("input_zero_point")}
+    assert onnx.TensorProto.UINT4 in q_types
+    report = compare_logits(torch_logits(simulate(deit, repq_w4a4), val_images),
+                            runtime.run(runtime.session(model), val_images))
+    assert report["max_abs_logit_error"] == 0.0  # onnxruntime's float GEMMs sum integers exactly
+
+
+def test_parameters_are_stored_in_fewer_bytes_with_the_simulated_values(fp32_onnx, repq_w4a4):
+    storage = repq_w4a4.param_storage
+    assert storage["pos_embed"] == "int8" and storage["blocks.0.norm1.weight"] == "float16"
+    assert "blocks.0.attn.qkv.weight" not in storage  # quantized weights are not parameters here
+    model = run_passes(fp32_onnx, pipeline(repq_w4a4), PassContext(repq_w4a4), progress=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    assert inits["pos_embed_int8"].data_type == onnx.TensorProto.INT8
+    assert inits["blocks.0.mlp.fc1.bias_float16"].data_type == onnx.TensorProto.FLOAT16
+    big_float32 = [i.name for i in model.graph.initializer
+                   if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 64]
+    assert big_float32 == ["pos_embed_scale"]  # only the int8 embedding's per-channel scale
