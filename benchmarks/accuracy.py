@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py --configs deit_t:8/8:repq deit_t:4/4:repq -o benchmarks/results/accuracy.md
 
-Each config ``model:W/A:method`` is exported by ``vitq-onnx export`` (timed as a user runs it,
+Each config ``model:W/A:method[:qdq][:random]`` is exported (``--format ort`` unless ``qdq``) by ``vitq-onnx export`` (timed as a user runs it,
 imports included), calibrated on ../shared calib (32 images), then evaluated on all of val:
 onnxruntime top-1/top-5, the PyTorch simulation's top-1 and the top-1 agreement between the two.
 A ``fp32`` config scores the exported FP32 graph and checks it against torch. Models without real
@@ -35,8 +35,9 @@ CALIB = SHARED / "data" / "imagenet-sample" / "calib"
 VAL = SHARED / "data" / "imagenet-sample" / "val"
 
 
-def export(model: str, bits: str, method: str, random: bool, out: Path, num_calib: int) -> float:
+def export(model: str, bits: str, method: str, random: bool, fmt: str, out: Path, num_calib: int) -> float:
     args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", model, "--bits", bits, "--method", method,
+            "--format", fmt,
             "--calib", str(CALIB), "--num-calib", str(num_calib), "-o", str(out), "--save-passes", str(out.with_suffix(""))]
     args += ["--random-weights"] if random else ["--weights", str(WEIGHTS[model])]
     start = time.time()
@@ -58,7 +59,8 @@ def main() -> None:
     rows, cache = [], {}
     for config in args.configs:
         model_name, bits, method, *rest = config.split(":")
-        random = rest == ["random"]
+        random = "random" in rest
+        fmt = "qdq" if "qdq" in rest else "ort"
         if model_name not in cache:
             fp = create_model(model_name, None if random else WEIGHTS[model_name], random_weights=random)
             pre = Preprocess.from_model(fp)
@@ -67,8 +69,8 @@ def main() -> None:
             labels = np.array([label_of(p, VAL, load_synsets()) for p in kept]) if not random else None
             cache[model_name] = (fp, images, labels, torch_logits(fp, images))
         fp, images, labels, fp_logits = cache[model_name]
-        out = args.work / f"{model_name}_w{bits.replace('/', 'a')}_{method}.onnx"
-        seconds = export(model_name, bits, method, random, out, args.num_calib)
+        out = args.work / f"{model_name}_w{bits.replace('/', 'a')}_{method}{'_qdq' if fmt == 'qdq' else ''}.onnx"
+        seconds = export(model_name, bits, method, random, fmt, out, args.num_calib)
         print(f"{config}: exported in {seconds:.1f} s; scoring", file=sys.stderr)
         sim_logits = torch_logits(simulate(fp, Recipe.load(out.with_name(out.stem + ".recipe.json"))), images)
         ort_logits = runtime.run(runtime.session(out), images)

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Reproduce every number in README (about an hour on 2 cores). Results land in benchmarks/results/.
+# Reproduce every number in README (about 80 minutes on 2 cores). Results land in benchmarks/results/.
+# Run it alone: the speed benchmark times onnxruntime on a machine that should be otherwise idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python benchmarks/speed.py -o benchmarks/results/speed.md
 python benchmarks/accuracy.py -o benchmarks/results/accuracy.md \
-    --configs deit_t:8/8:repq deit_t:6/6:repq deit_t:4/4:repq
+    --configs deit_t:8/8:repq deit_t:8/8:repq:qdq deit_t:6/6:repq deit_t:6/6:repq:qdq \
+    deit_t:4/4:repq deit_t:4/4:repq:qdq
 python benchmarks/fold_lossless.py --recipe runs/accuracy/deit_t_w4a4_repq.recipe.json \
     -o benchmarks/results/fold_lossless.md
 python benchmarks/accuracy.py -o benchmarks/results/ablation.md --configs deit_t:4/4:basic deit_t:4/4:repq-cw
+python benchmarks/accuracy.py -o benchmarks/results/ablation_w6a6.md --configs deit_t:6/6:basic deit_t:6/6:repq-cw
 python benchmarks/accuracy.py -o benchmarks/results/random_weights.md --num-calib 8 \
     --configs swin_t:8/8:repq:random deit_b:8/8:repq:random vit_b:8/8:repq:random
-python benchmarks/accuracy.py -o benchmarks/results/ablation_w6a6.md --configs deit_t:6/6:basic deit_t:6/6:repq-cw
-python benchmarks/speed.py -o benchmarks/results/speed.md

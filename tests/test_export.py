@@ -35,8 +35,8 @@ def test_export_writes_model_recipe_and_metadata(deit_w8a8):
     # every Linear weight is stored as int8 (u8*s8-safe pairs), the patch embedding's as uint8
     # (zero point 128) for onnxruntime's u8*u8 kernel
     dtypes = [i.data_type for i in model.graph.initializer if len(i.dims) >= 2]
-    assert dtypes.count(onnx.TensorProto.INT8) == 4 * 12 + 1 and dtypes.count(onnx.TensorProto.UINT8) == 1
-    assert onnx.TensorProto.FLOAT not in dtypes  # pos_embed: int8 codes too
+    assert dtypes.count(onnx.TensorProto.UINT8) == 1 and onnx.TensorProto.FLOAT not in dtypes
+    assert dtypes.count(onnx.TensorProto.INT8) == 4 * 12 + 1 + 1  # and pos_embed, as int8 codes
 
 
 def test_eval_reports_accuracy_and_agreement(deit_w8a8, tmp_path, capsys):

@@ -3,7 +3,7 @@
 The TorchScript exporter is used: it is fast, keeps Linear/LayerNorm/Softmax as single nodes and
 names every node by its module scope, which the ``name_nodes`` pass turns into canonical names.
 Attention is exported through the quant-point forward (timm's non-fused path), so it exposes
-q, k, the softmax output and v. onnxscript's optimizer then folds the exporter's constants.
+q, k, the softmax output and v.
 """
 
 from __future__ import annotations
@@ -33,11 +33,4 @@ def export_fp32(model: torch.nn.Module, image_size: int) -> onnx.ModelProto:
             opset_version=OPSET, input_names=[INPUT], output_names=[OUTPUT],
             dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
         )
-    return _simplify(onnx.load_from_string(buffer.getvalue()))
-
-
-def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold the exporter's constant and shape subgraphs (a third of its nodes) with onnxscript."""
-    from onnxscript import optimizer
-
-    return optimizer.optimize(model)
+    return onnx.load_from_string(buffer.getvalue())
