@@ -10,6 +10,7 @@ python benchmarks/accuracy.py -o benchmarks/results/accuracy.md \
 python benchmarks/fold_lossless.py --recipe runs/accuracy/deit_t_w4a4_repq.recipe.json \
     -o benchmarks/results/fold_lossless.md
 python benchmarks/accuracy.py -o benchmarks/results/ablation.md --configs deit_t:4/4:basic deit_t:4/4:repq-cw
-python benchmarks/accuracy.py -o benchmarks/results/ablation_w6a6.md --configs deit_t:6/6:basic deit_t:6/6:repq-cw
+python benchmarks/accuracy.py -o benchmarks/results/ablation_w6a6.md --configs deit_t:6/6:basic deit_t:6/6:repq-cw \
+    deit_t:6/6:repq-log2
 python benchmarks/accuracy.py -o benchmarks/results/random_weights.md --num-calib 8 \
     --configs swin_t:8/8:repq:random deit_b:8/8:repq:random vit_b:8/8:repq:random

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from .base import Pass, PassContext
 from .lower_integer import (
     conv_bias_split,
-    dequantize_input,
+    quantized_products,
     scalar_zero_point,
     scale_product,
 )
@@ -27,11 +27,7 @@ class FactorScales(Pass):
     name = "factor_scales"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> None:
-        for node in [n for n in graph.nodes if n.op in ("MatMul", "Conv")]:
-            a, b = (dequantize_input(t) for t in node.inputs[:2])
-            if a is None or b is None or a[1].size != 1:
-                continue
-            module = node.name.removesuffix("/" + node.op)
+        for node, module, a, b in quantized_products(graph):
             one = gs.Constant(f"{module}/unit_scale", np.array(1.0, np.float32))
             for i, (codes, _, zero) in enumerate((a, b)):
                 integers = gs.Variable(f"{module}/{'ab'[i]}_integers", dtype=np.float32)

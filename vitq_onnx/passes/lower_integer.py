@@ -61,17 +61,21 @@ def conv_bias_split(node: gs.Node) -> gs.Constant | None:
     return gs.Constant(f"{bias.name}_nchw", bias.values.reshape(1, -1, 1, 1))
 
 
+def quantized_products(graph: gs.Graph):
+    """(node, module, a, b) for each MatMul/Conv whose inputs both come from DequantizeLinear
+    (a per tensor); ``module`` names what replaces it: blocks.0.attn.qkv/MatMul -> blocks.0.attn.qkv,
+    while attention matmuls keep their own name (blocks.0.attn/matmul_qk)."""
+    for node in [n for n in graph.nodes if n.op in ("MatMul", "Conv")]:
+        a, b = (dequantize_input(t) for t in node.inputs[:2])
+        if a is not None and b is not None and a[1].size == 1:
+            yield node, node.name.removesuffix("/" + node.op), a, b
+
+
 class LowerInteger(Pass):
     name = "lower_integer"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> None:
-        for node in [n for n in graph.nodes if n.op in ("MatMul", "Conv")]:
-            a, b = (dequantize_input(t) for t in node.inputs[:2])
-            if a is None or b is None or a[1].size != 1:
-                continue
-            # blocks.0.attn.qkv/MatMul -> blocks.0.attn.qkv/MatMulIntegerToFloat; attention matmuls
-            # keep their own name: blocks.0.attn/matmul_qk/MatMulIntegerToFloat
-            module = node.name.removesuffix("/" + node.op)
+        for node, module, a, b in quantized_products(graph):
             zps = [scalar_zero_point(a[2], f"{module}/a"), scalar_zero_point(b[2], f"{module}/b")]
             if node.op == "MatMul":
                 _matmul(graph, node, module, a, b, zps)
