@@ -32,11 +32,11 @@ def test_export_writes_model_recipe_and_metadata(deit_w8a8):
     recipe = json.loads(deit_w8a8.with_name("deit_t_w8a8.recipe.json").read_text())
     assert recipe["activations"]["blocks.3.attn.qkv/MatMul:0"]["bits"] == 8
     assert recipe["activations"]["patch_embed.proj/Conv:0"]["bits"] == 8
-    # every Linear weight is stored as int8 (u8*s8-safe pairs), the patch embedding's as uint8
-    # (zero point 128) for onnxruntime's u8*u8 kernel
+    # every Linear and the patch-embedding weight is stored as integers (8-bit: uint8, zero point
+    # 128, for onnxruntime's exact u8*u8 kernels), pos_embed as int8 codes
     dtypes = [i.data_type for i in model.graph.initializer if len(i.dims) >= 2]
-    assert dtypes.count(onnx.TensorProto.UINT8) == 1 and onnx.TensorProto.FLOAT not in dtypes
-    assert dtypes.count(onnx.TensorProto.INT8) == 4 * 12 + 1 + 1  # and pos_embed, as int8 codes
+    assert dtypes.count(onnx.TensorProto.UINT8) == 4 * 12 + 1 + 1 and onnx.TensorProto.FLOAT not in dtypes
+    assert dtypes.count(onnx.TensorProto.INT8) == 1
 
 
 def test_eval_reports_accuracy_and_agreement(deit_w8a8, tmp_path, capsys):

@@ -92,33 +92,10 @@ def weight_range(bits: int) -> tuple[int, int]:
 
 
 def weight_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes of a weight whose output channels are on axis 0 (8-bit: ``u8s8_safe``)."""
+    """Integer codes of a weight whose output channels are on axis 0."""
     lo, hi = weight_range(bits)
     s = scale.reshape(-1, *([1] * (w.dim() - 1)))
-    codes = torch.clamp(torch.round(w / s), lo, hi)
-    return u8s8_safe(codes) if bits == 8 else codes
-
-
-U8S8_PAIR_LIMIT = 128  # 255 * 128 = 32640 fits int16
-
-
-def u8s8_safe(codes: torch.Tensor) -> torch.Tensor:
-    """8-bit codes whose neighbouring input pairs cannot overflow onnxruntime's u8*s8 kernels.
-
-    Without VNNI, those kernels add the products of two neighbouring inputs (2k, 2k+1) in int16
-    and saturate; with uint8 activations that is exact only if the pair's same-signed weight
-    magnitudes sum to at most 128. The rare pairs above lose the excess on their smaller weight.
-    """
-    flat = codes.reshape(codes.shape[0], -1).clone()
-    n = flat.shape[1] // 2 * 2
-    a, b = flat[:, 0:n:2], flat[:, 1:n:2]
-    for sign in (1, -1):
-        pa, pb = (sign * a).clamp(min=0), (sign * b).clamp(min=0)
-        excess = (pa + pb - U8S8_PAIR_LIMIT).clamp(min=0)
-        a_smaller = pa <= pb
-        a, b = a - sign * excess * a_smaller, b - sign * excess * ~a_smaller
-    flat[:, 0:n:2], flat[:, 1:n:2] = a, b
-    return flat.reshape(codes.shape)
+    return torch.clamp(torch.round(w / s), lo, hi)
 
 
 def fake_weight(w, scale, bits: int):
