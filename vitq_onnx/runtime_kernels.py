@@ -10,7 +10,7 @@ float32 ops (LogSoftmax feeds the log2 quantizer, which saves a Log).
 
 from __future__ import annotations
 
-from functools import cache, lru_cache
+from functools import cache
 
 import numpy as np
 import onnxruntime as ort

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import torch
 
