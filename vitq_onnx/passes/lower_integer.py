@@ -2,8 +2,9 @@
 
 MatMul(DequantizeLinear(a), DequantizeLinear(b)) [+ bias] becomes onnxruntime's fused
 MatMulIntegerToFloat: an int32 GEMM whose epilogue is float32(sum) * (scale_a*scale_b) + bias,
-the order the simulation uses (checked bit for bit in the tests). Conv becomes ConvInteger -> Cast
--> Mul -> Add. The sums are exact, so onnxruntime and the simulation agree to the last bit on
+the order the simulation uses (checked bit for bit in the tests). A patch-embedding Conv (k x k,
+stride k) becomes the same kernel over the image's patches; any other Conv becomes ConvInteger
+-> Cast -> Mul -> Add. The sums are exact, so onnxruntime and the simulation agree to the last bit on
 every matmul, and onnxruntime runs integer GEMMs instead of float ones.
 """
 
