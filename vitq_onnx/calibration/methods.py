@@ -13,8 +13,8 @@ class Method:
     description: str
     channelwise_post_norm: bool = False  # RepQ-ViT: per-channel post-LayerNorm, reparameterized
     # RepQ-ViT's log-sqrt(2) post-Softmax quantizer (deployed as base-2 shifts) up to this many
-    # bits; above, uniform, which is cheaper and at W6/A6 more accurate on DeiT-Ti (see the
-    # ablation in README), while at W4/A4 log2 wins by over 20 points.
+    # bits; above, uniform, which onnxruntime runs much faster. At W4/A4 log2 wins by over 20
+    # points; at W6/A6 by about one (README ablation), so ``repq-log2`` is there to choose it.
     log2_softmax_max_bits: int = 0
 
     def log2_softmax(self, a_bits: int) -> bool:
