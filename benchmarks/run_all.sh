@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python benchmarks/speed.py -o benchmarks/results/speed.md
+python benchmarks/gemm_kernels.py -o benchmarks/results/gemm_kernels.md
 python benchmarks/accuracy.py -o benchmarks/results/accuracy.md \
     --configs deit_t:8/8:repq deit_t:8/8:repq:qdq deit_t:6/6:repq deit_t:6/6:repq:qdq \
     deit_t:4/4:repq deit_t:4/4:repq:qdq
