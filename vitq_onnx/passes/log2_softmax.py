@@ -30,6 +30,7 @@ from ..errors import VitqError
 from ..naming import tensor_label
 from ..recipe import split_key
 from .base import OpBuilder, Pass, PassContext, node_index
+from .lower_integer import dequantize_input
 
 
 class Log2Softmax(Pass):
@@ -100,13 +101,13 @@ def _scaled_integer_matmul(b: OpBuilder, part: str, a, v_codes, v_zero, scale, f
 
 def _dequantized_from(b: OpBuilder, tensor: gs.Tensor, key: str):
     """(codes, scale, zero point) of a per-tensor DequantizeLinear output, in 8-bit containers."""
-    dq = tensor.inputs[0] if tensor.inputs else None
-    if dq is None or dq.op != "DequantizeLinear" or dq.inputs[1].values.size != 1:
+    found = dequantize_input(tensor)
+    if found is None or found[1].size != 1:
         raise VitqError(f"{key}: the other attention input must be quantized per tensor first")
-    codes, zero = dq.inputs[0], dq.inputs[2]
+    codes, scale, zero = found
     if zero.values.dtype in (ml_dtypes.int4, ml_dtypes.uint4):  # qdq format: widen
         signed = zero.values.dtype == ml_dtypes.int4
         to = onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
         codes = b.op("Cast", "v_codes_8bit", [codes], dtype=np.int8 if signed else np.uint8, to=to)
         zero = b.const("v_zero_point_8bit", zero.values, np.int8 if signed else np.uint8)
-    return codes, np.float32(dq.inputs[1].values), zero
+    return codes, np.float32(scale.reshape(())), zero

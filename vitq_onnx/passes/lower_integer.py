@@ -88,14 +88,19 @@ class LowerInteger(Pass):
 
 
 def _matmul(graph, node, module, a, b, zps) -> None:
-    scale = scale_product(graph, module, a[1], b[1], [-1])
-    out, inputs = node.outputs[0], [a[0], b[0], gs.Constant(f"{module}/unit_scale", np.array(1.0, np.float32)),
-                                    scale, *zps]
+    out, bias = node.outputs[0], None
     fused = _bias_of(node)
     if fused is not None:
         add, bias = fused
         out = add.outputs[0]
         add.outputs.clear()
+    _integer_gemm(graph, module, a[0], b[0], scale_product(graph, module, a[1], b[1], [-1]), zps, bias, out)
+
+
+def _integer_gemm(graph, module, a_codes, b_codes, scale, zps, bias, out) -> None:
+    """onnxruntime's MatMulIntegerToFloat: float32(a @ b) * scale (+ bias), scale_a folded in."""
+    inputs = [a_codes, b_codes, gs.Constant(f"{module}/unit_scale", np.array(1.0, np.float32)), scale, *zps]
+    if bias is not None:
         inputs.append(bias)
     graph.nodes.append(gs.Node("MatMulIntegerToFloat", f"{module}/MatMulIntegerToFloat", inputs=inputs,
                                outputs=[out], domain="com.microsoft"))
@@ -132,13 +137,8 @@ def _patchify_conv(graph, node, module, a, b, zps) -> None:
     graph.nodes.append(gs.Node("Reshape", f"{module}/patches", outputs=[rows], inputs=[
         xt, gs.Constant(f"{module}/shape_rows", np.array([-1, (h // k) * (w // k), cin * k * k], i64))]))
     matrix = gs.Constant(f"{module}/weight_matrix", np.ascontiguousarray(weight.reshape(cout, -1).T))
-    inputs = [rows, matrix, gs.Constant(f"{module}/unit_scale", np.array(1.0, np.float32)),
-              scale_product(graph, module, a[1], b[1], [-1]), *zps]
-    if bias is not None:
-        inputs.append(bias)
     tokens = gs.Variable(f"{module}/tokens", dtype=np.float32)
-    graph.nodes.append(gs.Node("MatMulIntegerToFloat", f"{module}/MatMulIntegerToFloat", inputs=inputs,
-                               outputs=[tokens], domain="com.microsoft"))
+    _integer_gemm(graph, module, rows, matrix, scale_product(graph, module, a[1], b[1], [-1]), zps, bias, tokens)
     channels = gs.Variable(f"{module}/channels_first", dtype=np.float32)
     graph.nodes.append(gs.Node("Transpose", f"{module}/channels_first", attrs={"perm": [0, 2, 1]},
                                inputs=[tokens], outputs=[channels]))

@@ -41,6 +41,15 @@ def _param_name(constant: str) -> str:
     return re.sub(r"__\d+$", "", constant)  # name_nodes' per-reader copies: bias__1 -> bias
 
 
+def _compute_instead(graph: gs.Graph, constant: gs.Constant, op: str, suffix: str, node_suffix: str, inputs,
+                     **attrs) -> None:
+    """Every reader of ``constant`` reads ``op(inputs)`` instead: the same float32 values, stored smaller."""
+    out = gs.Variable(f"{constant.name}_{suffix}", dtype=np.float32, shape=list(constant.values.shape))
+    for reader in list(constant.outputs):
+        reader.inputs[reader.inputs.index(constant)] = out
+    graph.nodes.append(gs.Node(op, f"{constant.name}_{node_suffix}", attrs=attrs, inputs=inputs, outputs=[out]))
+
+
 class RoundParams(Pass):
     name = "round_params"
 
@@ -58,11 +67,8 @@ class RoundParams(Pass):
                 continue
             scale = int8_channel_scale(x)
             codes = gs.Constant(f"{t.name}_int8", torch.round(x / scale).numpy().astype(np.int8))
-            out = gs.Variable(f"{t.name}_dequantized", dtype=np.float32, shape=list(t.values.shape))
-            for reader in list(t.outputs):
-                reader.inputs[reader.inputs.index(t)] = out
-            graph.nodes.append(gs.Node("DequantizeLinear", f"{t.name}_dq", attrs={"axis": -1}, outputs=[out],
-                                       inputs=[codes, gs.Constant(f"{t.name}_scale", scale.numpy())]))
+            _compute_instead(graph, t, "DequantizeLinear", "dequantized", "dq",
+                             [codes, gs.Constant(f"{t.name}_scale", scale.numpy())], axis=-1)
         missing = sorted(set(storage) - found)
         if missing:
             raise VitqError(f"recipe does not fit the graph: no parameter '{missing[0]}' to store")
@@ -78,8 +84,5 @@ class StoreFloat16(Pass):
             half = t.values.astype(np.float16)
             if not np.array_equal(half.astype(np.float32), t.values):
                 continue
-            out = gs.Variable(f"{t.name}_float32", dtype=np.float32, shape=list(t.values.shape))
-            for reader in list(t.outputs):
-                reader.inputs[reader.inputs.index(t)] = out
-            graph.nodes.append(gs.Node("Cast", f"{t.name}_cast", attrs={"to": onnx.TensorProto.FLOAT},
-                                       inputs=[gs.Constant(f"{t.name}_float16", half)], outputs=[out]))
+            _compute_instead(graph, t, "Cast", "float32", "cast", [gs.Constant(f"{t.name}_float16", half)],
+                             to=onnx.TensorProto.FLOAT)
