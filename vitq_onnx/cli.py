@@ -17,15 +17,28 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitq-onnx", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    e = sub.add_parser("export", help="calibrate a timm ViT and write a quantized ONNX model")
+    e = sub.add_parser("export", help="calibrate a timm ViT and write a quantized ONNX model",
+                       formatter_class=argparse.RawTextHelpFormatter)
     e.add_argument("--model", required=True, help=f"{', '.join(SHORT_NAMES)} or a timm model name")
     e.add_argument("--bits", default="8/8", help="weight/activation bits W/A, each 2..8 (default 8/8)")
+    e.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=W/A",
+                   help="bits for the layers whose timm module name matches the glob (repeatable, last "
+                        "match wins), e.g. 'blocks.11.*=8/8'")
     e.add_argument("--weights", type=Path, help=".safetensors/.pth/.pt checkpoint (loaded safely)")
     e.add_argument("--random-weights", action="store_true", help="random weights, for graph tests")
     e.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
-    e.add_argument("--num-calib", type=int, default=32, help="calibration images to use (default 32)")
-    e.add_argument("--method", default="repq", choices=sorted(METHODS),
-                   help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
+    e.add_argument("--num-calib", type=int, help="calibration images to use (default: the method's, "
+                   + ", ".join(f"{m.name} {m.num_calib}" for m in METHODS.values()) + ")")
+    e.add_argument("--method", default="repq", choices=list(METHODS), metavar="METHOD",
+                   help="calibration method (default repq):\n" + "\n".join(
+                       f"  {m.name}: {m.description}" for m in METHODS.values()))
+    e.add_argument("--seed", type=int, default=0, help="seed of every random choice in calibration (default 0)")
+    e.add_argument("--device", default="cpu",
+                   help="torch device for calibration, e.g. cuda (default cpu); the simulation and "
+                        "validation always run the CPU kernels the graph runs")
+    e.add_argument("--time-budget", type=float, metavar="MIN",
+                   help="minutes for optimizing stages (block reconstruction): fewer iterations when "
+                        "they would take longer (default: the method's iterations, deterministic)")
     e.add_argument("--format", default="ort", choices=FORMATS,
                    help="ort: 8-bit containers for onnxruntime's integer kernels; qdq: portable, int4 packed")
     e.add_argument("--save-passes", type=Path, help="write the model after every pass to this folder")
@@ -52,6 +65,7 @@ def _export(args) -> None:
     report = export(ExportOptions(
         model=args.model, bits=args.bits, output=args.output, calib=args.calib, weights=args.weights,
         random_weights=args.random_weights, num_calib=args.num_calib, method=args.method,
+        layer_bits=tuple(args.layer_bits), seed=args.seed, device=args.device, time_budget=args.time_budget,
         format=args.format, save_passes=args.save_passes, min_agreement=args.min_agreement,
         progress=not args.quiet))
     print(json.dumps(report))

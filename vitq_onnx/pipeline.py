@@ -18,8 +18,10 @@ import onnx
 import torch
 
 from . import runtime
+from .calibration.bits import BitWidths
 from .calibration.calibrate import calibrate
 from .calibration.methods import get_method
+from .calibration.state import CalibOptions
 from .errors import VitqError
 from .export import export_fp32
 from .images import Preprocess, list_images, load_images
@@ -28,19 +30,6 @@ from .passes import FORMATS, PassContext, pipeline, run_passes
 from .recipe import Recipe
 from .simulation import simulate
 from .validate import onnx_vs_simulation
-
-BITS_RANGE = range(2, 9)
-
-
-def parse_bits(text: str) -> tuple[int, int]:
-    """'W/A' -> (W, A), each in 2..8."""
-    parts = text.split("/")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise VitqError(f"bad --bits '{text}': expected W/A, e.g. 8/8 or 4/4")
-    w, a = int(parts[0]), int(parts[1])
-    if w not in BITS_RANGE or a not in BITS_RANGE:
-        raise VitqError(f"bad --bits '{text}': weight and activation bits must be 2..8")
-    return w, a
 
 
 def recipe_path(output: Path) -> Path:
@@ -55,8 +44,12 @@ class ExportOptions:
     calib: Path
     weights: Path | None = None
     random_weights: bool = False
-    num_calib: int = 32
+    num_calib: int | None = None  # None: the method's default
     method: str = "repq"
+    layer_bits: tuple[str, ...] = ()
+    seed: int = 0
+    device: str = "cpu"
+    time_budget: float | None = None  # minutes for the optimizing calibration stages
     format: str = "ort"
     save_passes: Path | None = None
     min_agreement: float = 0.9
@@ -90,20 +83,23 @@ def export(opts: ExportOptions) -> dict:
     """Run the whole export; returns the validation report stored in the model's metadata."""
     start = time.time()
     say = (lambda msg: print(msg, file=sys.stderr)) if opts.progress else (lambda msg: None)
-    w_bits, a_bits = parse_bits(opts.bits)
+    bits = BitWidths.parse(opts.bits, opts.layer_bits)
     method = get_method(opts.method)
+    if opts.time_budget is not None and opts.time_budget <= 0:
+        raise VitqError("--time-budget must be a positive number of minutes")
     timm_name = resolve_name(opts.model)
     if opts.format not in FORMATS:
         raise VitqError(f"unknown --format '{opts.format}': use {' or '.join(FORMATS)}")
     _check_output(opts.output, [opts.weights])
-    calib_paths = calibration_subset(opts.calib, opts.num_calib)
+    calib_paths = calibration_subset(opts.calib, opts.num_calib or method.num_calib)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     model = create_model(opts.model, opts.weights, opts.random_weights)
     preprocess = Preprocess.from_model(model)
     images, used = load_images(calib_paths, preprocess)
-    say(f"calibrating {timm_name} at W{w_bits}/A{a_bits} ({method.name}) on {len(used)} images")
-    recipe = calibrate(model, images, w_bits, a_bits, method, timm_name, progress=opts.progress)
+    say(f"calibrating {timm_name} at W{bits.w}/A{bits.a} ({method.name}) on {len(used)} images")
+    recipe = calibrate(model, images, bits, method, timm_name, CalibOptions(
+        opts.seed, opts.device, None if opts.time_budget is None else 60 * opts.time_budget, opts.progress))
     recipe.info["format"] = opts.format
 
     fp32 = export_fp32(model, preprocess.size)
@@ -123,8 +119,8 @@ def export(opts: ExportOptions) -> dict:
                         f"of calibration images (< {opts.min_agreement:.0%}); nothing written")
     runtime.set_metadata(qmodel, runtime.META_PREPROCESS, preprocess.to_dict())
     runtime.set_metadata(qmodel, runtime.META_RECIPE, {
-        "model": timm_name, "method": method.name, "bits": {"w": w_bits, "a": a_bits},
-        "format": opts.format, "float_ops": recipe.float_ops})
+        "model": timm_name, "method": method.name, "bits": bits.to_dict(), "format": opts.format,
+        "tensor_bits": recipe.tensor_bits(), "float_ops": recipe.float_ops})
     runtime.set_metadata(qmodel, runtime.META_VALIDATION, report)
     qmodel.producer_name = "vitq-onnx"
     del qmodel.graph.value_info[:]  # intermediate shapes: in the --save-passes files, not the deliverable

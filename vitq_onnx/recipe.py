@@ -2,7 +2,9 @@
 
 Every quantized tensor is addressed the way the passes see it: the canonical name of the ONNX node
 that consumes it and the input index (``blocks.3.attn.qkv/MatMul:0``). A recipe is saved as JSON
-(readable, diffable) with its arrays in an ``.npz`` beside it.
+(readable, diffable) with its arrays in an ``.npz`` beside it. Version 2 stores each activation
+quantizer's kind-specific parameters (checked by its kind on load) and optional trained weight
+codes; version 1 recipes are read and converted.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from .errors import VitqError
 
 FORMAT = "vitq-recipe"
-VERSION = 1
+VERSION = 2
 
 
 def tensor_key(node: str, input_index: int) -> str:
@@ -30,29 +32,25 @@ def split_key(key: str) -> tuple[str, int]:
 
 @dataclass
 class ActQuant:
-    """Activation quantizer.
-
-    kind ``uniform``: codes clamp(round(x/scale)+zero_point, 0, 2^bits-1) (scale/zero_point per
-    tensor, or per last-axis channel during calibration only). Kind ``log2``: post-Softmax codes
-    clamp(round(-2*log2(x/scale)), 0, 2^bits-1), code 2^bits-1 meaning zero (see quantizers).
-    """
+    """Activation quantizer: a registered kind (calibration/quantizers/), its width and its
+    kind-specific parameters (``uniform``: scale, zero_point; ``log2``: scale), scalars per tensor."""
 
     kind: str
     bits: int
-    scale: np.ndarray
-    zero_point: np.ndarray
-
-    @property
-    def per_tensor(self) -> bool:
-        return self.scale.size == 1
+    params: dict[str, np.ndarray]
 
 
 @dataclass
 class WeightQuant:
-    """Symmetric per-output-channel weight quantizer: codes clamp(round(w/scale), -2^(b-1), 2^(b-1)-1)."""
+    """Symmetric per-output-channel weight quantizer: codes clamp(round(w/scale), -2^(b-1), 2^(b-1)-1).
+
+    ``codes`` (int8, the layout of the PyTorch weight: output channels first) are set when a
+    method trained the weights; the passes then use them instead of rounding the graph's weights.
+    """
 
     bits: int
     scale: np.ndarray  # one per output channel
+    codes: np.ndarray | None = None
 
 
 @dataclass
@@ -86,6 +84,10 @@ class Recipe:
     param_storage: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
+    def tensor_bits(self) -> dict[str, int]:
+        """Every quantized tensor's width, activations and weights, by recipe key."""
+        return {k: q.bits for k, q in sorted({**self.activations, **self.weights}.items())}
+
     def save(self, json_path: str | Path) -> None:
         json_path = Path(json_path)
         arrays: dict[str, np.ndarray] = {}
@@ -98,12 +100,14 @@ class Recipe:
             "format": FORMAT, "version": VERSION, "model": self.model, "method": self.method,
             "bits": {"w": self.w_bits, "a": self.a_bits},
             "activations": {
-                k: {"kind": q.kind, "bits": q.bits, "scale": ref(f"act/{k}/scale", q.scale),
-                    "zero_point": ref(f"act/{k}/zero_point", q.zero_point)}
+                k: {"kind": q.kind, "bits": q.bits,
+                    "params": {name: ref(f"act/{k}/{name}", v) for name, v in q.params.items()}}
                 for k, q in self.activations.items()
             },
             "weights": {k: {"bits": q.bits, "granularity": "per-output-channel",
-                            "scale": ref(f"w/{k}/scale", q.scale)} for k, q in self.weights.items()},
+                            "scale": ref(f"w/{k}/scale", q.scale),
+                            **({"codes": ref(f"w/{k}/codes", q.codes)} if q.codes is not None else {})}
+                        for k, q in self.weights.items()},
             "reparams": [
                 {"norm": r.norm, "linears": r.linears, "r1": ref(f"rep/{r.norm}/r1", r.r1),
                  "shift": ref(f"rep/{r.norm}/shift", r.shift)} for r in self.reparams
@@ -126,19 +130,49 @@ class Recipe:
             arrays = dict(np.load(json_path.with_suffix(".npz")))
         except Exception as exc:
             raise VitqError(f"cannot read recipe {json_path}: {str(exc)[:200]}") from None
-        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-            raise VitqError(f"{json_path} is not a {FORMAT} v{VERSION} file")
+        if doc.get("format") != FORMAT or doc.get("version") not in (1, VERSION):
+            raise VitqError(f"{json_path} is not a {FORMAT} file of version 1 or {VERSION} "
+                            f"(found version {doc.get('version')})")
+        try:
+            recipe = cls._from_doc(doc, arrays)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VitqError(f"recipe {json_path} is malformed: {type(exc).__name__} {str(exc)[:120]}") from None
+        recipe.check()
+        return recipe
 
+    @classmethod
+    def _from_doc(cls, doc: dict, arrays: dict) -> "Recipe":
         def get(value: str) -> np.ndarray:
             return arrays[value[1:]]
 
+        from .calibration.quantizers import get_kind
+
+        def act(v: dict) -> ActQuant:
+            if "params" not in v:  # version 1: the kind's parameters stood beside "kind"
+                v = {**v, "params": {name: v[name] for name in get_kind(v["kind"]).params}}
+            return ActQuant(v["kind"], v["bits"], {name: get(ref) for name, ref in v["params"].items()})
+
         return cls(
             model=doc["model"], method=doc["method"], w_bits=doc["bits"]["w"], a_bits=doc["bits"]["a"],
-            activations={k: ActQuant(v["kind"], v["bits"], get(v["scale"]), get(v["zero_point"]))
-                         for k, v in doc["activations"].items()},
-            weights={k: WeightQuant(v["bits"], get(v["scale"])) for k, v in doc["weights"].items()},
+            activations={k: act(v) for k, v in doc["activations"].items()},
+            weights={k: WeightQuant(v["bits"], get(v["scale"]), get(v["codes"]) if "codes" in v else None)
+                     for k, v in doc["weights"].items()},
             reparams=[Reparam(r["norm"], r["linears"], get(r["r1"]), get(r["shift"]))
                       for r in doc["reparams"]],
             bias_corrections={k: get(v) for k, v in doc["bias_corrections"].items()},
             float_ops=doc["float_ops"], param_storage=doc.get("param_storage", {}), info=doc["info"],
         )
+
+    def check(self) -> None:
+        """Every quantizer is well formed: its kind checks its parameters, weights their scales."""
+        from .calibration.quantizers import get_kind  # the kinds import passes, which import this
+
+        for key, q in self.activations.items():
+            get_kind(q.kind).check(key, q.bits, q.params)
+        for key, w in self.weights.items():
+            if not 2 <= w.bits <= 8 or not (np.isfinite(w.scale).all() and (w.scale > 0).all()):
+                raise VitqError(f"{key}: weight bits must be 2..8 and scales finite and positive")
+            if w.codes is not None:
+                lo, hi = -(2 ** (w.bits - 1)), 2 ** (w.bits - 1) - 1
+                if len(w.codes) != w.scale.size or w.codes.min() < lo or w.codes.max() > hi:
+                    raise VitqError(f"{key}: weight codes do not fit {w.bits} bits or their {w.scale.size} scales")

@@ -16,26 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from . import runtime_kernels
-from .calibration import quantizers as Q
-from .calibration.calibrate import fake_act
-from .calibration.quant_points import QuantMatMul, instrument
+from .calibration.quantizers import fake, get_kind, integer_matmul, torch_params
+from .calibration.quantizers.weights import fake_weight
+from .calibration.quant_points import instrument
 from .calibration.reparam import fold_into_torch
 from .errors import VitqError
 from .passes.param_storage import store_param
-from .recipe import ActQuant, Recipe, split_key, tensor_key
-
-
-def _ints(x: torch.Tensor, step) -> torch.Tensor:
-    return torch.round(x / step).double()
-
-
-def _step(q: ActQuant) -> torch.Tensor:
-    return torch.from_numpy(q.scale.reshape(()).astype("float32"))
-
-
-def integer_matmul(a, b, step_a, step_b) -> torch.Tensor:
-    """float32(exact sum of integer products) * (step_a * step_b)."""
-    return (_ints(a, step_a) @ _ints(b, step_b)).float() * (step_a * step_b)
+from .recipe import Recipe, WeightQuant, split_key, tensor_key
 
 
 def _exact_linear(s_x, s_w):
@@ -49,27 +36,20 @@ def _exact_linear(s_x, s_w):
 def _exact_conv(s_x, s_w):
     def forward(self, x):
         w_step = s_w.reshape(-1, 1, 1, 1)
-        acc = F.conv2d(_ints(x, s_x), _ints(self.weight, w_step), None, self.stride, self.padding,
-                       self.dilation, self.groups)
+        acc = F.conv2d(torch.round(x / s_x).double(), torch.round(self.weight / w_step).double(), None,
+                       self.stride, self.padding, self.dilation, self.groups)
         y = acc.float() * (s_x * s_w).reshape(1, -1, 1, 1)
         return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
 
     return forward
 
 
-def _exact_attention(mm: QuantMatMul, qa: ActQuant, qb: ActQuant):
-    s_a, s_b = _step(qa), _step(qb)
-    if qa.kind == "log2":
-        unit = Q.log2_unit(s_a, qa.bits) * s_b
-        unit_odd = unit * (Q.SQRT2 - 1)
-
-        def log2_matmul(log_a, b):  # log_a: onnxruntime's LogSoftmax, as in the graph
-            shifted, odd = Q.log2_parts(Q.log2_codes_of_log(log_a, s_a, qa.bits), qa.bits)
-            kv = _ints(fake_act(qb, b), s_b)
-            return (shifted.double() @ kv).float() * unit + (odd.double() @ kv).float() * unit_odd
-
-        return log2_matmul
-    return lambda a, b: integer_matmul(fake_act(qa, a), fake_act(qb, b), s_a, s_b)
+def quantized_weight(weight: torch.Tensor, q: WeightQuant) -> torch.Tensor:
+    """The dequantized weight: the recipe's trained codes, or the (folded) weight rounded."""
+    scale = torch.from_numpy(q.scale.astype("float32"))
+    if q.codes is None:
+        return fake_weight(weight, scale, q.bits)
+    return torch.from_numpy(q.codes.astype("float32")) * scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
 
 @torch.no_grad()
@@ -90,25 +70,30 @@ def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         fold_into_torch(*norms[rep.norm], rep)
     for key, mod in inst.weights.items():
         q = recipe.weights[key]
-        s_w = torch.from_numpy(q.scale.astype("float32"))
-        mod.weight.copy_(Q.fake_weight(mod.weight, s_w, q.bits))
-        s_x = _step(recipe.activations[tensor_key(split_key(key)[0], 0)])
+        if tuple(mod.weight.shape) != (q.codes.shape if q.codes is not None else mod.weight.shape) \
+                or q.scale.size != mod.weight.shape[0]:
+            raise VitqError(f"recipe does not fit this model: {key} has another shape")
+        mod.weight.copy_(quantized_weight(mod.weight, q))
+        xq = recipe.activations[tensor_key(split_key(key)[0], 0)]
+        s_x = get_kind(xq.kind).step(torch_params(xq))
         exact = _exact_conv if isinstance(mod, torch.nn.Conv2d) else _exact_linear
-        mod.forward = types.MethodType(exact(s_x, s_w), mod)
+        mod.forward = types.MethodType(exact(s_x, torch.from_numpy(q.scale.astype("float32"))), mod)
     for node, delta in recipe.bias_corrections.items():
         inst.weights[tensor_key(node, 1)].bias.add_(torch.from_numpy(delta))
-    inst.set_action(lambda point, x: fake_act(recipe.activations[point.key], x))
+    inst.set_action(lambda point, x: fake(recipe.activations[point.key], x))
+    softmax_kernels = {}
     for mm in inst.matmuls:
-        mm.exact = _exact_attention(mm, recipe.activations[mm.a.key], recipe.activations[mm.b.key])
+        qa = recipe.activations[mm.a.key]
+        mm.exact = get_kind(qa.kind).exact_matmul(qa, recipe.activations[mm.b.key])
+        softmax_kernels[mm.node] = get_kind(qa.kind).sim_softmax
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, storage in recipe.param_storage.items():
         tensors[name].copy_(store_param(tensors[name], storage))
-    log2_attention = {mm.node for mm in inst.matmuls if recipe.activations[mm.a.key].kind == "log2"}
-    _runtime_float_ops(model, log2_attention)
+    _runtime_float_ops(model, softmax_kernels)
     return model
 
 
-def _runtime_float_ops(model: torch.nn.Module, log2_attention: set[str]) -> None:
+def _runtime_float_ops(model: torch.nn.Module, softmax_kernels: dict) -> None:
     """LayerNorm, GELU and (Log)Softmax on the onnxruntime kernels the exported graph runs."""
     for mod in model.modules():
         if isinstance(mod, torch.nn.LayerNorm):
@@ -117,5 +102,4 @@ def _runtime_float_ops(model: torch.nn.Module, log2_attention: set[str]) -> None
         elif isinstance(mod, torch.nn.GELU):
             mod.forward = types.MethodType(lambda self, x: runtime_kernels.gelu(x), mod)
         if hasattr(mod, "vq_softmax"):
-            log2 = mod.vq_av.node in log2_attention
-            mod.vq_softmax = runtime_kernels.log_softmax if log2 else runtime_kernels.softmax
+            mod.vq_softmax = softmax_kernels[mod.vq_av.node]

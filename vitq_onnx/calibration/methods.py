@@ -1,41 +1,85 @@
-"""Calibration methods: which quantizer each kind of tensor gets. New methods register here."""
+"""Calibration methods: named compositions of stages, registered like timm's models.
+
+    @register_method
+    def repq():
+        \"\"\"One-line description shown by ``vitq-onnx export --help``.\"\"\"
+        return [ChannelwiseReparam(), FitWeights(), FitActivations(...)]
+
+The function's name (underscores as dashes) is the method's name for ``--method``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import VitqError
+from .reconstruct import BlockReconstruction
+from .stages import ChannelwiseReparam, FitActivations, FitWeights, Stage
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     description: str
-    channelwise_post_norm: bool = False  # RepQ-ViT: per-channel post-LayerNorm, reparameterized
-    # RepQ-ViT's log-sqrt(2) post-Softmax quantizer (deployed as base-2 shifts) up to this many
-    # bits; above, uniform, which onnxruntime runs much faster. At W4/A4 log2 wins by over 20
-    # points; at W6/A6 by about one (README ablation), so ``repq-log2`` is there to choose it.
-    log2_softmax_max_bits: int = 0
-
-    def log2_softmax(self, a_bits: int) -> bool:
-        return a_bits <= self.log2_softmax_max_bits
+    stages: tuple[Stage, ...]
+    num_calib: int = 32  # calibration images used when the user does not say
 
 
-METHODS = {
-    m.name: m
-    for m in (
-        Method("basic", "per-tensor uniform activations, MSE-searched ranges"),
-        Method("repq-cw", "basic + RepQ-ViT channel-wise post-LayerNorm reparameterization",
-               channelwise_post_norm=True),
-        Method("repq", "RepQ-ViT: channel-wise post-LayerNorm reparameterization + log2 post-Softmax "
-               "(at <= 4 bits)", channelwise_post_norm=True, log2_softmax_max_bits=4),
-        Method("repq-log2", "repq with the log2 post-Softmax quantizer at every bit width (as published)",
-               channelwise_post_norm=True, log2_softmax_max_bits=8),
-    )
-}
+METHODS: dict[str, Method] = {}
+
+
+def register_method(fn: Callable[[], list[Stage]] = None, *, num_calib: int = 32):
+    def register(f):
+        name = f.__name__.replace("_", "-")
+        doc = (f.__doc__ or "").strip().splitlines()
+        METHODS[name] = Method(name, doc[0] if doc else name, tuple(f()), num_calib)
+        return f
+
+    return register(fn) if fn is not None else register
 
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise VitqError(f"unknown method '{name}': use one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def log2_up_to(max_bits: int) -> Callable[[int], str]:
+    """Post-Softmax kind: RepQ-ViT's log2 quantizer up to ``max_bits``, uniform (faster) above."""
+    return lambda bits: "log2" if bits <= max_bits else "uniform"
+
+
+# At W4/A4 the log2 softmax wins by over 20 points, at W6/A6 by about one (README ablation),
+# where onnxruntime runs the uniform one much faster; ``repq-log2`` keeps log2 at every width.
+REPQ_SOFTMAX = log2_up_to(4)
+
+
+@register_method
+def basic():
+    """per-tensor uniform activations, MSE-searched ranges"""
+    return [FitWeights(), FitActivations()]
+
+
+@register_method
+def repq_cw():
+    """basic + RepQ-ViT channel-wise post-LayerNorm reparameterization"""
+    return [ChannelwiseReparam(), FitWeights(), FitActivations()]
+
+
+@register_method
+def repq():
+    """RepQ-ViT: channel-wise post-LayerNorm reparameterization + log2 post-Softmax (at <= 4 bits)"""
+    return [ChannelwiseReparam(), FitWeights(), FitActivations(REPQ_SOFTMAX)]
+
+
+@register_method
+def repq_log2():
+    """repq with the log2 post-Softmax quantizer at every bit width (as published)"""
+    return [ChannelwiseReparam(), FitWeights(), FitActivations(log2_up_to(8))]
+
+
+@register_method(num_calib=128)
+def repq_recon():
+    """repq + block-wise reconstruction of weights, biases and quantizer scales (Adam, cosine)"""
+    return [ChannelwiseReparam(), FitWeights(), FitActivations(REPQ_SOFTMAX), BlockReconstruction()]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..recipe import Reparam
-from .quantizers import fit_uniform_per_channel
+from .quantizers.uniform import fit_uniform_per_channel
 
 
 def channelwise_reparam(x: torch.Tensor, bits: int, norm: str, linears: list[str]):

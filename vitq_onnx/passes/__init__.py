@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from ..calibration.quantizers import by_kind
 from ..recipe import Recipe
 from .base import Pass, PassContext, run_passes
 from .check_model import CheckModel
 from .factor_scales import FactorScales
 from .fold_reparam import FoldReparam
-from .insert_qdq import InsertQDQ
-from .log2_softmax import Log2Softmax
 from .lower_integer import LowerInteger
 from .name_nodes import NameNodes
 from .param_storage import RoundParams, StoreFloat16
@@ -25,9 +24,8 @@ def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:
     passes += [QuantizeWeights()]
     if recipe.param_storage:
         passes.append(RoundParams())
-    passes.append(InsertQDQ())
-    if any(a.kind == "log2" for a in recipe.activations.values()):
-        passes.append(Log2Softmax())
+    for kind, keys in by_kind(recipe.activations):  # each quantizer kind deploys itself
+        passes += kind.deploy_passes(keys)
     passes += [LowerInteger() if fmt == "ort" else FactorScales(), StoreFloat16()]
     passes.append(CheckModel())
     return passes

@@ -20,22 +20,24 @@ from .quantize_weights import packed_type
 
 
 class InsertQDQ(Pass):
+    """Deploys the recipe's uniform quantizers at ``keys`` (calibration/quantizers/uniform.py)."""
+
     name = "insert_qdq"
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> None:
         nodes = node_index(graph)
-        for key, aq in ctx.recipe.activations.items():
-            if aq.kind != "uniform":
-                continue
-            if not aq.per_tensor:
-                raise VitqError(f"{key}: per-channel activations must be reparameterized first")
+        for key in self.keys:
+            aq = ctx.recipe.activations[key]
             node_name, index = split_key(key)
             node = nodes.get(node_name)
             if node is None or index >= len(node.inputs):
                 raise VitqError(f"recipe does not fit the graph: no tensor at '{key}'")
             label = tensor_label(node_name, index)
-            scale = np.float32(aq.scale.reshape(()))
-            zp = int(aq.zero_point.reshape(()))
+            scale = np.float32(aq.params["scale"].reshape(()))
+            zp = int(aq.params["zero_point"].reshape(()))
             qmax = 2**aq.bits - 1
             signed = aq.bits < 8 and _activation_rhs(node, index)
             offset = 2 ** (aq.bits - 1) if signed else 0

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..calibration.quantizers import (
+from ..calibration.quantizers.log2 import (
     LOG2_STEP,
     SQRT2,
     log2_log_scale,
@@ -34,13 +34,17 @@ from .lower_integer import dequantize_input
 
 
 class Log2Softmax(Pass):
+    """Deploys the recipe's log2 quantizers at ``keys`` (calibration/quantizers/log2.py)."""
+
     name = "log2_softmax"
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> None:
         nodes = node_index(graph)
-        for key, aq in ctx.recipe.activations.items():
-            if aq.kind != "log2":
-                continue
+        for key in self.keys:
+            aq = ctx.recipe.activations[key]
             node_name, index = split_key(key)
             node = nodes.get(node_name)
             if node is None or node.op != "MatMul" or index != 0:
@@ -61,7 +65,7 @@ def _softmax_of(tensor: gs.Tensor, key: str) -> gs.Node:
 
 def _rewrite(b: OpBuilder, node: gs.Node, log_x: gs.Variable, aq, key: str, fmt: str) -> None:
     f32, u8 = np.float32, np.uint8
-    scale, e_max = f32(aq.scale.reshape(())), log2_max_exponent(aq.bits)
+    scale, e_max = f32(aq.params["scale"].reshape(())), log2_max_exponent(aq.bits)
     y = b.op("Sub", "ln_ratio", [b.const("ln_scale", log2_log_scale(scale).numpy(), f32), log_x], dtype=f32)
     q = b.op("QuantizeLinear", "log2_codes_u8", [y, b.const("ln_sqrt2", LOG2_STEP.numpy(), f32),
                                                  b.const("zero", 0, u8)], dtype=u8)

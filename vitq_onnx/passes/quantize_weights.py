@@ -1,6 +1,8 @@
 """Weights to integers: each quantized initializer becomes int8 codes + per-channel DequantizeLinear.
 
-Also adds the recipe's bias corrections (the expected output shift the weight rounding causes).
+Codes come from rounding the graph's (folded) weights with the recipe's scales, or, when a method
+trained the weights (block reconstruction), from the recipe itself. Also adds the recipe's bias
+corrections (the output shift the weight rounding causes, or the trained bias change).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import torch
 
-from ..calibration import quantizers as Q
+from ..calibration.quantizers import weights as W
 from ..errors import VitqError
 from ..naming import tensor_label
 from ..recipe import split_key
@@ -19,9 +21,9 @@ from .linear import add_to_bias
 
 
 def weight_codes(w: np.ndarray, scale: np.ndarray, bits: int, axis: int) -> np.ndarray:
-    """calibration.quantizers.weight_codes for a weight whose channels are on ``axis``."""
+    """calibration.quantizers.weights.weight_codes for a weight whose channels are on ``axis``."""
     channels_first = torch.from_numpy(np.ascontiguousarray(np.moveaxis(w, axis, 0)))
-    codes = Q.weight_codes(channels_first, torch.from_numpy(scale), bits).numpy().astype(np.int8)
+    codes = W.weight_codes(channels_first, torch.from_numpy(scale), bits).numpy().astype(np.int8)
     return np.moveaxis(codes, 0, axis)
 
 
@@ -43,6 +45,15 @@ def _unsigned(codes: np.ndarray) -> np.ndarray:
     return (codes.astype(np.int16) + 128).astype(np.uint8)
 
 
+def _codes(key: str, w: np.ndarray, wq, axis: int) -> np.ndarray:
+    if wq.codes is None:
+        return weight_codes(w, wq.scale.astype(np.float32), wq.bits, axis)
+    codes = np.moveaxis(wq.codes.astype(np.int8), 0, axis)  # recipe codes are output-channels-first
+    if codes.shape != w.shape:
+        raise VitqError(f"recipe does not fit the graph: {key} codes {codes.shape}, weight {w.shape}")
+    return np.ascontiguousarray(codes)
+
+
 class QuantizeWeights(Pass):
     name = "quantize_weights"
 
@@ -61,7 +72,7 @@ class QuantizeWeights(Pass):
             scale = wq.scale.astype(np.float32)
             label = tensor_label(node_name, index)
             dtype = packed_type(wq.bits, ctx.format, signed=True)
-            codes, zero = weight_codes(w, scale, wq.bits, axis), np.zeros(scale.shape, np.int8)
+            codes, zero = _codes(key, w, wq, axis), np.zeros(scale.shape, np.int8)
             if wq.bits == 8:
                 codes, zero = _unsigned(codes), _unsigned(zero)
             if dtype is not None:

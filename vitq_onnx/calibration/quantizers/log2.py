@@ -1,0 +1,135 @@
+"""RepQ-ViT's log-sqrt(2) post-Softmax quantizer, deployed in base 2 as shifts.
+
+Codes 0..Z-1 stand for scale * 2^(-code/2) and the top code Z for exactly zero. The graph
+(``passes/log2_softmax.py``) turns each code into integer shifts and multiplies them with v's
+codes in two integer GEMMs; the simulation below reproduces that arithmetic bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ... import runtime_kernels
+from . import QuantizerKind, get_kind, register, round_ste, torch_params
+from .search import sample
+
+LOG2_MAX_LEVELS = 16  # 4-bit codes at most: the shifted integers 2^7..1 fit uint8 kernels
+SQRT2 = torch.tensor(math.sqrt(2.0), dtype=torch.float32)
+LOG2_STEP = torch.tensor(math.log(2.0) / 2.0, dtype=torch.float32)  # one code = ln(sqrt(2))
+
+
+def log2_zero_code(bits: int) -> int:
+    """Codes 0..Z-1 are values scale*2^(-code/2); the top code Z means exactly zero."""
+    return min(2**bits, LOG2_MAX_LEVELS) - 1
+
+
+def log2_max_exponent(bits: int) -> int:
+    return log2_zero_code(bits) // 2  # ceil((Z-1)/2): the largest shift of a non-zero code
+
+
+def log2_log_scale(scale) -> torch.Tensor:
+    """ln(scale) rounded once to float32: the constant the graph subtracts from ln(x)."""
+    return torch.tensor(math.log(float(scale)), dtype=torch.float32)
+
+
+def log2_codes_of_log(log_x: torch.Tensor, scale, bits: int) -> torch.Tensor:
+    """log-sqrt(2) codes round((ln(scale) - ln(x)) / ln(sqrt(2))) in float32, clamped to [0, Z].
+
+    The graph computes LogSoftmax, Sub, then a QuantizeLinear by ln(sqrt(2)) (round half to even,
+    saturating to uint8) and a Min with Z; the simulation feeds onnxruntime's LogSoftmax here so
+    both round the same values.
+    """
+    codes = torch.round((log2_log_scale(scale).to(log_x.device) - log_x.float()) / LOG2_STEP.to(log_x.device))
+    return torch.clamp(codes, 0, log2_zero_code(bits))
+
+
+def log2_codes(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
+    return log2_codes_of_log(torch.log(x.float()), scale, bits)
+
+
+def log2_parts(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integers (shifted, odd): shifted = 2^E >> ceil(q/2), odd = shifted where q is odd, else 0.
+
+    Code q stands for scale * 2^(-q/2) = unit * (shifted + (sqrt(2) - 1) * odd), unit = scale * 2^-E:
+    the log-sqrt(2) quantizer reparameterized to base 2, so the integers are plain shifts and the
+    irrational factor sits in one float constant. The zero code Z shifts 2^E right by more than E
+    bits, which gives exactly 0.
+    """
+    q = codes.to(torch.int64)
+    half_up = (q + 1) >> 1
+    shifted = torch.bitwise_right_shift(torch.full_like(q, 2 ** log2_max_exponent(bits)), half_up)
+    return shifted, shifted * (2 * half_up - q)
+
+
+def log2_unit(scale, bits: int):
+    """The value of integer 1 in ``log2_parts``: scale * 2^-E."""
+    return scale * 2.0 ** (-log2_max_exponent(bits))
+
+
+def log2_dequant(codes: torch.Tensor, scale, bits: int) -> torch.Tensor:
+    shifted, odd = log2_parts(codes, bits)
+    unit = log2_unit(scale, bits)
+    return shifted.float() * unit + odd.float() * (unit * (SQRT2.to(codes.device) - 1))
+
+
+def fake_log2(x, scale, bits: int):
+    return log2_dequant(log2_codes(x, scale, bits), scale, bits)
+
+
+def fit_log2(x: torch.Tensor, bits: int, v: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale for the log2 quantizer: the maximum, or up to two octaves below it.
+
+    With ``v`` (the values the probabilities multiply) the score is the error of ``x @ v``, what
+    attention actually outputs; small probabilities matter there in bulk, not one by one.
+    """
+    top = x.max().clamp(min=1e-8)
+    candidates = top * 2.0 ** (-torch.arange(32, device=x.device) / 16.0)
+    if v is None:
+        s = sample(x)
+        errs = [((fake_log2(s, c, bits) - s) ** 2).mean() for c in candidates]
+    else:
+        n = min(len(x), 4)
+        ref = x[:n] @ v[:n]
+        errs = [((fake_log2(x[:n], c, bits) @ v[:n] - ref) ** 2).mean() for c in candidates]
+    return candidates[torch.stack(errs).argmin()].reshape(()).cpu()
+
+
+@register
+class Log2(QuantizerKind):
+    name = "log2"
+    params = ("scale",)
+    learnable = ("scale",)
+    sim_softmax = staticmethod(runtime_kernels.log_softmax)  # the graph quantizes LogSoftmax's output
+
+    def fit(self, x, bits, point):
+        return {"scale": fit_log2(x, bits, point.partner)}
+
+    def fake(self, x, params, bits):
+        return fake_log2(x, params["scale"], bits)
+
+    def fake_ste(self, x, params, bits):
+        scale = params["scale"]
+        codes = torch.clamp(round_ste((torch.log(scale) - torch.log(x)) / LOG2_STEP.to(x.device)),
+                            0, log2_zero_code(bits))
+        return torch.where(codes < log2_zero_code(bits), scale * torch.exp2(-codes / 2), torch.zeros_like(x))
+
+    def exact_matmul(self, qa, qb):
+        """``a`` is onnxruntime's LogSoftmax output (``sim_softmax``), as in the graph."""
+        s_a, s_b = torch_params(qa)["scale"], get_kind(qb.kind).step(torch_params(qb))
+        unit = log2_unit(s_a, qa.bits) * s_b
+        unit_odd = unit * (SQRT2 - 1)
+        kind_b = get_kind(qb.kind)
+        params_b = torch_params(qb)
+
+        def log2_matmul(log_a, b):
+            shifted, odd = log2_parts(log2_codes_of_log(log_a, s_a, qa.bits), qa.bits)
+            kv = torch.round(kind_b.fake(b, params_b, qb.bits) / s_b).double()
+            return (shifted.double() @ kv).float() * unit + (odd.double() @ kv).float() * unit_odd
+
+        return log2_matmul
+
+    def deploy_passes(self, keys):
+        from ...passes.log2_softmax import Log2Softmax
+        return [Log2Softmax(keys)]

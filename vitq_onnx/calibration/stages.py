@@ -1,0 +1,136 @@
+"""Calibration stages: each one step of a method, run in order on a shared ``CalibState``.
+
+A stage has a ``name``, a one-line ``describe(state)`` and ``run(state)``; methods
+(``methods.py``) are named lists of stages, so a new method composes these (and new ones) rather
+than adding flags to one calibration loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..recipe import ActQuant, split_key, tensor_key
+from .quantizers import get_kind
+from .quantizers.weights import fit_weight
+from .reparam import channelwise_reparam, fold_into_torch
+from .state import CalibState
+
+
+class Stage:
+    name = "stage"
+
+    def describe(self, state: CalibState) -> str:
+        return self.name
+
+    def run(self, state: CalibState) -> None:
+        raise NotImplementedError
+
+
+def set_activation(state: CalibState, key: str, kind: str, bits: int, params: dict) -> None:
+    """Record a fitted quantizer in the recipe (numpy, as its kind stores it)."""
+    state.recipe.activations[key] = ActQuant(kind, bits, get_kind(kind).to_numpy(params))
+
+
+class ChannelwiseReparam(Stage):
+    """RepQ-ViT: per-channel post-LayerNorm quantizers, folded into the LayerNorm and next Linear.
+
+    One float pass records each post-LayerNorm Linear input; its per-channel ranges become a
+    reparameterization (``reparam.py``) that leaves a per-tensor quantizer with the same codes.
+    """
+
+    name = "channelwise_reparam"
+
+    def describe(self, state):
+        return f"channel-wise post-LayerNorm ranges ({len(state.inst.post_norm)} norms)"
+
+    @torch.no_grad()
+    def run(self, state: CalibState) -> None:
+        inst, seen = state.inst, {}
+        keys = {tensor_key(lins[0], 0) for _, _, lins, _ in inst.post_norm}
+
+        def record(point, x):
+            seen[point.key] = x
+            return x
+
+        inst.set_action(record, keys)
+        state.model(state.images)
+        inst.set_action(None)
+        for norm_node, norm, lin_nodes, linears in inst.post_norm:
+            key = tensor_key(lin_nodes[0], 0)
+            bits = state.bits.act(key, "linear_input")
+            rep, scale, zp = channelwise_reparam(seen.pop(key), bits, norm_node, lin_nodes)
+            fold_into_torch(norm, linears, rep)
+            state.recipe.reparams.append(rep)
+            for lin in lin_nodes:
+                set_activation(state, tensor_key(lin, 0), "uniform", state.bits.act(tensor_key(lin, 0), "linear_input"),
+                               {"scale": scale, "zero_point": zp})
+
+
+class FitWeights(Stage):
+    """Per-output-channel symmetric weight scales by MSE (refined later against real inputs)."""
+
+    name = "fit_weights"
+
+    def describe(self, state):
+        widths = sorted({state.bits.weight(k) for k in state.inst.weights})
+        return f"weights ({len(state.inst.weights)} layers, {'/'.join(map(str, widths))} bits)"
+
+    @torch.no_grad()
+    def run(self, state: CalibState) -> None:
+        for key, mod in state.inst.weights.items():
+            state.fp_weights[key] = mod.weight.detach().clone()
+            if mod.bias is not None:
+                state.ref_biases[key] = mod.bias.detach().clone()
+            state.set_weight(key, fit_weight(state.fp_weights[key], state.bits.weight(key)))
+
+
+@dataclass
+class FitActivations(Stage):
+    """One pass over the calibration batch that fits each activation quantizer on first sight and
+    quantizes from then on, so every layer is calibrated on what the quantized layers before it
+    produce. Each Linear's weight scales are then refit weighting each input channel by its mean
+    square (an estimate of the layer's output error), and the bias absorbs the mean output shift
+    that weight rounding causes (bias correction, Nagel et al. 2019).
+
+    ``softmax_kind(bits)`` names the quantizer kind of post-Softmax tensors; every other
+    activation is uniform. Quantizers a previous stage fitted (channel-wise ones) are kept.
+    """
+
+    softmax_kind: Callable[[int], str] = lambda bits: "uniform"
+    name = "fit_activations"
+
+    def describe(self, state):
+        return "activations"
+
+    @torch.no_grad()
+    def run(self, state: CalibState) -> None:
+        inst, recipe = state.inst, state.recipe
+        bar = state.progress(len(inst.points), f"calibration: {self.describe(state)}", unit="tensor")
+
+        def refit_linear(node: str, x: torch.Tensor) -> None:
+            key = tensor_key(node, 1)
+            state.set_weight(key, fit_weight(state.fp_weights[key], state.bits.weight(key), x.pow(2).mean(0)))
+            if key in state.ref_biases:
+                state.set_bias_correction(key, (state.fp_weights[key] - inst.weights[key].weight) @ x.mean(0))
+
+        def fit_then_quantize(point, x):
+            if point.key not in recipe.activations:
+                bits = state.bits.act(point.key, point.role)
+                kind = self.softmax_kind(bits) if point.role == "softmax" else "uniform"
+                set_activation(state, point.key, kind, bits, get_kind(kind).fit(x, bits, point))
+            bar.update(1)
+            q = recipe.activations[point.key]
+            params = {k: torch.tensor(float(np.asarray(v)), device=x.device) for k, v in q.params.items()}
+            point.action = lambda p, t: get_kind(q.kind).fake(t, params, q.bits)
+            xq = point.action(point, x)
+            if point.role == "linear_input":
+                refit_linear(split_key(point.key)[0], xq.reshape(-1, xq.shape[-1]))
+            return xq
+
+        inst.set_action(fit_then_quantize)
+        state.model(state.images)
+        bar.close()

@@ -1,0 +1,63 @@
+"""What calibration stages share: the model being quantized, its quant points and the recipe so far.
+
+Stages read and extend this state in order (``calibrate.py``). The model is a copy of the user's,
+instrumented with quant points; after the weight stage its quantized layers hold dequantized
+weights, and ``fp_weights`` keeps the float ones (after any reparameterization fold), which
+reconstruction trains as latent weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..recipe import Recipe, WeightQuant
+from .bits import BitWidths
+from .progress import Progress
+from .quant_points import Instrumented
+from .quantizers.weights import fake_weight
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    seed: int = 0
+    device: str = "cpu"
+    time_budget: float | None = None  # seconds for the optimizing stages; None: their own iterations
+    progress: bool = True
+
+
+@dataclass
+class CalibState:
+    fp_model: nn.Module  # the user's float model, never modified
+    model: nn.Module  # the copy being quantized
+    inst: Instrumented
+    images: torch.Tensor  # calibration batch, on the calibration device
+    bits: BitWidths
+    recipe: Recipe
+    options: CalibOptions = field(default_factory=CalibOptions)
+    fp_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # weight key -> float weight
+    ref_biases: dict[str, torch.Tensor] = field(default_factory=dict)  # weight key -> bias before corrections
+
+    def say(self, msg: str) -> None:
+        if self.options.progress:
+            print(msg, file=sys.stderr)
+
+    def progress(self, total: int, desc: str, unit: str = "it") -> Progress:
+        return Progress(total, desc, self.options.progress, unit)
+
+    @torch.no_grad()
+    def set_weight(self, key: str, scale: torch.Tensor) -> None:
+        """Quantize one layer's float weight with ``scale`` (per output channel) into the model."""
+        mod = self.inst.weights[key]
+        mod.weight.copy_(fake_weight(self.fp_weights[key], scale, self.bits.weight(key)))
+        self.recipe.weights[key] = WeightQuant(self.bits.weight(key), scale.cpu().numpy().astype(np.float32))
+
+    @torch.no_grad()
+    def set_bias_correction(self, key: str, delta: torch.Tensor) -> None:
+        """bias = float bias + delta, in the model and (as delta) in the recipe, as the passes add it."""
+        self.inst.weights[key].bias.copy_(self.ref_biases[key] + delta)
+        self.recipe.bias_corrections[key.rpartition(":")[0]] = delta.cpu().numpy().astype(np.float32)
