@@ -8,6 +8,8 @@ from vitq_onnx.cli import main
 
 from .conftest import CALIB, DEIT_WEIGHTS
 
+pytestmark = pytest.mark.slow
+
 
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -10,6 +10,8 @@ from vitq_onnx.cli import main
 
 from .conftest import CALIB, DEIT_WEIGHTS, VAL
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def deit_w8a8(tmp_path_factory, deit):

@@ -7,6 +7,8 @@ from vitq_onnx.images import label_of, list_images, load_images, load_synsets
 
 from .conftest import CALIB, VAL
 
+pytestmark = pytest.mark.slow
+
 
 def test_numpy_preprocess_equals_timm_transform(deit, preprocess):
     from timm.data import create_transform, resolve_data_config

@@ -5,11 +5,12 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 import torch
-
 from vitq_onnx import runtime
-from vitq_onnx.calibration import quantizers as Q
+from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import get_method
+from vitq_onnx.calibration.quantizers import log2 as L
+from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.errors import VitqError
 from vitq_onnx.passes import PassContext, pipeline, run_passes
 from vitq_onnx.passes.fold_reparam import FoldReparam
@@ -18,10 +19,13 @@ from vitq_onnx.recipe import Recipe, WeightQuant
 from vitq_onnx.simulation import simulate
 from vitq_onnx.validate import compare_logits, torch_logits
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def repq_w4a4(deit, calib_images) -> Recipe:
-    return calibrate(deit, calib_images, 4, 4, get_method("repq"), "deit_tiny_patch16_224", progress=False)
+    return calibrate(deit, calib_images, BitWidths(4, 4), get_method("repq"), "deit_tiny_patch16_224",
+                     CalibOptions(progress=False))
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -93,12 +97,12 @@ def test_log2_softmax_is_integer_shift_arithmetic(fp32_onnx, repq_w4a4, val_imag
     assert "Pow" not in ops and "Softmax" not in ops and ops.count("LogSoftmax") == 12
     names = ["blocks.2.attn/attn_log2_codes", "blocks.2.attn/attn_shifted", "blocks.2.attn/attn_odd"]
     codes, shifted, odd = runtime.session(_with_outputs(model, names)).run(names, {"image": val_images})
-    assert codes.dtype == shifted.dtype == odd.dtype == np.uint8 and codes.max() <= Q.log2_zero_code(4)
-    assert len(np.unique(codes)) == Q.log2_zero_code(4) + 1  # every code occurs on real images
-    ref_shifted, ref_odd = Q.log2_parts(torch.from_numpy(codes.astype(np.int64)), 4)
+    assert codes.dtype == shifted.dtype == odd.dtype == np.uint8 and codes.max() <= L.log2_zero_code(4)
+    assert len(np.unique(codes)) == L.log2_zero_code(4) + 1  # every code occurs on real images
+    ref_shifted, ref_odd = L.log2_parts(torch.from_numpy(codes.astype(np.int64)), 4)
     np.testing.assert_array_equal(shifted, ref_shifted.numpy())
     np.testing.assert_array_equal(odd, ref_odd.numpy())
-    assert shifted.max() == 2 ** Q.log2_max_exponent(4) and (odd[codes % 2 == 0] == 0).all()
+    assert shifted.max() == 2 ** L.log2_max_exponent(4) and (odd[codes % 2 == 0] == 0).all()
 
 
 def test_every_matmul_is_lowered_to_integer_kernels(fp32_onnx, repq_w4a4, tmp_path):
@@ -128,7 +132,8 @@ def test_recipe_roundtrip_and_mismatch_is_a_clear_error(fp32_onnx, repq_w4a4, tm
 
 
 def test_basic_method_lowers_uniform_attention_too(deit, fp32_onnx, calib_images, val_images):
-    recipe = calibrate(deit, calib_images, 4, 4, get_method("basic"), "deit_tiny_patch16_224", progress=False)
+    recipe = calibrate(deit, calib_images, BitWidths(4, 4), get_method("basic"), "deit_tiny_patch16_224",
+                       CalibOptions(progress=False))
     assert not recipe.reparams and all(a.kind == "uniform" for a in recipe.activations.values())
     model = run_passes(fp32_onnx, pipeline(recipe), PassContext(recipe), progress=False)
     ops = [n.op_type for n in model.graph.node]

@@ -4,16 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from vitq_onnx.calibration import quantizers as Q
+from vitq_onnx.calibration.quantizers import log2 as L
+from vitq_onnx.calibration.quantizers import uniform as U
+from vitq_onnx.calibration.quantizers import weights as W
 from vitq_onnx.passes.quantize_weights import weight_codes
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_uniform_grid_and_error_bound(bits):
     x = torch.randn(10000) * 3 + 1
-    scale, zp = Q.fit_uniform(x, bits)
+    scale, zp = U.fit_uniform(x, bits)
     codes = torch.round(x / scale) + zp
-    y = Q.fake_uniform(x, scale, zp, bits)
+    y = U.fake_uniform(x, scale, zp, bits)
     levels = torch.unique(torch.round(y / scale + zp))
     assert levels.min() >= 0 and levels.max() <= 2**bits - 1
     inside = (codes >= 0) & (codes <= 2**bits - 1)
@@ -22,15 +24,15 @@ def test_uniform_grid_and_error_bound(bits):
 
 def test_mse_search_beats_min_max_at_low_bits():
     x = torch.distributions.Laplace(0.0, 1.0).sample((50000,))  # heavy tails, like post-GELU
-    scale, zp = Q.fit_uniform(x, 4)
-    mm_scale, mm_zp = Q.uniform_params(x.min(), x.max(), 4)
-    mse = lambda s, z: ((Q.fake_uniform(x, s, z, 4) - x) ** 2).mean()
+    scale, zp = U.fit_uniform(x, 4)
+    mm_scale, mm_zp = U.uniform_params(x.min(), x.max(), 4)
+    mse = lambda s, z: ((U.fake_uniform(x, s, z, 4) - x) ** 2).mean()
     assert mse(scale, zp) < 0.5 * mse(mm_scale, mm_zp)
 
 
 def test_per_channel_ranges_follow_each_channel():
     x = torch.randn(4096, 8) * torch.tensor([0.1, 1, 10, 100, 0.1, 1, 10, 100])
-    scale, _ = Q.fit_uniform_per_channel(x, 4)
+    scale, _ = U.fit_uniform_per_channel(x, 4)
     assert scale.shape == (8,)
     assert (scale[3] / scale[0]) > 300
 
@@ -38,8 +40,8 @@ def test_per_channel_ranges_follow_each_channel():
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_weight_codes_symmetric_range_and_numpy_twin(bits):
     w = torch.randn(16, 32)
-    scale = Q.fit_weight(w, bits)
-    codes = Q.weight_codes(w, scale, bits)
+    scale = W.fit_weight(w, bits)
+    codes = W.weight_codes(w, scale, bits)
     assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
     # the ONNX pass quantizes the transposed [in, out] initializer along axis 1: same integers
     np_codes = weight_codes(w.numpy().T, scale.numpy(), bits, axis=1)
@@ -49,9 +51,9 @@ def test_weight_codes_symmetric_range_and_numpy_twin(bits):
 @pytest.mark.parametrize("bits", [3, 4, 6])
 def test_log2_shift_rebuild_equals_log_sqrt2_values(bits):
     scale = torch.tensor(0.9)
-    zero = Q.log2_zero_code(bits)
+    zero = L.log2_zero_code(bits)
     codes = torch.arange(zero + 1, dtype=torch.float32)
-    values = Q.log2_dequant(codes, scale, bits)
+    values = L.log2_dequant(codes, scale, bits)
     expected = [float(scale) * 2 ** (-q / 2) for q in range(zero)] + [0.0]
     np.testing.assert_allclose(values.numpy(), expected, rtol=1e-6)
 
@@ -59,7 +61,7 @@ def test_log2_shift_rebuild_equals_log_sqrt2_values(bits):
 def test_log2_codes_round_in_the_log_domain():
     scale = torch.tensor(1.0)
     x = torch.tensor([1.0, 2 ** -0.5, 0.5, 2 ** -7, 1e-9, 0.0])
-    assert Q.log2_codes(x, scale, 4).tolist() == [0, 1, 2, 14, 15, 15]
-    assert Q.fake_log2(torch.tensor([1.0]), scale, 4).item() == pytest.approx(1.0)
-    assert Q.fake_log2(torch.tensor([math.sqrt(2) / 4]), scale, 4).item() == pytest.approx(math.sqrt(2) / 4)
+    assert L.log2_codes(x, scale, 4).tolist() == [0, 1, 2, 14, 15, 15]
+    assert L.fake_log2(torch.tensor([1.0]), scale, 4).item() == pytest.approx(1.0)
+    assert L.fake_log2(torch.tensor([math.sqrt(2) / 4]), scale, 4).item() == pytest.approx(math.sqrt(2) / 4)
 

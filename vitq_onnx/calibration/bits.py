@@ -18,14 +18,14 @@ STEM_BITS = 8
 BITS_RANGE = range(2, 9)
 
 
-def parse_pair(text: str, what: str = "--bits") -> tuple[int, int]:
+def parse_pair(text: str) -> tuple[int, int]:
     """'W/A' -> (W, A), each in 2..8."""
     parts = text.split("/")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise VitqError(f"bad {what} '{text}': expected W/A, e.g. 8/8 or 4/4")
+        raise VitqError(f"bad --bits '{text}': expected W/A, e.g. 8/8 or 4/4")
     w, a = int(parts[0]), int(parts[1])
     if w not in BITS_RANGE or a not in BITS_RANGE:
-        raise VitqError(f"bad {what} '{text}': weight and activation bits must be 2..8")
+        raise VitqError(f"bad --bits '{text}': weight and activation bits must be 2..8")
     return w, a
 
 
@@ -45,9 +45,13 @@ class BitWidths:
         rules = []
         for rule in layer_bits:
             pattern, sep, pair = rule.rpartition("=")
-            if not sep or not pattern:
-                raise VitqError(f"bad --layer-bits '{rule}': expected PATTERN=W/A, e.g. 'blocks.11.*=8/8'")
-            rules.append((pattern, *parse_pair(pair, "--layer-bits")))
+            try:
+                if not sep or not pattern:
+                    raise VitqError(rule)
+                rules.append((pattern, *parse_pair(pair)))
+            except VitqError:
+                raise VitqError(f"bad --layer-bits '{rule}': expected PATTERN=W/A with W and A in 2..8, "
+                                "e.g. 'blocks.11.*=8/8'") from None
         return cls(*parse_pair(bits), tuple(rules))
 
     def _rule(self, key: str):

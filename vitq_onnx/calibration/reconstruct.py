@@ -94,7 +94,11 @@ def _run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Trainable:
-    """The quantized block's parameters as leaves to train, and how to write them back."""
+    """The quantized block's parameters as leaves to train, and how to write them back.
+
+    Scales are trained as their logarithms: Adam's steps are then relative, the same for a
+    weight scale of 0.01 and an activation scale of 1, and a scale can never reach zero.
+    """
 
     def __init__(self, state: CalibState, block: str, learn: tuple[str, ...]):
         self.state, self.groups = state, {k: [] for k in LEARNABLE}
@@ -105,29 +109,24 @@ class _Trainable:
         for point in self.points:
             q = state.recipe.activations[point.key]
             kind = get_kind(q.kind)
-            params = {k: torch.tensor(float(v), device=device) for k, v in q.params.items()}
-            for k in kind.learnable if "act_scales" in learn else ():
-                params[k] = nn.Parameter(params[k])
-                self.groups["act_scales"].append(params[k])
-            self.act_params[point.key] = params
-            point.action = lambda p, t, kind=kind, params=params, bits=q.bits: kind.fake_ste(t, params, bits)
+            fixed = {k: torch.tensor(float(v), device=device) for k, v in q.params.items()}
+            logs = {k: nn.Parameter(fixed.pop(k).log()) for k in kind.learnable} if "act_scales" in learn else {}
+            self.groups["act_scales"] += list(logs.values())
+            self.act_params[point.key] = (fixed, logs)
+            point.action = lambda p, t, kind=kind, fixed=fixed, logs=logs, bits=q.bits: kind.fake_ste(
+                t, {**fixed, **{k: v.exp() for k, v in logs.items()}}, bits)
         for key in self.layers:
             mod, wq = state.inst.weights[key], state.recipe.weights[key]
             latent = nn.Parameter(state.fp_weights[key].clone(), requires_grad="weights" in learn)
-            scale = nn.Parameter(torch.from_numpy(wq.scale).to(device), requires_grad="weight_scales" in learn)
-            bias = None if mod.bias is None else nn.Parameter(mod.bias.detach().clone(),
-                                                               requires_grad="biases" in learn)
-            self.w[key] = (latent, scale, bias)
-            for group, p in (("weights", latent), ("weight_scales", scale), ("biases", bias)):
+            log_scale = nn.Parameter(torch.from_numpy(wq.scale).to(device).log(),
+                                     requires_grad="weight_scales" in learn)
+            bias = None if key not in state.ref_biases else nn.Parameter(mod.bias.detach().clone(),
+                                                                          requires_grad="biases" in learn)
+            self.w[key] = (latent, log_scale, bias)
+            for group, p in (("weights", latent), ("weight_scales", log_scale), ("biases", bias)):
                 if p is not None and p.requires_grad:
                     self.groups[group].append(p)
-            mod.forward = types.MethodType(_ste_forward(latent, scale, bias, wq.bits), mod)
-
-    @torch.no_grad()
-    def clamp(self) -> None:
-        """Scales stay positive whatever a step did."""
-        for p in self.groups["act_scales"] + self.groups["weight_scales"]:
-            p.clamp_(min=1e-8)
+            mod.forward = types.MethodType(_ste_forward(latent, log_scale, bias, wq.bits), mod)
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -135,14 +134,15 @@ class _Trainable:
         state = self.state
         for point in self.points:
             q = state.recipe.activations[point.key]
-            set_activation(state, point.key, q.kind, q.bits, self.act_params[point.key])
+            fixed, logs = self.act_params[point.key]
+            set_activation(state, point.key, q.kind, q.bits, {**fixed, **{k: v.exp() for k, v in logs.items()}})
             q = state.recipe.activations[point.key]
             params = {k: torch.tensor(float(v), device=state.images.device) for k, v in q.params.items()}
             point.action = lambda p, t, kind=get_kind(q.kind), params=params, bits=q.bits: kind.fake(t, params, bits)
         for key in self.layers:
-            latent, scale, bias = self.w[key]
+            latent, log_scale, bias = self.w[key]
             mod, bits = state.inst.weights[key], state.recipe.weights[key].bits
-            scale = float16_values(scale.detach())
+            scale = float16_values(log_scale.detach().exp())
             codes = weight_codes(latent.detach(), scale, bits)
             del mod.forward  # back to the module's own forward on the dequantized weight
             mod.weight.copy_(codes * scale.reshape(-1, *([1] * (codes.dim() - 1))))
@@ -151,12 +151,13 @@ class _Trainable:
                 state.set_bias_correction(key, bias.detach() - state.ref_biases[key])
 
 
-def _ste_forward(latent, scale, bias, bits):
+def _ste_forward(latent, log_scale, bias, bits):
     def forward(self, x):
-        w = fake_weight_ste(latent, scale, bits)
+        w = fake_weight_ste(latent, log_scale.exp(), bits)
+        b = self.bias if bias is None else bias  # layers whose bias is not trained keep their own
         if isinstance(self, nn.Conv2d):
-            return self._conv_forward(x, w, bias)
-        return F.linear(x, w, bias)
+            return self._conv_forward(x, w, b)
+        return F.linear(x, w, b)
 
     return forward
 
@@ -168,7 +169,7 @@ class BlockReconstruction(Stage):
     iters: int = 200
     batch_size: int = 32
     lr_weights: float = 1e-4
-    lr_scales: float = 1e-3
+    lr_scales: float = 1e-3  # on log(scale): 0.1 % per step at most
     lr_biases: float = 1e-4
     learn: tuple[str, ...] = LEARNABLE
     name = "block_reconstruction"
@@ -215,7 +216,6 @@ class BlockReconstruction(Stage):
                 loss.backward()
                 opt.step()
                 schedule.step()
-                trainable.clamp()
                 bar.update(1, block=f"{i + 1}/{len(blocks)}", loss=loss.item())
             trainable.write_back()
             x_next = _run(block, x)

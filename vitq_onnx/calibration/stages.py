@@ -83,7 +83,7 @@ class FitWeights(Stage):
     def run(self, state: CalibState) -> None:
         for key, mod in state.inst.weights.items():
             state.fp_weights[key] = mod.weight.detach().clone()
-            if mod.bias is not None:
+            if mod.bias is not None and isinstance(mod, torch.nn.Linear):  # bias corrections: Linears
                 state.ref_biases[key] = mod.bias.detach().clone()
             state.set_weight(key, fit_weight(state.fp_weights[key], state.bits.weight(key)))
 

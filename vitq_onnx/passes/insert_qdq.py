@@ -1,8 +1,8 @@
 """Uniform activation quantization: QuantizeLinear/DequantizeLinear on each recipe tensor.
 
-Codes below 8 bits live on the same grid in an 8-bit container (``ort`` format: a float Clip
-before QuantizeLinear bounds them to 2^bits levels) or in ONNX uint4/int4 (``qdq`` format, <= 4
-bits). The second operand of an activation-by-activation matmul (k, v) is stored signed below 8
+Codes below 8 bits live on the same grid in an 8-bit container (``ort`` format) or in ONNX
+uint4/int4 (``qdq`` format, <= 4 bits); a float Clip before QuantizeLinear bounds them to 2^bits
+levels when the container holds more. The second operand of an activation-by-activation matmul (k, v) is stored signed below 8
 bits: the same grid shifted by 2^(bits-1), so onnxruntime picks its faster u8*s8 kernels, which
 cannot saturate at these widths.
 """
@@ -44,13 +44,9 @@ class InsertQDQ(Pass):
             dtype = packed_type(aq.bits, ctx.format, signed=signed)
             container = np.int8 if signed else np.uint8
             source = node.inputs[index]
-            if aq.bits < 8 and dtype is None:
-                clipped = gs.Variable(f"{label}_clipped", dtype=np.float32)
+            if aq.bits < (8 if dtype is None else 4):  # fewer levels than the container holds
                 lo, hi = np.float32(-zp) * scale, np.float32(qmax - zp) * scale
-                graph.nodes.append(gs.Node("Clip", f"{label}_clip", inputs=[
-                    source, gs.Constant(f"{label}_min", np.array(lo, np.float32)),
-                    gs.Constant(f"{label}_max", np.array(hi, np.float32))], outputs=[clipped]))
-                source = clipped
+                source = _clip(graph, label, source, lo, hi, packed=dtype is not None)
             codes = gs.Variable(f"{label}_{'int' if signed else 'uint'}{aq.bits}",
                                 dtype=container if dtype is None else None)
             zero = gs.Constant(f"{label}_zero_point", np.array(zp - offset, container).astype(dtype or container))
@@ -61,6 +57,20 @@ class InsertQDQ(Pass):
             graph.nodes.append(gs.Node("DequantizeLinear", f"{label}_dq", inputs=[codes, scale_c, zero],
                                        outputs=[out]))
             node.inputs[index] = out
+
+
+def _clip(graph: gs.Graph, label: str, source: gs.Tensor, lo, hi, packed: bool) -> gs.Variable:
+    """Bound x to [lo, hi] before QuantizeLinear. Into a 4-bit container as Max/Min: onnxruntime
+    (1.32) fails to load a Clip that feeds a uint4 QuantizeLinear (its Clip fusion)."""
+    low, high = (gs.Constant(f"{label}_{n}", np.array(v, np.float32)) for n, v in (("min", lo), ("max", hi)))
+    clipped = gs.Variable(f"{label}_clipped", dtype=np.float32)
+    if not packed:
+        graph.nodes.append(gs.Node("Clip", f"{label}_clip", inputs=[source, low, high], outputs=[clipped]))
+        return clipped
+    floor = gs.Variable(f"{label}_floored", dtype=np.float32)
+    graph.nodes.append(gs.Node("Max", f"{label}_clip_low", inputs=[source, low], outputs=[floor]))
+    graph.nodes.append(gs.Node("Min", f"{label}_clip", inputs=[floor, high], outputs=[clipped]))
+    return clipped
 
 
 def _activation_rhs(node: gs.Node, index: int) -> bool:

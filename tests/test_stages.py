@@ -1,0 +1,115 @@
+"""Fast tier: each calibration stage alone, and the block-reconstruction engine, on a tiny ViT."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from vitq_onnx.calibration.bits import BitWidths
+from vitq_onnx.calibration.calibrate import calibrate
+from vitq_onnx.calibration.methods import REPQ_SOFTMAX, Method
+from vitq_onnx.calibration.quant_points import instrument
+from vitq_onnx.calibration.reconstruct import BlockReconstruction, transformer_blocks
+from vitq_onnx.calibration.stages import ChannelwiseReparam, FitActivations, FitWeights
+from vitq_onnx.calibration.state import CalibOptions, CalibState
+from vitq_onnx.errors import VitqError
+from vitq_onnx.recipe import Recipe
+
+QUIET = CalibOptions(progress=False)
+
+
+def _state(model, images, bits=BitWidths(4, 4), options=QUIET) -> CalibState:
+    work = copy.deepcopy(model)
+    return CalibState(model, work, instrument(work), torch.from_numpy(images), bits,
+                      Recipe("tiny", "test", bits.w, bits.a), options)
+
+
+def test_channelwise_reparam_alone_is_lossless(tiny, tiny_images):
+    state = _state(tiny, tiny_images)
+    ChannelwiseReparam().run(state)
+    assert len(state.recipe.reparams) == 4  # norm1 -> qkv and norm2 -> fc1 in each of 2 blocks
+    assert {k for k in state.recipe.activations} == {f"blocks.{i}.{m}/MatMul:0" for i in (0, 1)
+                                                     for m in ("attn.qkv", "mlp.fc1")}
+    with torch.no_grad():
+        x = torch.from_numpy(tiny_images)
+        assert (state.model(x) - tiny(x)).abs().max() < 1e-4  # the fold changes no output
+        assert not torch.equal(state.model.blocks[0].norm1.weight, tiny.blocks[0].norm1.weight)
+
+
+def test_fit_weights_alone_puts_every_weight_on_its_grid(tiny, tiny_images):
+    state = _state(tiny, tiny_images, BitWidths.parse("4/4", ["blocks.1.mlp.fc2=3/3"]))
+    FitWeights().run(state)
+    assert len(state.recipe.weights) == 4 * 2 + 2  # Linears, head, patch embedding
+    for key, mod in state.inst.weights.items():
+        q = state.recipe.weights[key]
+        assert q.bits == (3 if key.startswith("blocks.1.mlp.fc2") else 4)
+        scale = torch.from_numpy(q.scale).reshape(-1, *([1] * (mod.weight.dim() - 1)))
+        codes = mod.weight / scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 2 ** (q.bits - 1)
+
+
+def test_fit_activations_alone_fits_every_point_with_the_methods_kinds(tiny, tiny_images):
+    state = _state(tiny, tiny_images)
+    FitWeights().run(state)
+    FitActivations(REPQ_SOFTMAX).run(state)
+    acts = state.recipe.activations
+    assert set(acts) == set(state.inst.points)
+    assert {k for k, q in acts.items() if q.kind == "log2"} == {f"blocks.{i}.attn/matmul_av:0" for i in (0, 1)}
+    assert acts["patch_embed.proj/Conv:0"].bits == 8 and acts["blocks.0.mlp.fc2/MatMul:0"].bits == 4
+    linears = {k.rpartition(":")[0] for k in state.inst.weights if "/MatMul" in k}
+    assert set(state.recipe.bias_corrections) == linears  # bias correction of every Linear
+
+
+def _recon(iters=40, **kw):
+    from vitq_onnx.calibration.methods import get_method
+
+    return Method("test-recon", "", get_method("repq").stages + (BlockReconstruction(iters=iters, batch_size=8, **kw),))
+
+
+def test_reconstruction_lowers_every_blocks_error_and_stores_trained_codes(tiny, tiny_images):
+    recipe = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(), "tiny", QUIET)
+    rec = recipe.info["reconstruction"]
+    assert rec["blocks"] == 2 and rec["iters"] == [40, 40]
+    assert all(after < before for before, after in zip(rec["loss_before"], rec["loss_after"])), rec
+    inside = [k for k in recipe.weights if k.startswith("blocks.")]
+    assert all(recipe.weights[k].codes is not None for k in inside)
+    assert recipe.weights["head/MatMul:1"].codes is None  # outside the blocks: rounded by the passes
+    assert set(recipe.bias_corrections) >= {k.rpartition(":")[0] for k in inside}
+
+
+def test_reconstruction_is_deterministic_for_a_seed(tiny, tiny_images):
+    runs = [calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=10), "tiny", CalibOptions(seed=s, progress=False))
+            for s in (3, 3, 4)]
+    key = "blocks.1.mlp.fc1/MatMul:1"
+    np.testing.assert_array_equal(runs[0].weights[key].codes, runs[1].weights[key].codes)
+    assert runs[0].info["reconstruction"] == runs[1].info["reconstruction"]
+    assert runs[0].info["reconstruction"]["loss_after"] != runs[2].info["reconstruction"]["loss_after"]
+
+
+def test_time_budget_cuts_iterations(tiny, tiny_images):
+    recipe = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=100000), "tiny",
+                       CalibOptions(time_budget=1.0, progress=False))
+    assert sum(recipe.info["reconstruction"]["iters"]) < 2 * 100000
+
+
+def test_transformer_blocks_are_found_in_forward_order(tiny):
+    assert [n for n, _ in transformer_blocks(tiny)] == ["blocks.0", "blocks.1"]
+
+
+def test_unknown_layer_pattern_and_device_are_clear_errors(tiny, tiny_images):
+    from vitq_onnx.calibration.methods import get_method
+
+    with pytest.raises(VitqError, match="'blocks.7.*' matches no quantized layer"):
+        calibrate(tiny, tiny_images, BitWidths.parse("4/4", ["blocks.7.*=8/8"]), get_method("repq"), "tiny", QUIET)
+    if not torch.cuda.is_available():
+        with pytest.raises(VitqError, match="no CUDA GPU"):
+            calibrate(tiny, tiny_images, BitWidths(4, 4), get_method("repq"), "tiny",
+                      CalibOptions(device="cuda", progress=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_reconstruction_on_gpu_gives_a_cpu_recipe(tiny, tiny_images):
+    recipe = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=5), "tiny",
+                       CalibOptions(device="cuda", progress=False))
+    assert all(isinstance(q.scale, np.ndarray) for q in recipe.weights.values())

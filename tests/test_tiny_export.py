@@ -1,0 +1,114 @@
+"""Fast tier: every pass and format on a tiny random ViT, bit-exact against the simulation; mixed
+widths visible in the graph; the CLI end to end on a model timm builds by name."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vitq_onnx import runtime
+from vitq_onnx.calibration.bits import BitWidths
+from vitq_onnx.calibration.calibrate import calibrate
+from vitq_onnx.calibration.methods import METHODS, get_method
+from vitq_onnx.calibration.state import CalibOptions
+from vitq_onnx.cli import main
+from vitq_onnx.passes import PassContext, pipeline, run_passes
+from vitq_onnx.simulation import simulate
+from vitq_onnx.validate import compare_logits, torch_logits
+
+from .conftest import TINY
+
+QUIET = CalibOptions(progress=False)
+
+
+def _exact(model, recipe, onnx_model, images):
+    return compare_logits(torch_logits(simulate(model, recipe), images),
+                          runtime.run(runtime.session(onnx_model), images))
+
+
+@pytest.mark.parametrize("method", ["basic", "repq", "repq-log2", "repq-recon"])
+@pytest.mark.parametrize("fmt", ["ort", "qdq"])
+def test_every_method_and_format_is_bit_exact(tiny, tiny_images, tiny_fp32_onnx, method, fmt, tmp_path):
+    recipe = calibrate(tiny, tiny_images[:8], BitWidths(4, 4), get_method(method), "tiny", QUIET)
+    passes = pipeline(recipe, fmt)
+    model = run_passes(tiny_fp32_onnx, passes, PassContext(recipe, fmt), tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == len(passes) + 1  # every pass saved for Netron
+    report = _exact(tiny, recipe, model, tiny_images[8:])
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_error"] == 0.0
+
+
+def _with_outputs(model, names):
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for name in names:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["ort", "qdq"])
+def test_two_layers_at_other_widths_show_their_integer_ranges(tiny, tiny_images, tiny_fp32_onnx, fmt):
+    bits = BitWidths.parse("4/4", ["blocks.0.mlp.fc1=8/8", "blocks.1.mlp.fc2=3/3"])
+    recipe = calibrate(tiny, tiny_images[:8], bits, get_method("repq"), "tiny", QUIET)
+    model = run_passes(tiny_fp32_onnx, pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert inits["blocks.0.mlp.fc1/weight_int8"].dtype == np.uint8  # 8-bit weights: uint8, zero point 128
+    w3 = inits["blocks.1.mlp.fc2/weight_int3"].astype(np.int16)
+    w4 = inits["blocks.0.mlp.fc2/weight_int4"].astype(np.int16)
+    assert w3.min() >= -4 and w3.max() <= 3 and w4.min() >= -8 and w4.max() <= 7 and w4.min() < -4
+    if fmt == "ort":  # 8-bit containers onnxruntime can return (qdq's uint4 it cannot)
+        codes = ["blocks.0.mlp.fc1/input_uint8", "blocks.1.mlp.fc2/input_uint3", "blocks.0.mlp.fc2/input_uint4"]
+        a8, a3, a4 = runtime.session(_with_outputs(model, codes)).run(codes, {"image": tiny_images})
+        assert a8.max() > 15 and a3.max() <= 7 and a4.max() <= 15 and a3.max() > 3
+    else:
+        types = {i.name: i.data_type for i in model.graph.initializer}
+        assert types["blocks.0.mlp.fc1/input_zero_point"] == onnx.TensorProto.UINT8
+        assert types["blocks.1.mlp.fc2/input_zero_point"] == onnx.TensorProto.UINT4
+        assert "blocks.1.mlp.fc2/input_clip" in {n.name for n in model.graph.node}  # 3 bits in 4
+    report = _exact(tiny, recipe, model, tiny_images)
+    assert report["max_abs_logit_error"] == 0.0
+
+
+def _export(tmp_path, calib, *extra):
+    out = tmp_path / "tiny.onnx"
+    code = main(["export", "--model", TINY, "--random-weights", "--calib", str(calib), "--num-calib", "8",
+                 "-q", "-o", str(out), *extra])
+    return code, out
+
+
+def test_cli_export_with_layer_bits_writes_the_map_into_the_metadata(tmp_path, tiny_calib_dir, capsys):
+    code, out = _export(tmp_path, tiny_calib_dir, "--bits", "4/4", "--layer-bits", "blocks.1.*=6/6")
+    assert code == 0
+    meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
+    assert meta["vitq.recipe"]["bits"] == {"w": 4, "a": 4, "layers": ["blocks.1.*=6/6"]}
+    tensor_bits = meta["vitq.recipe"]["tensor_bits"]
+    assert tensor_bits["blocks.1.mlp.fc2/MatMul:1"] == 6 and tensor_bits["blocks.0.mlp.fc2/MatMul:1"] == 4
+    assert meta["vitq.validation"]["top1_agreement"] == 1.0
+
+
+def test_cli_method_help_comes_from_the_registry(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    out = capsys.readouterr().out
+    for m in METHODS.values():
+        assert f"{m.name}: {m.description}" in out
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--layer-bits", "blocks.9.*=8/8"], "matches no quantized layer"),
+    (["--layer-bits", "blocks.1.*"], "PATTERN=W/A"),
+    (["--time-budget", "0"], "--time-budget must be"),
+    (["--device", "tpu9"], "--device"),
+])
+def test_cli_bad_calibration_options_are_one_line_errors(tmp_path, tiny_calib_dir, capsys, extra, match):
+    code, out = _export(tmp_path, tiny_calib_dir, *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("vitq-onnx: error:") and match in err[-1]
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cli_export_on_gpu_stays_bit_exact(tmp_path, tiny_calib_dir):
+    code, out = _export(tmp_path, tiny_calib_dir, "--bits", "4/4", "--method", "repq-recon", "--device", "cuda")
+    meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
+    assert code == 0 and meta["vitq.validation"]["top1_agreement"] == 1.0
