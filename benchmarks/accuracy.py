@@ -3,7 +3,8 @@
     python benchmarks/accuracy.py --configs deit_t:8/8:repq deit_t:4/4:repq -o benchmarks/results/accuracy.md
 
 Each config ``model:W/A:method[:qdq][:random]`` is exported (``--format ort`` unless ``qdq``) by ``vitq-onnx export`` (timed as a user runs it,
-imports included), calibrated on ../shared calib (32 images), then evaluated on all of val:
+imports included), calibrated on ../shared calib (each method's default number of images unless
+--num-calib), then evaluated on all of val:
 onnxruntime top-1/top-5, the PyTorch simulation's top-1 and the top-1 agreement between the two.
 A ``fp32`` config scores the exported FP32 graph and checks it against torch. Models without real
 weights (``model:W/A:method:random``) are scored for agreement only.
@@ -41,10 +42,11 @@ CALIB = SHARED / "data" / "imagenet-sample" / "calib"
 VAL = SHARED / "data" / "imagenet-sample" / "val"
 
 
-def export(model: str, bits: str, method: str, random: bool, fmt: str, out: Path, num_calib: int) -> float:
+def export(model: str, bits: str, method: str, random: bool, fmt: str, out: Path, num_calib: int | None) -> float:
     args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", model, "--bits", bits, "--method", method,
             "--format", fmt,
-            "--calib", str(CALIB), "--num-calib", str(num_calib), "-o", str(out), "--save-passes", str(out.with_suffix(""))]
+            "--calib", str(CALIB), "-o", str(out), "--save-passes", str(out.with_suffix(""))]
+    args += ["--num-calib", str(num_calib)] if num_calib else []
     args += ["--random-weights"] if random else ["--weights", str(WEIGHTS[model])]
     start = time.time()
     subprocess.run(args, check=True)
@@ -56,7 +58,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", required=True)
     p.add_argument("--work", type=Path, default=Path("runs/accuracy"))
     p.add_argument("--val-limit", type=int, default=0, help="score on the first N val images only")
-    p.add_argument("--num-calib", type=int, default=32, help="calibration images per export")
+    p.add_argument("--num-calib", type=int, help="calibration images per export (default: the method's)")
     p.add_argument("-o", "--output", type=Path, required=True, help="markdown table (and .json beside)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

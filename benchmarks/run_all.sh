@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce every number in README (about 80 minutes on 2 cores). Results land in benchmarks/results/.
+# Reproduce every number in README (about 110 minutes on 2 cores). Results land in benchmarks/results/.
 # Run it alone: the speed benchmark times onnxruntime on a machine that should be otherwise idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,8 @@ python benchmarks/gemm_kernels.py -o benchmarks/results/gemm_kernels.md
 python benchmarks/accuracy.py -o benchmarks/results/accuracy.md \
     --configs deit_t:8/8:repq deit_t:8/8:repq:qdq deit_t:6/6:repq deit_t:6/6:repq:qdq \
     deit_t:4/4:repq deit_t:4/4:repq:qdq
+python benchmarks/accuracy.py -o benchmarks/results/recon.md \
+    --configs deit_t:4/4:repq deit_t:4/4:repq-recon deit_t:4/4:repq-recon:qdq
 python benchmarks/fold_lossless.py --recipe runs/accuracy/deit_t_w4a4_repq.recipe.json \
     -o benchmarks/results/fold_lossless.md
 python benchmarks/accuracy.py -o benchmarks/results/ablation.md --configs deit_t:4/4:basic deit_t:4/4:repq-cw

@@ -167,3 +167,17 @@ def test_parameters_are_stored_in_fewer_bytes_with_the_simulated_values(fp32_onn
     big_float32 = [i.name for i in model.graph.initializer
                    if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 64]
     assert big_float32 == ["pos_embed_scale"]  # only the int8 embedding's per-channel scale
+
+
+def test_reconstructed_deit_recipe_stays_bit_exact_in_both_formats(deit, fp32_onnx, calib_images, val_images):
+    from vitq_onnx.calibration.methods import Method
+    from vitq_onnx.calibration.reconstruct import BlockReconstruction
+
+    method = Method("recon-short", "", get_method("repq").stages + (BlockReconstruction(iters=3, batch_size=4),))
+    recipe = calibrate(deit, calib_images, BitWidths(4, 4), method, "deit_tiny_patch16_224", CalibOptions(progress=False))
+    assert recipe.info["reconstruction"]["iters"] == [3] * 12
+    assert recipe.weights["blocks.11.mlp.fc2/MatMul:1"].codes is not None
+    sim = torch_logits(simulate(deit, recipe), val_images)
+    for fmt in ("ort", "qdq"):
+        model = run_passes(fp32_onnx, pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
+        assert compare_logits(sim, runtime.run(runtime.session(model), val_images))["max_abs_logit_error"] == 0.0

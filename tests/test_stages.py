@@ -64,17 +64,19 @@ def test_fit_activations_alone_fits_every_point_with_the_methods_kinds(tiny, tin
 def _recon(iters=40, **kw):
     from vitq_onnx.calibration.methods import get_method
 
-    return Method("test-recon", "", get_method("repq").stages + (BlockReconstruction(iters=iters, batch_size=8, **kw),))
+    stage = BlockReconstruction(iters=iters, batch_size=8, drop=0.5, head=True, **kw)
+    return Method("test-recon", "", get_method("repq").stages + (stage,))
 
 
 def test_reconstruction_lowers_every_blocks_error_and_stores_trained_codes(tiny, tiny_images):
     recipe = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(), "tiny", QUIET)
     rec = recipe.info["reconstruction"]
-    assert rec["blocks"] == 2 and rec["iters"] == [40, 40]
+    assert rec["units"] == ["blocks.0", "blocks.1", "head"] and rec["iters"] == [40, 40, 40]
     assert all(after < before for before, after in zip(rec["loss_before"], rec["loss_after"])), rec
     inside = [k for k in recipe.weights if k.startswith("blocks.")]
     assert all(recipe.weights[k].codes is not None for k in inside)
-    assert recipe.weights["head/MatMul:1"].codes is None  # outside the blocks: rounded by the passes
+    assert recipe.weights["patch_embed.proj/Conv:1"].codes is None  # not trained: rounded by the passes
+    assert recipe.weights["head/MatMul:1"].codes is not None  # the head unit
     assert set(recipe.bias_corrections) >= {k.rpartition(":")[0] for k in inside}
 
 
@@ -113,3 +115,18 @@ def test_reconstruction_on_gpu_gives_a_cpu_recipe(tiny, tiny_images):
     recipe = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=5), "tiny",
                        CalibOptions(device="cuda", progress=False))
     assert all(isinstance(q.scale, np.ndarray) for q in recipe.weights.values())
+
+
+def test_progress_off_a_terminal_is_a_few_lines_with_eta(capsys, monkeypatch):
+    from vitq_onnx.calibration import progress
+
+    bar = progress.Progress(1000, "stage", enabled=True)
+    for _ in range(1000):
+        bar.update(1, loss=0.5)
+    bar.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stage: 1000/1000 in") and "loss 0.5" in lines[0]
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    bar = progress.Progress(3, "stage", enabled=True)
+    bar.update(1)
+    assert "stage: 1/3, ETA" in capsys.readouterr().err

@@ -18,12 +18,13 @@ import copy
 import time
 import types
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..recipe import WeightQuant
+from ..recipe import WeightQuant, split_key
 from .bits import module_of
 from .quantizers import get_kind
 from .quantizers.weights import fake_weight_ste, float16_values, weight_codes
@@ -31,6 +32,7 @@ from .stages import Stage, set_activation
 from .state import CalibState
 
 CHUNK = 32  # images per no-grad forward (bounds the attention maps held at once)
+HEAD = "head"  # the unit after the last block: final norm and classifier, trained against the logits
 LEARNABLE = ("weights", "weight_scales", "act_scales", "biases")
 
 
@@ -75,13 +77,13 @@ def block_inputs(model: nn.Module, block: nn.Module, images: torch.Tensor) -> to
 
 @torch.no_grad()
 def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every named block's output on ``images``, from one pass of the model."""
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    """Every named block's output on ``images``, and the model's (as ``HEAD``), from one pass."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names + [HEAD]}
     handles = [model.get_submodule(n).register_forward_hook(
         lambda _m, _a, out, n=n: seen[n].append(out.detach())) for n in names]
     try:
         for i in range(0, len(images), CHUNK):
-            model(images[i:i + CHUNK])
+            seen[HEAD].append(model(images[i:i + CHUNK]))
     finally:
         for h in handles:
             h.remove()
@@ -89,8 +91,8 @@ def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor) -> d
 
 
 @torch.no_grad()
-def _run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([block(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])
+def _run(forward: Callable, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([forward(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])
 
 
 class _Trainable:
@@ -100,10 +102,10 @@ class _Trainable:
     weight scale of 0.01 and an activation scale of 1, and a scale can never reach zero.
     """
 
-    def __init__(self, state: CalibState, block: str, learn: tuple[str, ...]):
+    def __init__(self, state: CalibState, unit: "_Unit", learn: tuple[str, ...], drop: float):
         self.state, self.groups = state, {k: [] for k in LEARNABLE}
-        self.points = [p for k, p in state.inst.points.items() if module_of(k).startswith(block + ".")]
-        self.layers = [k for k in state.inst.weights if module_of(k).startswith(block + ".")]
+        self.points = [p for k, p in state.inst.points.items() if unit.owns(k)]
+        self.layers = [k for k in state.inst.weights if unit.owns(k)]
         self.act_params, self.w = {}, {}
         device = state.images.device
         for point in self.points:
@@ -113,8 +115,8 @@ class _Trainable:
             logs = {k: nn.Parameter(fixed.pop(k).log()) for k in kind.learnable} if "act_scales" in learn else {}
             self.groups["act_scales"] += list(logs.values())
             self.act_params[point.key] = (fixed, logs)
-            point.action = lambda p, t, kind=kind, fixed=fixed, logs=logs, bits=q.bits: kind.fake_ste(
-                t, {**fixed, **{k: v.exp() for k, v in logs.items()}}, bits)
+            point.action = lambda p, t, kind=kind, fixed=fixed, logs=logs, bits=q.bits: _drop(t, drop, kind.fake_ste(
+                t, {**fixed, **{k: v.exp() for k, v in logs.items()}}, bits))
         for key in self.layers:
             mod, wq = state.inst.weights[key], state.recipe.weights[key]
             latent = nn.Parameter(state.fp_weights[key].clone(), requires_grad="weights" in learn)
@@ -151,6 +153,38 @@ class _Trainable:
                 state.set_bias_correction(key, bias.detach() - state.ref_biases[key])
 
 
+def _drop(x: torch.Tensor, p: float, xq: torch.Tensor) -> torch.Tensor:
+    """QDrop (Wei et al. 2022): each element keeps its float value with probability p while
+    training, which makes the trained weights robust to the quantization noise around them."""
+    if p <= 0 or not torch.is_grad_enabled():
+        return xq
+    return torch.where(torch.rand_like(x) < p, x, xq)
+
+
+@dataclass
+class _Unit:
+    """One part of the model trained at once: a transformer block, or the head after the last."""
+
+    name: str
+    forward: nn.Module | Callable
+    keys: Callable[[str], bool]
+
+    def owns(self, key: str) -> bool:
+        return self.keys(key)
+
+
+def _units(state: CalibState, head: bool) -> list[_Unit]:
+    blocks = transformer_blocks(state.model)
+    units = [_Unit(n, b, lambda k, n=n: module_of(k).startswith(n + ".")) for n, b in blocks]
+    model = state.model
+    if head and blocks and hasattr(model, "forward_head") and isinstance(getattr(model, "norm", None), nn.Module):
+        points = list(state.inst.points)  # in forward order: the head's come after the last block's
+        last = max(i for i, k in enumerate(points) if units[-1].owns(k))
+        tail = {split_key(k)[0] for k in points[last + 1:]}
+        units.append(_Unit(HEAD, lambda x: model.forward_head(model.norm(x)), lambda k: split_key(k)[0] in tail))
+    return units
+
+
 def _ste_forward(latent, log_scale, bias, bits):
     def forward(self, x):
         w = fake_weight_ste(latent, log_scale.exp(), bits)
@@ -172,66 +206,73 @@ class BlockReconstruction(Stage):
     lr_scales: float = 1e-3  # on log(scale): 0.1 % per step at most
     lr_biases: float = 1e-4
     learn: tuple[str, ...] = LEARNABLE
+    drop: float = 0.0  # QDrop probability of keeping an activation float while training
+    head: bool = False  # also train the head (final norm, classifier) against the float logits
+    flip: bool = False  # also train on the mirrored images: twice the data against overfitting
     name = "block_reconstruction"
 
     def describe(self, state):
-        return (f"block reconstruction ({len(transformer_blocks(state.model))} blocks, {self.iters} iterations "
-                f"each, batch {self.batch_size}, {len(state.images)} images)")
+        units = _units(state, self.head)
+        return (f"block reconstruction ({len(units)} units, {self.iters} iterations each, batch "
+                f"{self.batch_size}, {len(state.images)} images{' and their mirror images' if self.flip else ''})")
 
     def run(self, state: CalibState) -> None:
-        blocks = transformer_blocks(state.model)
-        if not blocks:
+        units = _units(state, self.head)
+        if not units:
             state.say("  no transformer blocks found: nothing to reconstruct")
             return
-        fp = copy.deepcopy(state.fp_model).eval().to(state.images.device)
-        targets = block_outputs(fp, [n for n, _ in blocks], state.images)
+        images = torch.cat([state.images, state.images.flip(-1)]) if self.flip else state.images
+        fp = copy.deepcopy(state.fp_model).eval().to(images.device)
+        targets = block_outputs(fp, [u.name for u in units if u.name != HEAD], images)
         del fp
         lrs = {"weights": self.lr_weights, "weight_scales": self.lr_scales, "act_scales": self.lr_scales,
                "biases": self.lr_biases}
         gen = torch.Generator().manual_seed(state.options.seed)
+        torch.manual_seed(state.options.seed)  # QDrop's masks
         budget, start = state.options.time_budget, time.time()
-        iters = [self.iters] * len(blocks)
+        iters = [self.iters] * len(units)
         bar = state.progress(sum(iters), "calibration: block reconstruction")
-        report = {"iters": [], "loss_before": [], "loss_after": []}
+        report = {"units": [u.name for u in units], "iters": [], "loss_before": [], "loss_after": []}
         x = None
-        for i, (name, block) in enumerate(blocks):
-            if x is None or not _follows(blocks[i - 1][0], name):
-                x = block_inputs(state.model, block, state.images)
-            y = targets.pop(name)
-            trainable = _Trainable(state, name, self.learn)
+        for i, unit in enumerate(units):
+            if x is None or not (unit.name == HEAD or _follows(units[i - 1].name, unit.name)):
+                x = block_inputs(state.model, unit.forward, images)
+            y = targets.pop(unit.name)
+            trainable = _Trainable(state, unit, self.learn, self.drop)
             opt = torch.optim.Adam([{"params": p, "lr": lrs[g]} for g, p in trainable.groups.items() if p])
-            if budget is not None and i > 0:  # share what is left of the budget among the blocks left
+            if budget is not None and i > 0:  # share what is left of the budget among the units left
                 per_iter = (time.time() - start) / max(1, sum(report["iters"]))
-                left = max(0.0, budget - (time.time() - start)) / (len(blocks) - i)
+                left = max(0.0, budget - (time.time() - start)) / (len(units) - i)
                 iters[i] = max(1, min(self.iters, int(left / per_iter)))
-                bar.total = sum(report["iters"]) + sum(iters[i:])
+                bar.set_total(sum(report["iters"]) + sum(iters[i:]))
             elif budget is not None:
-                iters[0] = max(1, min(self.iters, int(budget / len(blocks) / self._step_seconds(block, x, y))))
+                iters[0] = max(1, min(self.iters, int(budget / len(units) / self._step_seconds(unit.forward, x, y, opt))))
+                bar.set_total(sum(iters))
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters[i], eta_min=0.0)
-            report["loss_before"].append(round(F.mse_loss(_run(block, x), y).item(), 6))
+            report["loss_before"].append(round(F.mse_loss(_run(unit.forward, x), y).item(), 6))
             for _ in range(iters[i]):
                 idx = torch.randint(0, len(x), (min(self.batch_size, len(x)),), generator=gen).to(x.device)
-                loss = F.mse_loss(block(x[idx]), y[idx])
+                loss = F.mse_loss(unit.forward(x[idx]), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 schedule.step()
-                bar.update(1, block=f"{i + 1}/{len(blocks)}", loss=loss.item())
+                bar.update(1, unit=f"{i + 1}/{len(units)}", loss=loss.item())
             trainable.write_back()
-            x_next = _run(block, x)
+            x_next = _run(unit.forward, x)
             report["iters"].append(iters[i])
             report["loss_after"].append(round(F.mse_loss(x_next, y).item(), 6))
             x = x_next
         bar.close()
-        state.recipe.info["reconstruction"] = {"blocks": len(blocks), "batch_size": self.batch_size,
-                                               "images": len(state.images), **report}
+        state.recipe.info["reconstruction"] = {"batch_size": self.batch_size, "images": len(state.images),
+                                               "flip": self.flip, "drop": self.drop, **report}
 
-    def _step_seconds(self, block, x, y) -> float:
+    def _step_seconds(self, forward, x, y, opt) -> float:
         """Time of one training step (forward and backward, Adam's step on top), to size the
-        first block under a time budget."""
+        first unit under a time budget."""
         batch = slice(0, min(self.batch_size, len(x)))
         t = time.time()
         for _ in range(2):
-            F.mse_loss(block(x[batch]), y[batch]).backward()
-        block.zero_grad(set_to_none=True)
+            F.mse_loss(forward(x[batch]), y[batch]).backward()
+        opt.zero_grad(set_to_none=True)
         return max(1e-3, (time.time() - t) / 2 * 1.1)

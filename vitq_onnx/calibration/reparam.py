@@ -34,10 +34,10 @@ def bias_delta(weight_in_out, shift):
 
 @torch.no_grad()
 def fold_into_torch(norm: nn.LayerNorm, linears: list[nn.Linear], rep: Reparam) -> None:
-    r1 = torch.from_numpy(rep.r1)
-    shift = torch.from_numpy(rep.shift)
+    r1 = torch.from_numpy(rep.r1).to(norm.weight.device)
+    shift = torch.from_numpy(rep.shift).to(norm.weight.device)
     for lin in linears:
-        bias = lin.bias if lin.bias is not None else torch.zeros(lin.out_features)
+        bias = lin.bias if lin.bias is not None else torch.zeros(lin.out_features, device=r1.device)
         new_bias = bias + bias_delta(lin.weight.t(), shift)
         lin.weight.mul_(r1[None, :])
         lin.bias = nn.Parameter(new_bias)
