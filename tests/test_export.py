@@ -28,7 +28,8 @@ def test_export_writes_model_recipe_and_metadata(deit_w8a8):
     model = onnx.load(deit_w8a8)
     onnx.checker.check_model(model)
     meta = {p.key: json.loads(p.value) for p in model.metadata_props}
-    assert meta["vitq.recipe"]["bits"] == {"w": 8, "a": 8}
+    assert meta["vitq.recipe"]["bits"] == {"w": 8, "a": 8, "layers": []}
+    assert set(meta["vitq.recipe"]["tensor_bits"].values()) == {8}  # every tensor, the 8-bit image input too
     assert meta["vitq.validation"]["top1_agreement"] >= 0.99
     assert meta["vitq.preprocess"]["size"] == 224
     recipe = json.loads(deit_w8a8.with_name("deit_t_w8a8.recipe.json").read_text())

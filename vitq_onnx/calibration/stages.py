@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..recipe import ActQuant, split_key, tensor_key
@@ -33,6 +32,18 @@ class Stage:
 def set_activation(state: CalibState, key: str, kind: str, bits: int, params: dict) -> None:
     """Record a fitted quantizer in the recipe (numpy, as its kind stores it)."""
     state.recipe.activations[key] = ActQuant(kind, bits, get_kind(kind).to_numpy(params))
+
+
+def recipe_params(state: CalibState, key: str) -> dict[str, torch.Tensor]:
+    """A recipe quantizer's parameters as scalar tensors on the calibration device."""
+    return {k: torch.tensor(float(v), device=state.images.device)
+            for k, v in state.recipe.activations[key].params.items()}
+
+
+def quantize_as_recipe(state: CalibState, point) -> None:
+    """From now on ``point`` quantizes with its recipe entry, as the deployed model does."""
+    q, params = state.recipe.activations[point.key], recipe_params(state, point.key)
+    point.action = lambda p, t, kind=get_kind(q.kind): kind.fake(t, params, q.bits)
 
 
 class ChannelwiseReparam(Stage):
@@ -123,9 +134,7 @@ class FitActivations(Stage):
                 kind = self.softmax_kind(bits) if point.role == "softmax" else "uniform"
                 set_activation(state, point.key, kind, bits, get_kind(kind).fit(x, bits, point))
             bar.update(1)
-            q = recipe.activations[point.key]
-            params = {k: torch.tensor(float(np.asarray(v)), device=x.device) for k, v in q.params.items()}
-            point.action = lambda p, t: get_kind(q.kind).fake(t, params, q.bits)
+            quantize_as_recipe(state, point)
             xq = point.action(point, x)
             if point.role == "linear_input":
                 refit_linear(split_key(point.key)[0], xq.reshape(-1, xq.shape[-1]))
