@@ -99,6 +99,7 @@ def test_cli_method_help_comes_from_the_registry(capsys):
     (["--layer-bits", "blocks.1.*"], "PATTERN=W/A"),
     (["--time-budget", "0"], "--time-budget must be"),
     (["--device", "tpu9"], "--device"),
+    (["--num-calib", "0"], "--num-calib must be at least 1"),
 ])
 def test_cli_bad_calibration_options_are_one_line_errors(tmp_path, tiny_calib_dir, capsys, extra, match):
     code, out = _export(tmp_path, tiny_calib_dir, *extra)

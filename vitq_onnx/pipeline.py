@@ -91,7 +91,7 @@ def export(opts: ExportOptions) -> dict:
     if opts.format not in FORMATS:
         raise VitqError(f"unknown --format '{opts.format}': use {' or '.join(FORMATS)}")
     _check_output(opts.output, [opts.weights])
-    calib_paths = calibration_subset(opts.calib, opts.num_calib or method.num_calib)
+    calib_paths = calibration_subset(opts.calib, method.num_calib if opts.num_calib is None else opts.num_calib)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     model = create_model(opts.model, opts.weights, opts.random_weights)

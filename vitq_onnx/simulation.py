@@ -70,8 +70,7 @@ def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         fold_into_torch(*norms[rep.norm], rep)
     for key, mod in inst.weights.items():
         q = recipe.weights[key]
-        if tuple(mod.weight.shape) != (q.codes.shape if q.codes is not None else mod.weight.shape) \
-                or q.scale.size != mod.weight.shape[0]:
+        if q.scale.size != mod.weight.shape[0] or (q.codes is not None and q.codes.shape != mod.weight.shape):
             raise VitqError(f"recipe does not fit this model: {key} has another shape")
         mod.weight.copy_(quantized_weight(mod.weight, q))
         xq = recipe.activations[tensor_key(split_key(key)[0], 0)]
