@@ -18,7 +18,9 @@ from vitq_onnx.recipe import ActQuant, Recipe, WeightQuant
 
 
 def _softmax_like(n=4096):
-    return torch.randn(8, n // 8).mul(3).softmax(-1)
+    x = torch.randn(8, n // 8).mul(3).softmax(-1)
+    x[:, :5] = 0.0  # masked attention (Swin's shifted windows) gives exact zeros
+    return x
 
 
 @pytest.mark.parametrize("name", sorted(KINDS))
@@ -38,7 +40,7 @@ def test_every_kind_fits_fakes_and_trains(name, bits):
     ste = kind.fake_ste(xg, leaves, bits)
     np.testing.assert_allclose(ste.detach().numpy(), exact.numpy(), rtol=1e-5, atol=1e-7)
     (ste * torch.randn_like(ste)).sum().backward()
-    assert xg.grad.abs().sum() > 0
+    assert xg.grad.abs().sum() > 0 and torch.isfinite(xg.grad).all()
     assert all(leaves[k].grad is not None and torch.isfinite(leaves[k].grad) for k in kind.learnable)
     kind.check("m/MatMul:0", bits, kind.to_numpy(params))
 

@@ -130,3 +130,30 @@ def test_progress_off_a_terminal_is_a_few_lines_with_eta(capsys, monkeypatch):
     bar = progress.Progress(3, "stage", enabled=True)
     bar.update(1)
     assert "stage: 1/3, ETA" in capsys.readouterr().err
+
+
+def test_reconstruction_of_a_shifted_window_swin_stays_bit_exact(tiny_images):
+    """Swin: blocks in several stages with patch merging between them, masked (exactly zero)
+    attention in the shifted windows, and the head unit."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    from vitq_onnx import runtime
+    from vitq_onnx.export import export_fp32
+    from vitq_onnx.passes import PassContext, pipeline, run_passes
+    from vitq_onnx.simulation import simulate
+    from vitq_onnx.validate import compare_logits, torch_logits
+
+    torch.manual_seed(0)
+    swin = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+                           num_heads=(1, 2), num_classes=10).eval()
+    recipe = calibrate(swin, tiny_images[:8], BitWidths(4, 4), _recon(iters=5), "swin", QUIET)
+    rec = recipe.info["reconstruction"]
+    assert rec["units"] == ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0", "layers.1.blocks.1", "head"]
+    assert all(np.isfinite(rec["loss_after"]))
+    fp32 = export_fp32(swin, 32)
+    stored = {i.name for i in fp32.graph.initializer}
+    recipe.param_storage = {k: v for k, v in recipe.param_storage.items() if k in stored}
+    model = run_passes(fp32, pipeline(recipe), PassContext(recipe), progress=False)
+    report = compare_logits(torch_logits(simulate(swin, recipe), tiny_images[8:]),
+                            runtime.run(runtime.session(model), tiny_images[8:]))
+    assert report["max_abs_logit_error"] == 0.0

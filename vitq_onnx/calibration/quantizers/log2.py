@@ -111,8 +111,10 @@ class Log2(QuantizerKind):
 
     def fake_ste(self, x, params, bits):
         scale = params["scale"]
-        codes = torch.clamp(round_ste((torch.log(scale) - torch.log(x)) / LOG2_STEP.to(x.device)),
-                            0, log2_zero_code(bits))
+        # exact zeros (masked attention, e.g. Swin's shifted windows) take the zero code; the
+        # clamp keeps log() finite so that no NaN reaches the gradient through the other branch
+        log_x = torch.log(x.clamp(min=torch.finfo(x.dtype).tiny))
+        codes = torch.clamp(round_ste((torch.log(scale) - log_x) / LOG2_STEP.to(x.device)), 0, log2_zero_code(bits))
         return torch.where(codes < log2_zero_code(bits), scale * torch.exp2(-codes / 2), torch.zeros_like(x))
 
     def exact_matmul(self, qa, qb):
