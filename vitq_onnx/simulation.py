@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import runtime_kernels
 from .calibration.quantizers import fake, get_kind, integer_matmul, torch_params
-from .calibration.quantizers.weights import fake_weight
+from .calibration.quantizers.weights import fake_weight, weight_values
 from .calibration.quant_points import instrument
 from .calibration.reparam import fold_into_torch
 from .errors import VitqError
@@ -49,7 +49,7 @@ def quantized_weight(weight: torch.Tensor, q: WeightQuant) -> torch.Tensor:
     scale = torch.from_numpy(q.scale.astype("float32"))
     if q.codes is None:
         return fake_weight(weight, scale, q.bits)
-    return torch.from_numpy(q.codes.astype("float32")) * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return weight_values(torch.from_numpy(q.codes.astype("float32")), scale)
 
 
 @torch.no_grad()

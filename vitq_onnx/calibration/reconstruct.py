@@ -26,9 +26,9 @@ from torch import nn
 
 from ..recipe import WeightQuant, split_key
 from .bits import module_of
-from .quantizers import get_kind
-from .quantizers.weights import fake_weight_ste, float16_values, weight_codes
-from .stages import Stage, quantize_as_recipe, recipe_params, set_activation
+from .quantizers import get_kind, torch_params
+from .quantizers.weights import fake_weight_ste, float16_values, weight_codes, weight_values
+from .stages import Stage, quantize_as_recipe, set_activation
 from .state import CalibState
 
 CHUNK = 32  # images per no-grad forward (bounds the attention maps held at once)
@@ -111,7 +111,7 @@ class _Trainable:
         for point in self.points:
             q = state.recipe.activations[point.key]
             kind = get_kind(q.kind)
-            fixed = recipe_params(state, point.key)
+            fixed = torch_params(q, device)
             logs = {k: nn.Parameter(fixed.pop(k).log()) for k in kind.learnable} if "act_scales" in learn else {}
             self.groups["act_scales"] += list(logs.values())
             self.act_params[point.key] = (fixed, logs)
@@ -145,7 +145,7 @@ class _Trainable:
             scale = float16_values(log_scale.detach().exp())
             codes = weight_codes(latent.detach(), scale, bits)
             del mod.forward  # back to the module's own forward on the dequantized weight
-            mod.weight.copy_(codes * scale.reshape(-1, *([1] * (codes.dim() - 1))))
+            mod.weight.copy_(weight_values(codes, scale))
             state.recipe.weights[key] = WeightQuant(bits, scale.cpu().numpy(), codes.cpu().numpy().astype("int8"))
             if bias is not None:
                 state.set_bias_correction(key, bias.detach() - state.ref_biases[key])

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..recipe import ActQuant, split_key, tensor_key
-from .quantizers import get_kind
+from .quantizers import get_kind, torch_params
 from .quantizers.weights import fit_weight
 from .reparam import channelwise_reparam, fold_into_torch
 from .state import CalibState
@@ -34,15 +34,10 @@ def set_activation(state: CalibState, key: str, kind: str, bits: int, params: di
     state.recipe.activations[key] = ActQuant(kind, bits, get_kind(kind).to_numpy(params))
 
 
-def recipe_params(state: CalibState, key: str) -> dict[str, torch.Tensor]:
-    """A recipe quantizer's parameters as scalar tensors on the calibration device."""
-    return {k: torch.tensor(float(v), device=state.images.device)
-            for k, v in state.recipe.activations[key].params.items()}
-
-
 def quantize_as_recipe(state: CalibState, point) -> None:
     """From now on ``point`` quantizes with its recipe entry, as the deployed model does."""
-    q, params = state.recipe.activations[point.key], recipe_params(state, point.key)
+    q = state.recipe.activations[point.key]
+    params = torch_params(q, state.images.device)
     point.action = lambda p, t, kind=get_kind(q.kind): kind.fake(t, params, q.bits)
 
 

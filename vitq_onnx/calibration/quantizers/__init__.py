@@ -81,9 +81,10 @@ def get_kind(name: str) -> QuantizerKind:
     return KINDS[name]
 
 
-def torch_params(q) -> dict[str, torch.Tensor]:
-    """A recipe ActQuant's parameters as float32 scalar tensors."""
-    return {k: torch.tensor(float(np.asarray(v).reshape(())), dtype=torch.float32) for k, v in q.params.items()}
+def torch_params(q, device=None) -> dict[str, torch.Tensor]:
+    """A recipe ActQuant's parameters as float32 scalar tensors (on ``device``)."""
+    return {k: torch.tensor(float(np.asarray(v).reshape(())), dtype=torch.float32, device=device)
+            for k, v in q.params.items()}
 
 
 def fake(q, x: torch.Tensor) -> torch.Tensor:

@@ -119,11 +119,10 @@ class Log2(QuantizerKind):
 
     def exact_matmul(self, qa, qb):
         """``a`` is onnxruntime's LogSoftmax output (``sim_softmax``), as in the graph."""
-        s_a, s_b = torch_params(qa)["scale"], get_kind(qb.kind).step(torch_params(qb))
+        kind_b, params_b = get_kind(qb.kind), torch_params(qb)
+        s_a, s_b = torch_params(qa)["scale"], kind_b.step(params_b)
         unit = log2_unit(s_a, qa.bits) * s_b
         unit_odd = unit * (SQRT2 - 1)
-        kind_b = get_kind(qb.kind)
-        params_b = torch_params(qb)
 
         def log2_matmul(log_a, b):
             shifted, odd = log2_parts(log2_codes_of_log(log_a, s_a, qa.bits), qa.bits)

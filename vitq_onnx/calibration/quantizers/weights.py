@@ -22,13 +22,18 @@ def weight_codes(w: torch.Tensor, scale: torch.Tensor, bits: int, rounding=torch
     return torch.clamp(rounding(w / _channel(scale, w)), lo, hi)
 
 
+def weight_values(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Dequantized weight: codes times their output channel's scale."""
+    return codes * _channel(scale, codes)
+
+
 def fake_weight(w, scale, bits: int):
-    return weight_codes(w, scale, bits) * _channel(scale, w)
+    return weight_values(weight_codes(w, scale, bits), scale)
 
 
 def fake_weight_ste(w, scale, bits: int):
     """``fake_weight``, differentiable in the latent weight and the scale (LSQ)."""
-    return weight_codes(w, scale, bits, round_ste) * _channel(scale, w)
+    return weight_values(weight_codes(w, scale, bits, round_ste), scale)
 
 
 def fit_weight(w: torch.Tensor, bits: int, importance: torch.Tensor | None = None) -> torch.Tensor:
