@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from vitq_onnx.calibration.quantizers import log2 as L
+from vitq_onnx.calibration.quantizers import sulq as S
 from vitq_onnx.calibration.quantizers import uniform as U
 from vitq_onnx.calibration.quantizers import weights as W
+from vitq_onnx.errors import VitqError
 from vitq_onnx.passes.quantize_weights import weight_codes
 
 
@@ -65,3 +67,54 @@ def test_log2_codes_round_in_the_log_domain():
     assert L.fake_log2(torch.tensor([1.0]), scale, 4).item() == pytest.approx(1.0)
     assert L.fake_log2(torch.tensor([math.sqrt(2) / 4]), scale, 4).item() == pytest.approx(math.sqrt(2) / 4)
 
+
+
+def _softmax_like(n=4, tokens=64):
+    return torch.softmax(torch.randn(n, 3, tokens, tokens) * 4, dim=-1)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+@pytest.mark.parametrize("j", [0, 3, 7, 10, 15])
+def test_sulq_has_2_to_the_b_codes_and_levels_eta_times_2i_minus_1(bits, j):
+    x = _softmax_like()
+    p = S.sulq_fit_params(x, 2.0**-j, bits)
+    codes = S.sulq_codes_of_log(torch.log(x + p["eta"]), p["lo"], p["delta"], bits)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1 and codes.max() == 2**bits - 1  # honest b bits
+    values = S.sulq_dequant(torch.arange(2**bits), p["eta"], p["lo"], p["delta"], bits)
+    units = values.double() / 2.0**-j + 1  # 2^i
+    assert torch.equal(units, torch.exp2(torch.round(torch.log2(units))))  # every level eta * (2^i - 1)
+    assert values.min() == 0.0  # code 0 is exactly zero
+    # the uint8 parts of the graph rebuild 2^i exactly, at most 2^7 each
+    shifts = S.sulq_part_shifts(p["lo"], p["delta"], p["eta"], bits)
+    parts = [torch.bitwise_right_shift(torch.tensor(128), s) for s in shifts]
+    assert all(int(q.max()) <= 128 for q in parts) and len(parts) == (2 if units.max() > 128 else 1)
+    assert torch.equal(sum(q.double() * 256.0**i for i, q in enumerate(parts)), units)
+
+
+def test_sulq_shift_covers_the_small_probabilities_log2_clamps():
+    """The paper's motivating case: at 3 bits a plain log2 quantizer maps every probability below
+    2^-7 to its last code; SULQ's shifted grid spends its codes where the probabilities are."""
+    x = _softmax_like()
+    best = S.fit_sulq(x, 3, None, S.SULQ().etas)
+    small = (x > 2**-12) & (x < 2**-5)
+    err_sulq = (S.SULQ().fake(x, best, 3) - x)[small].abs().mean()
+    err_log2 = (L.fake_log2(x, L.fit_log2(x, 3), 3) - x)[small].abs().mean()
+    assert err_sulq < 0.5 * err_log2
+
+
+def test_sulq_straight_through_forward_matches_the_deployed_values():
+    x = _softmax_like()
+    kind, p = S.SULQ(), S.sulq_fit_params(x, 2.0**-6, 4)
+    xg = x.clone().requires_grad_()
+    y = kind.fake_ste(xg, p, 4)
+    y.sum().backward()
+    assert (y.detach() == kind.fake(x, p, 4)).float().mean() > 0.999  # log vs log2 may split a tie
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+def test_free_eta_is_refused_at_deployment():
+    assert S.eta_shift(0.125) == 3 and S.eta_shift(0.03) is None and S.eta_shift(2.0**-16) is None
+    with pytest.raises(VitqError, match="not 2\\^-j"):
+        S.sulq_part_shifts(-5.0, 0.7, 0.03, 3)
+    with pytest.raises(VitqError, match="simulation only"):
+        S.SULQFree().deploy_passes(["a/MatMul:0"])

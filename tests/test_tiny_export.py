@@ -28,7 +28,7 @@ def _exact(model, recipe, onnx_model, images):
                           runtime.run(runtime.session(onnx_model), images))
 
 
-@pytest.mark.parametrize("method", ["basic", "repq", "repq-log2", "repq-recon"])
+@pytest.mark.parametrize("method", ["basic", "repq", "repq-log2", "repq-recon", "ias", "ias-sulq"])
 @pytest.mark.parametrize("fmt", ["ort", "qdq"])
 def test_every_method_and_format_is_bit_exact(tiny, tiny_images, tiny_fp32_onnx, method, fmt, tmp_path):
     recipe = calibrate(tiny, tiny_images[:8], BitWidths(4, 4), get_method(method), "tiny", QUIET)
@@ -113,3 +113,27 @@ def test_cli_export_on_gpu_stays_bit_exact(tmp_path, tiny_calib_dir):
     code, out = _export(tmp_path, tiny_calib_dir, "--bits", "4/4", "--method", "repq-recon", "--device", "cuda")
     meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
     assert code == 0 and meta["vitq.validation"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("method", ["repq-log2", "ias-sulq"])
+def test_qdq_post_softmax_is_integer_shifts_without_exp(tiny, tiny_images, tiny_fp32_onnx, method):
+    recipe = calibrate(tiny, tiny_images[:8], BitWidths(4, 4), get_method(method), "tiny", QUIET)
+    model = run_passes(tiny_fp32_onnx, pipeline(recipe, "qdq"), PassContext(recipe, "qdq"), progress=False)
+    ops = [n.op_type for n in model.graph.node]
+    softmax_quantizers = [q for q in recipe.activations.values() if q.kind in ("log2", "sulq")]
+    assert len(softmax_quantizers) == 2  # one per block
+    assert ops.count("BitShift") >= len(softmax_quantizers) and "Exp" not in ops and "Pow" not in ops
+
+
+@pytest.mark.parametrize("fmt", ["ort", "qdq"])
+def test_sulq_with_two_uint8_parts_is_bit_exact(tiny, tiny_images, tiny_fp32_onnx, fmt, monkeypatch):
+    """eta = 2^-12: 2^i reaches 2^12, above uint8, so each attention@v takes a second GEMM."""
+    from vitq_onnx.calibration.quantizers import sulq
+
+    monkeypatch.setattr(sulq.SULQ, "etas", (2.0**-12,))
+    recipe = calibrate(tiny, tiny_images[:8], BitWidths(4, 4), get_method("ias-sulq"), "tiny", QUIET)
+    model = run_passes(tiny_fp32_onnx, pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
+    gemms = [n for n in model.graph.node if n.op_type in ("MatMulInteger", "MatMulIntegerToFloat")]
+    assert sum("part1" in n.name for n in gemms) == 2  # one second part per block
+    report = _exact(tiny, recipe, model, tiny_images)
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_error"] == 0.0

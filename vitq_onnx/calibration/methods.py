@@ -83,3 +83,37 @@ def repq_log2():
 def repq_recon():
     """repq + block-wise reconstruction of weights, biases and quantizer scales (Adam, cosine)"""
     return [ChannelwiseReparam(), FitWeights(), FitActivations(REPQ_SOFTMAX), BlockReconstruction()]
+
+
+# I&S-ViT (Zhong et al. 2023): SULQ post-Softmax quantizers and the smooth optimization strategy.
+# RepQ-ViT's fold of the channel-wise post-LayerNorm quantizers (SOS stage 2) is exact: the
+# per-tensor quantizer on the folded LayerNorm output gives the same codes and the folded Linear
+# the same output as the channel-wise quantizer did, so the engine folds first and SOS stage 1
+# trains that same function (float weights, channel-wise quantization) in the folded coordinates.
+IAS_STAGE1_ITERS = 100
+IAS_STAGE3_ITERS = 200
+
+
+def sulq(bits: int) -> str:
+    return "sulq"
+
+
+@register_method(num_calib=128)
+def ias():
+    """I&S-ViT: SULQ post-Softmax + smooth optimization (float-weight, then quantized block reconstruction)"""
+    return [ChannelwiseReparam(), FitActivations(sulq, weights=False),
+            BlockReconstruction(iters=IAS_STAGE1_ITERS, learn=("weights", "biases"), quantized_weights=False),
+            FitWeights(), BlockReconstruction(iters=IAS_STAGE3_ITERS)]
+
+
+@register_method
+def ias_sulq():
+    """ablation: repq with SULQ post-Softmax quantizers (no reconstruction)"""
+    return [ChannelwiseReparam(), FitWeights(), FitActivations(sulq)]
+
+
+@register_method(num_calib=128)
+def ias_stage3():
+    """ablation: ias without its float-weight stage (SULQ + quantized block reconstruction only)"""
+    return [ChannelwiseReparam(), FitWeights(), FitActivations(sulq), BlockReconstruction(iters=IAS_STAGE3_ITERS)]
+

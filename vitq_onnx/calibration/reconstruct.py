@@ -102,8 +102,9 @@ class _Trainable:
     weight scale of 0.01 and an activation scale of 1, and a scale can never reach zero.
     """
 
-    def __init__(self, state: CalibState, unit: "_Unit", learn: tuple[str, ...], drop: float):
-        self.state, self.groups = state, {k: [] for k in LEARNABLE}
+    def __init__(self, state: CalibState, unit: "_Unit", learn: tuple[str, ...], drop: float,
+                 quantized: bool = True):
+        self.state, self.groups, self.quantized = state, {k: [] for k in LEARNABLE}, quantized
         self.points = [p for k, p in state.inst.points.items() if unit.owns(k)]
         self.layers = [k for k in state.inst.weights if unit.owns(k)]
         self.act_params, self.w = {}, {}
@@ -118,17 +119,18 @@ class _Trainable:
             point.action = lambda p, t, kind=kind, fixed=fixed, logs=logs, bits=q.bits: _drop(t, drop, kind.fake_ste(
                 t, {**fixed, **{k: v.exp() for k, v in logs.items()}}, bits))
         for key in self.layers:
-            mod, wq = state.inst.weights[key], state.recipe.weights[key]
+            mod = state.inst.weights[key]
             latent = nn.Parameter(state.fp_weights[key].clone(), requires_grad="weights" in learn)
-            log_scale = nn.Parameter(torch.from_numpy(wq.scale).to(device).log(),
-                                     requires_grad="weight_scales" in learn)
+            log_scale = None if not quantized else nn.Parameter(
+                torch.from_numpy(state.recipe.weights[key].scale).to(device).log(),
+                requires_grad="weight_scales" in learn)
             bias = None if key not in state.ref_biases else nn.Parameter(mod.bias.detach().clone(),
                                                                           requires_grad="biases" in learn)
             self.w[key] = (latent, log_scale, bias)
             for group, p in (("weights", latent), ("weight_scales", log_scale), ("biases", bias)):
                 if p is not None and p.requires_grad:
                     self.groups[group].append(p)
-            mod.forward = types.MethodType(_ste_forward(latent, log_scale, bias, wq.bits), mod)
+            mod.forward = types.MethodType(_ste_forward(latent, log_scale, bias, state.bits.weight(key)), mod)
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -141,12 +143,17 @@ class _Trainable:
             quantize_as_recipe(state, point)
         for key in self.layers:
             latent, log_scale, bias = self.w[key]
-            mod, bits = state.inst.weights[key], state.recipe.weights[key].bits
-            scale = float16_values(log_scale.detach().exp())
-            codes = weight_codes(latent.detach(), scale, bits)
-            del mod.forward  # back to the module's own forward on the dequantized weight
-            mod.weight.copy_(weight_values(codes, scale))
-            state.recipe.weights[key] = WeightQuant(bits, scale.cpu().numpy(), codes.cpu().numpy().astype("int8"))
+            mod, bits = state.inst.weights[key], state.bits.weight(key)
+            del mod.forward  # back to the module's own forward on the (dequantized) weight
+            if self.quantized:
+                scale = float16_values(log_scale.detach().exp())
+                codes = weight_codes(latent.detach(), scale, bits)
+                mod.weight.copy_(weight_values(codes, scale))
+                state.recipe.weights[key] = WeightQuant(bits, scale.cpu().numpy(), codes.cpu().numpy().astype("int8"))
+            else:  # float weights, quantized by a later stage from these
+                mod.weight.copy_(latent.detach())
+                state.fp_weights[key] = latent.detach().clone()
+                state.retrained.add(key)
             if bias is not None:
                 state.set_bias_correction(key, bias.detach() - state.ref_biases[key])
 
@@ -182,7 +189,7 @@ def _units(state: CalibState, head: bool) -> list[_Unit]:
 
 def _ste_forward(latent, log_scale, bias, bits):
     def forward(self, x):
-        w = fake_weight_ste(latent, log_scale.exp(), bits)
+        w = latent if log_scale is None else fake_weight_ste(latent, log_scale.exp(), bits)
         b = self.bias if bias is None else bias  # layers whose bias is not trained keep their own
         if isinstance(self, nn.Conv2d):
             return self._conv_forward(x, w, b)
@@ -206,18 +213,21 @@ class BlockReconstruction(Stage):
     learn: tuple[str, ...] = LEARNABLE
     drop: float = 0.0  # QDrop probability of keeping an activation float while training
     head: bool = False  # also train the head (final norm, classifier) against the float logits
+    quantized_weights: bool = True  # False: weights train in float (I&S-ViT's first stage)
     name = "block_reconstruction"
 
     def describe(self, state):
         units = _units(state, self.head)
         return (f"block reconstruction ({len(units)} units, {self.iters} iterations each, batch "
-                f"{self.batch_size}, {len(state.images)} images)")
+                f"{self.batch_size}, {len(state.images)} images, "
+                f"{'quantized' if self.quantized_weights else 'float'} weights)")
 
     def run(self, state: CalibState) -> None:
         units = _units(state, self.head)
         if not units:
             state.say("  no transformer blocks found: nothing to reconstruct")
             return
+        state.keep_float_reference()
         fp = copy.deepcopy(state.fp_model).eval().to(state.images.device)
         targets = block_outputs(fp, [u.name for u in units if u.name != HEAD], state.images)
         del fp
@@ -227,14 +237,15 @@ class BlockReconstruction(Stage):
         torch.manual_seed(state.options.seed)  # QDrop's masks
         budget, start = state.options.time_budget, time.time()
         iters = [self.iters] * len(units)
-        bar = state.progress(sum(iters), "calibration: block reconstruction")
+        bar = state.progress(sum(iters), f"calibration: block reconstruction "
+                                         f"({'quantized' if self.quantized_weights else 'float'} weights)")
         report = {"units": [u.name for u in units], "iters": [], "loss_before": [], "loss_after": []}
         x = None
         for i, unit in enumerate(units):
             if x is None or not (unit.name == HEAD or _follows(units[i - 1].name, unit.name)):
                 x = block_inputs(state.model, unit.forward, state.images)
             y = targets.pop(unit.name)
-            trainable = _Trainable(state, unit, self.learn, self.drop)
+            trainable = _Trainable(state, unit, self.learn, self.drop, self.quantized_weights)
             opt = torch.optim.Adam([{"params": p, "lr": lrs[g]} for g, p in trainable.groups.items() if p])
             if budget is not None and i > 0:  # share what is left of the budget among the units left
                 per_iter = (time.time() - start) / max(1, sum(report["iters"]))
@@ -260,8 +271,9 @@ class BlockReconstruction(Stage):
             report["loss_after"].append(round(F.mse_loss(x_next, y).item(), 6))
             x = x_next
         bar.close()
-        state.recipe.info["reconstruction"] = {"batch_size": self.batch_size, "images": len(state.images),
-                                               "drop": self.drop, **report}
+        stage = "reconstruction" if self.quantized_weights else "float_weight_reconstruction"
+        state.recipe.info[stage] = {"batch_size": self.batch_size, "images": len(state.images),
+                                    "drop": self.drop, **report}
 
     def _step_seconds(self, forward, x, y, opt) -> float:
         """Time of one training step (forward and backward, Adam's step on top), to size the

@@ -87,10 +87,8 @@ class FitWeights(Stage):
 
     @torch.no_grad()
     def run(self, state: CalibState) -> None:
-        for key, mod in state.inst.weights.items():
-            state.fp_weights[key] = mod.weight.detach().clone()
-            if mod.bias is not None and isinstance(mod, torch.nn.Linear):  # bias corrections: Linears
-                state.ref_biases[key] = mod.bias.detach().clone()
+        state.keep_float_reference()
+        for key in state.inst.weights:  # fp_weights: as a float stage trained them, if one did
             state.set_weight(key, fit_weight(state.fp_weights[key], state.bits.weight(key)))
 
 
@@ -103,14 +101,16 @@ class FitActivations(Stage):
     that weight rounding causes (bias correction, Nagel et al. 2019).
 
     ``softmax_kind(bits)`` names the quantizer kind of post-Softmax tensors; every other
-    activation is uniform. Quantizers a previous stage fitted (channel-wise ones) are kept.
+    activation is uniform. Quantizers a previous stage fitted (channel-wise ones) are kept. With
+    ``weights=False`` the weights stay float (I&S-ViT's first stage trains them so).
     """
 
     softmax_kind: Callable[[int], str] = lambda bits: "uniform"
+    weights: bool = True
     name = "fit_activations"
 
     def describe(self, state):
-        return "activations"
+        return "activations" + ("" if self.weights else " (float weights)")
 
     @torch.no_grad()
     def run(self, state: CalibState) -> None:
@@ -131,7 +131,7 @@ class FitActivations(Stage):
             bar.update(1)
             quantize_as_recipe(state, point)
             xq = point.action(point, x)
-            if point.role == "linear_input":
+            if point.role == "linear_input" and self.weights:
                 refit_linear(split_key(point.key)[0], xq.reshape(-1, xq.shape[-1]))
             return xq
 

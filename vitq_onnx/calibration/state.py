@@ -19,7 +19,7 @@ from ..recipe import Recipe, WeightQuant
 from .bits import BitWidths
 from .progress import Progress
 from .quant_points import Instrumented
-from .quantizers.weights import fake_weight
+from .quantizers.weights import fake_weight, weight_codes
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,15 @@ class CalibState:
     options: CalibOptions = field(default_factory=CalibOptions)
     fp_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # weight key -> float weight
     ref_biases: dict[str, torch.Tensor] = field(default_factory=dict)  # weight key -> bias before corrections
+    retrained: set[str] = field(default_factory=set)  # weight keys whose float weight a stage trained
+
+    @torch.no_grad()
+    def keep_float_reference(self) -> None:
+        """Record the float weights and (Linear) biases the exported graph starts from, once."""
+        for key, mod in self.inst.weights.items():
+            self.fp_weights.setdefault(key, mod.weight.detach().clone())
+            if mod.bias is not None and isinstance(mod, nn.Linear) and key not in self.ref_biases:
+                self.ref_biases[key] = mod.bias.detach().clone()  # bias corrections: Linears
 
     def say(self, msg: str) -> None:
         if self.options.progress:
@@ -52,9 +61,12 @@ class CalibState:
     @torch.no_grad()
     def set_weight(self, key: str, scale: torch.Tensor) -> None:
         """Quantize one layer's float weight with ``scale`` (per output channel) into the model."""
-        mod = self.inst.weights[key]
-        mod.weight.copy_(fake_weight(self.fp_weights[key], scale, self.bits.weight(key)))
-        self.recipe.weights[key] = WeightQuant(self.bits.weight(key), scale.cpu().numpy().astype(np.float32))
+        mod, bits = self.inst.weights[key], self.bits.weight(key)
+        mod.weight.copy_(fake_weight(self.fp_weights[key], scale, bits))
+        # a retrained weight is not the graph's: the recipe carries its codes
+        codes = weight_codes(self.fp_weights[key], scale, bits).cpu().numpy().astype(np.int8) \
+            if key in self.retrained else None
+        self.recipe.weights[key] = WeightQuant(bits, scale.cpu().numpy().astype(np.float32), codes)
 
     @torch.no_grad()
     def set_bias_correction(self, key: str, delta: torch.Tensor) -> None:

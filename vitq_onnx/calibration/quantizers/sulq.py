@@ -1,0 +1,187 @@
+"""I&S-ViT's shift-uniform-log2 quantizer (SULQ) for post-Softmax tensors, deployed as shifts.
+
+Code k = clamp(round((log2(x + eta) - lo) / delta), 0, 2^b - 1) stands for 2^e_k - eta with the
+integer exponent e_k = round(lo + k * delta): a uniform grid on log2(x + eta), so the levels cover
+[0, 1] down to exact zero (x + eta > 0 always) with 2^b honest codes. With eta = 2^-j every level
+is eta * (2^i - 1), i = e_k + j in 0..15: the graph (``passes/sulq_softmax.py``) looks each code's
+shift up in a 2^b-entry table, makes 2^i with a BitShift, and multiplies with v's codes in an
+integer GEMM with zero point 1 (2^i - 1); 2^i above 2^7 goes to a second uint8 GEMM weighted 256.
+One float scale eta * s_v follows. A free eta (the paper's grid) is kept for comparison only: its
+levels are not integer multiples of one step, so it runs in the simulation but not in the graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ... import runtime_kernels
+from ...errors import VitqError
+from . import QuantizerKind, get_kind, register, round_ste, torch_params
+
+SULQ_MAX_SHIFT = 15  # eta >= 2^-15: 2^i <= 2^15 splits into two uint8 parts
+PART_BITS = 8
+SHIFTS = tuple(range(SULQ_MAX_SHIFT + 1))  # the deployable grid eta = 2^-j
+FREE_ETAS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)  # the paper's grid
+LN2 = math.log(2.0)
+
+
+def eta_shift(eta: float) -> int | None:
+    """j with eta = 2^-j (0 <= j <= 15), or None when eta is not such a power of two."""
+    j = -math.log2(eta) if eta > 0 else math.inf
+    return int(j) if j == int(j) and 0 <= j <= SULQ_MAX_SHIFT else None
+
+
+def graph_constants(lo, delta) -> tuple[np.float32, np.float32]:
+    """(lo * ln 2, delta * ln 2) as float32: the graph quantizes ln(x + eta) with them."""
+    return np.float32(float(lo) * LN2), np.float32(float(delta) * LN2)
+
+
+def sulq_exponents(lo, delta, bits: int) -> torch.Tensor:
+    """e_k = round(lo + k * delta) for every code k (float64, fixed once the parameters are)."""
+    k = torch.arange(2**bits, dtype=torch.float64)
+    return torch.round(float(lo) + k * float(delta)).to(torch.int64)
+
+
+def sulq_codes_of_log(ln_x: torch.Tensor, lo, delta, bits: int) -> torch.Tensor:
+    """Codes from ln(x + eta) in float32, as the graph's Sub, QuantizeLinear (round half to even,
+    saturating at 0) and Min compute them."""
+    c_lo, c_delta = (torch.tensor(c, device=ln_x.device) for c in graph_constants(lo, delta))
+    return torch.clamp(torch.round((ln_x.float() - c_lo) / c_delta), 0, 2**bits - 1)
+
+
+def sulq_log(x: torch.Tensor, eta) -> torch.Tensor:
+    """ln(x + eta) with onnxruntime's Log kernel (the graph's Add, then Log)."""
+    return runtime_kernels.run("Log", x.float() + torch.tensor(np.float32(eta))).to(x.device)
+
+
+def sulq_dequant(codes: torch.Tensor, eta, lo, delta, bits: int) -> torch.Tensor:
+    e = sulq_exponents(lo, delta, bits).to(codes.device)[codes.long()]
+    return torch.exp2(e.double()).float() - float(eta)
+
+
+def fake_sulq(x: torch.Tensor, eta, lo, delta, bits: int, log=torch.log) -> torch.Tensor:
+    codes = sulq_codes_of_log(log(x.float() + float(eta)), lo, delta, bits)
+    return sulq_dequant(codes, eta, lo, delta, bits)
+
+
+def sulq_part_shifts(lo, delta, eta, bits: int) -> list[torch.Tensor]:
+    """Per uint8 part p, each code's right shift of 2^7: 2^7 >> s is 2^(i - 8p) when i falls in
+    the part, and 0 (shift 8) when not; the parts weighted 256^p sum to 2^i exactly."""
+    j = eta_shift(float(eta))
+    if j is None:
+        raise VitqError(f"SULQ eta {float(eta):g} is not 2^-j (j = 0..{SULQ_MAX_SHIFT}): it cannot be deployed")
+    i = sulq_exponents(lo, delta, bits) + j
+    if i.min() < 0 or i.max() > SULQ_MAX_SHIFT:
+        raise VitqError(f"SULQ levels 2^i - 1 need 0 <= i <= {SULQ_MAX_SHIFT}, got {int(i.min())}..{int(i.max())}")
+    parts = int(i.max()) // PART_BITS + 1
+    top = PART_BITS - 1
+    return [torch.where((i >= PART_BITS * p) & (i < PART_BITS * (p + 1)), top - (i - PART_BITS * p),
+                        torch.full_like(i, PART_BITS)) for p in range(parts)]
+
+
+def sulq_fit_params(x: torch.Tensor, eta: float, bits: int) -> dict[str, torch.Tensor]:
+    """lo and hi are log2 of the smallest and largest x + eta; delta spreads 2^b codes between."""
+    lo = math.log2(float(x.min().clamp(min=0)) + eta)
+    hi = math.log2(float(x.max()) + eta)
+    delta = max(hi - lo, 1e-6) / (2**bits - 1)
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in (("eta", eta), ("lo", lo), ("delta", delta))}
+
+
+def fit_sulq(x: torch.Tensor, bits: int, v: torch.Tensor | None, etas) -> dict[str, torch.Tensor]:
+    """The eta of ``etas`` whose quantizer gives the smallest error of ``x @ v`` (attention's
+    output; of x itself without ``v``)."""
+    n = min(len(x), 4)
+    xs = x[:n].float()
+    ref = xs if v is None else xs @ v[:n].float()
+    best, best_err = None, math.inf
+    for eta in etas:
+        params = sulq_fit_params(x, eta, bits)
+        xq = fake_sulq(xs, *(params[k] for k in ("eta", "lo", "delta")), bits)
+        err = float((((xq if v is None else xq @ v[:n].float()) - ref) ** 2).mean())
+        if err < best_err:
+            best, best_err = params, err
+    return best
+
+
+class _SULQ(QuantizerKind):
+    params = ("eta", "lo", "delta")
+    learnable = ()  # I&S-ViT keeps quantizer parameters frozen
+    etas: tuple = ()
+
+    def fit(self, x, bits, point):
+        return fit_sulq(x, bits, point.partner, self.etas)
+
+    def fake(self, x, params, bits):
+        return fake_sulq(x, params["eta"], params["lo"], params["delta"], bits)
+
+    def fake_ste(self, x, params, bits):
+        eta, lo, delta = params["eta"], params["lo"], params["delta"]
+        y = torch.log2(x + eta)
+        k = torch.clamp(round_ste((y - lo) / delta), 0, 2**bits - 1)
+        return torch.exp2(round_ste(lo + k * delta)) - eta
+
+    def check(self, key, bits, params):
+        super().check(key, bits, params)
+        if not (float(np.asarray(params["eta"])) > 0 and float(np.asarray(params["delta"])) > 0):
+            raise VitqError(f"{key}: SULQ eta and delta must be > 0")
+
+
+@register
+class SULQ(_SULQ):
+    """eta = 2^-j: deployed with integer shifts (``passes/sulq_softmax.py``)."""
+
+    name = "sulq"
+    etas = tuple(2.0**-j for j in SHIFTS)
+
+    def exact_matmul(self, qa, qb):
+        """Per part: exact sum of (2^7 >> shift) * v codes (zero point 1 on part 0), float32 of each
+        sum times its unit, added in order, as the graph's integer GEMMs compute it."""
+        p = torch_params(qa)
+        kind_b, params_b = get_kind(qb.kind), torch_params(qb)
+        s_b = kind_b.step(params_b)
+        shifts = sulq_part_shifts(p["lo"], p["delta"], p["eta"], qa.bits)
+        units = [part_unit(p["eta"], s_b, i) for i in range(len(shifts))]
+
+        def sulq_matmul(a, b):
+            codes = sulq_codes_of_log(sulq_log(a, p["eta"]), p["lo"], p["delta"], qa.bits).long()
+            kv = torch.round(kind_b.fake(b, params_b, qb.bits) / s_b).double()
+            out = None
+            for i, (shift, unit) in enumerate(zip(shifts, units)):
+                part = torch.bitwise_right_shift(torch.full_like(codes, 2**(PART_BITS - 1)), shift[codes]).double()
+                term = ((part - (1 if i == 0 else 0)) @ kv).float() * unit
+                out = term if out is None else out + term
+            return out
+
+        return sulq_matmul
+
+    def check(self, key, bits, params):
+        super().check(key, bits, params)
+        sulq_part_shifts(params["lo"], params["delta"], params["eta"], bits)  # deployable
+
+    def deploy_passes(self, keys):
+        from ...passes.sulq_softmax import SULQSoftmax
+        return [SULQSoftmax(keys)]
+
+
+def part_unit(eta, s_v, part: int) -> torch.Tensor:
+    """The float value of integer 1 in part ``part``: eta * s_v * 256^part, rounded to float32."""
+    return torch.tensor(np.float32(float(eta) * float(s_v) * 2.0 ** (PART_BITS * part)))
+
+
+@register
+class SULQFree(_SULQ):
+    """The paper's free eta grid: simulation only (for measuring what eta = 2^-j costs)."""
+
+    name = "sulq-free"
+    etas = FREE_ETAS
+
+    def exact_matmul(self, qa, qb):
+        p, q_b = torch_params(qa), torch_params(qb)
+        kind_b = get_kind(qb.kind)
+        return lambda a, b: self.fake(a, p, qa.bits) @ kind_b.fake(b, q_b, qb.bits)
+
+    def deploy_passes(self, keys):
+        raise VitqError("sulq-free (eta not a power of two) is for simulation only: use sulq to export")
