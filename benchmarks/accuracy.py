@@ -2,11 +2,13 @@
 
     python benchmarks/accuracy.py --configs deit_t:8/8:repq deit_t:4/4:repq -o benchmarks/results/accuracy.md
 
-Each config ``model:W/A:method[:qdq][:random]`` is exported (``--format ort`` unless ``qdq``) by ``vitq-onnx export`` (timed as a user runs it,
+Each config ``model:W/A:method[:qdq][:reuse][:random]`` is exported (``--format ort`` unless ``qdq``) by ``vitq-onnx export`` (timed as a user runs it,
 imports included), calibrated on ../shared calib (each method's default number of images unless
 --num-calib), then evaluated on all of val:
 onnxruntime top-1/top-5, the PyTorch simulation's top-1 and the top-1 agreement between the two.
-A ``fp32`` config scores the exported FP32 graph and checks it against torch. Models without real
+With ``reuse`` the export deploys the recipe of the same config's
+``ort`` export (run earlier in the list) with ``--recipe`` instead of calibrating again
+(calibration is deterministic: it would compute the same recipe). A ``fp32`` config scores the exported FP32 graph and checks it against torch. Models without real
 weights (``model:W/A:method:random``) are scored for agreement only.
 """
 
@@ -42,10 +44,11 @@ CALIB = SHARED / "data" / "imagenet-sample" / "calib"
 VAL = SHARED / "data" / "imagenet-sample" / "val"
 
 
-def export(model: str, bits: str, method: str, random: bool, fmt: str, out: Path, num_calib: int | None) -> float:
-    args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", model, "--bits", bits, "--method", method,
-            "--format", fmt,
+def export(model: str, bits: str, method: str, random: bool, fmt: str, out: Path, num_calib: int | None,
+           recipe: Path | None = None) -> float:
+    args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", model, "--format", fmt,
             "--calib", str(CALIB), "-o", str(out), "--save-passes", str(out.with_suffix(""))]
+    args += ["--recipe", str(recipe)] if recipe else ["--bits", bits, "--method", method]
     args += ["--num-calib", str(num_calib)] if num_calib else []
     args += ["--random-weights"] if random else ["--weights", str(WEIGHTS[model])]
     start = time.time()
@@ -78,12 +81,15 @@ def main() -> None:
             cache[model_name] = (fp, images, labels, torch_logits(fp, images))
         fp, images, labels, fp_logits = cache[model_name]
         out = args.work / f"{model_name}_w{bits.replace('/', 'a')}_{method}{'_qdq' if fmt == 'qdq' else ''}.onnx"
-        seconds = export(model_name, bits, method, random, fmt, out, args.num_calib)
+        ort_recipe = out.with_name(out.stem.removesuffix("_qdq") + ".recipe.json")
+        seconds = export(model_name, bits, method, random, fmt, out, args.num_calib,
+                         ort_recipe if "reuse" in rest else None)
         print(f"{config}: exported in {seconds:.1f} s; scoring", file=sys.stderr)
         sim_logits = torch_logits(simulate(fp, Recipe.load(out.with_name(out.stem + ".recipe.json"))), images)
         ort_logits = runtime.run(runtime.session(out), images)
         fp32_onnx = runtime.run(runtime.session(out.with_suffix("") / "00_fp32.onnx"), images)
-        row = {"config": config, "images": len(images), "export_s": round(seconds, 1),
+        row = {"config": config, "images": len(images),
+               "export_s": f"{seconds:.1f} (recipe reused)" if "reuse" in rest else round(seconds, 1),
                "ort_vs_sim": compare_logits(sim_logits, ort_logits),
                "fp32_onnx_vs_torch": compare_logits(fp_logits, fp32_onnx)}
         if labels is not None:

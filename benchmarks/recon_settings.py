@@ -2,16 +2,21 @@
 score on the rest.
 
     python benchmarks/recon_settings.py "iters=180,batch_size=16,lr_weights=3e-4,lr_scales=3e-3"
+    python benchmarks/recon_settings.py "method='ias',bits='3/3',float_iters=100,iters=200"
 
-Calibrates DeiT-Ti at W4/A4 with ``repq`` + BlockReconstruction(**settings) on 93 calib images
-and reports, on the 32 held-out calib images (a fixed shuffle, seed 1), the simulation's top-1,
-its top-1 agreement with the float model and its KL divergence from the float model's
-predictions (the least noisy of the three on 32 images). ``iters=0`` is plain ``repq``.
+Calibrates DeiT-Ti (W4/A4 unless ``bits``) with ``repq`` + BlockReconstruction(**settings) on 93
+calib images and reports, on the 32 held-out calib images (a fixed shuffle, seed 1), the
+simulation's top-1, its top-1 agreement with the float model and its KL divergence from the float
+model's predictions (the least noisy of the three on 32 images). ``iters=0`` is plain ``repq``.
+With ``method``, that method's own reconstruction stages take the settings instead: ``float_*``
+ones its float-weight stage (``float_iters=0`` drops it), the others its quantized-weight stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import random
 import sys
 import time
@@ -38,7 +43,7 @@ HELD_OUT = 32
 def main() -> None:
     settings = eval(f"dict({sys.argv[1] if len(sys.argv) > 1 else ''})")  # noqa: S307 (a local benchmark)
     bits = settings.pop("bits", "4/4")
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # 1 to run two trials side by side
     model = create_model("deit_t", SHARED / "models" / "deit_tiny_patch16_224.safetensors")
     pre = Preprocess.from_model(model)
     paths = list_images(CALIB)
@@ -47,9 +52,13 @@ def main() -> None:
     held, kept = load_images(paths[:HELD_OUT], pre)
     labels = np.array([label_of(p, CALIB, load_synsets()) for p in kept])
     fp = torch_logits(model, held)
-    stages = get_method("repq").stages
-    if settings.get("iters", 1):
-        stages += (BlockReconstruction(**settings),)
+    method = settings.pop("method", None)
+    if method is None:
+        stages = get_method("repq").stages
+        if settings.get("iters", 1):
+            stages += (BlockReconstruction(**settings),)
+    else:
+        stages = _with_settings(get_method(method).stages, settings)
     start = time.time()
     recipe = calibrate(model, train, BitWidths.parse(bits), Method("trial", "", stages), "deit_tiny_patch16_224",
                        CalibOptions())
@@ -60,6 +69,20 @@ def main() -> None:
     print(json.dumps({"settings": sys.argv[1:], "calibration_s": round(seconds), "held_out_top1": float((q.argmax(1) == labels).mean()),
                       "fp_top1": float((fp.argmax(1) == labels).mean()),
                       "agreement_with_fp": float((q.argmax(1) == fp.argmax(1)).mean()), "kl_to_fp": round(kl, 4)}))
+
+
+def _with_settings(stages, settings: dict) -> tuple:
+    float_settings = {k[len("float_"):]: v for k, v in settings.items() if k.startswith("float_")}
+    quantized = {k: v for k, v in settings.items() if not k.startswith("float_")}
+    out = []
+    for stage in stages:
+        if isinstance(stage, BlockReconstruction):
+            chosen = quantized if stage.quantized_weights else float_settings
+            if chosen.get("iters", 1) == 0:
+                continue
+            stage = dataclasses.replace(stage, **chosen)
+        out.append(stage)
+    return tuple(out)
 
 
 if __name__ == "__main__":

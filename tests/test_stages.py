@@ -8,13 +8,14 @@ import torch
 
 from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
-from vitq_onnx.calibration.methods import REPQ_SOFTMAX, Method
+from vitq_onnx.calibration.methods import REPQ_SOFTMAX, Method, sulq
 from vitq_onnx.calibration.quant_points import instrument
 from vitq_onnx.calibration.reconstruct import BlockReconstruction, transformer_blocks
-from vitq_onnx.calibration.stages import ChannelwiseReparam, FitActivations, FitWeights
+from vitq_onnx.calibration.stages import ChannelwiseReparam, FitActivations, FitWeights, quantize_as_recipe
 from vitq_onnx.calibration.state import CalibOptions, CalibState
 from vitq_onnx.errors import VitqError
 from vitq_onnx.recipe import Recipe
+from vitq_onnx.simulation import simulate
 
 QUIET = CalibOptions(progress=False)
 
@@ -157,3 +158,26 @@ def test_reconstruction_of_a_shifted_window_swin_stays_bit_exact(tiny_images):
     report = compare_logits(torch_logits(simulate(swin, recipe), tiny_images[8:]),
                             runtime.run(runtime.session(model), tiny_images[8:]))
     assert report["max_abs_logit_error"] == 0.0
+
+
+def test_float_weight_reconstruction_carries_its_weights_into_the_recipe(tiny, tiny_images):
+    """I&S-ViT's first stage trains float weights; the recipe must then carry the codes of those
+    weights (the graph's are the original ones), and the simulation compute what calibration did."""
+    state = _state(tiny, tiny_images[:8])
+    ChannelwiseReparam().run(state)
+    FitActivations(sulq, weights=False).run(state)
+    assert not state.recipe.weights  # weights still float
+    BlockReconstruction(iters=20, learn=("weights", "biases"), quantized_weights=False).run(state)
+    trained = {k for k in state.inst.weights if k.startswith("blocks.")}
+    assert state.retrained == trained and "float_weight_reconstruction" in state.recipe.info
+    losses = state.recipe.info["float_weight_reconstruction"]
+    assert losses["loss_after"][-1] < losses["loss_before"][-1]
+    FitWeights().run(state)
+    assert {k for k, q in state.recipe.weights.items() if q.codes is not None} == trained
+    state.inst.set_action(None)
+    x = torch.from_numpy(tiny_images[8:])
+    for point in state.inst.points.values():
+        quantize_as_recipe(state, point)
+    with torch.no_grad():
+        calibrated, simulated = state.model(x), simulate(tiny, state.recipe)(x)
+    assert (calibrated - simulated).abs().max() < 0.05 * calibrated.abs().max()

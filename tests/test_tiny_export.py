@@ -15,6 +15,7 @@ from vitq_onnx.calibration.methods import METHODS, get_method
 from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.cli import main
 from vitq_onnx.passes import PassContext, pipeline, run_passes
+from vitq_onnx.recipe import Recipe
 from vitq_onnx.simulation import simulate
 from vitq_onnx.validate import compare_logits, torch_logits
 
@@ -137,3 +138,28 @@ def test_sulq_with_two_uint8_parts_is_bit_exact(tiny, tiny_images, tiny_fp32_onn
     assert sum("part1" in n.name for n in gemms) == 2  # one second part per block
     report = _exact(tiny, recipe, model, tiny_images)
     assert report["top1_agreement"] == 1.0 and report["max_abs_logit_error"] == 0.0
+
+
+def test_cli_recipe_redeploys_one_calibration_in_the_other_format(tmp_path, tiny_calib_dir, capsys):
+    code, ort_out = _export(tmp_path, tiny_calib_dir, "--bits", "4/4", "--method", "ias-sulq")
+    assert code == 0
+    given = ort_out.with_name("tiny.recipe.json")
+    qdq_out = tmp_path / "tiny_qdq.onnx"
+    code = main(["export", "--model", TINY, "--random-weights", "--calib", str(tiny_calib_dir), "--num-calib", "8",
+                 "-q", "--recipe", str(given), "--format", "qdq", "-o", str(qdq_out)])
+    assert code == 0
+    meta = {p.key: json.loads(p.value) for p in onnx.load(qdq_out).metadata_props}
+    assert meta["vitq.recipe"]["method"] == "ias-sulq" and meta["vitq.recipe"]["bits"]["w"] == 4
+    assert meta["vitq.validation"]["top1_agreement"] == 1.0
+    a, b = (Recipe.load(p.with_name(p.stem + ".recipe.json")) for p in (ort_out, qdq_out))
+    assert a.activations.keys() == b.activations.keys() and all(
+        a.activations[k].params["eta" if a.activations[k].kind == "sulq" else "scale"]
+        == b.activations[k].params["eta" if b.activations[k].kind == "sulq" else "scale"] for k in a.activations)
+    for extra, match in ((["--bits", "4/4"], "--recipe already fixes"),
+                         (["-o", str(tmp_path / "tiny.onnx")], "overwrite")):
+        capsys.readouterr()
+        out = tmp_path / "again.onnx"
+        args = ["export", "--model", TINY, "--random-weights", "--calib", str(tiny_calib_dir), "-q",
+                "--recipe", str(given), "-o", str(out), *extra]
+        assert main(args) == 1
+        assert match in capsys.readouterr().err.strip().splitlines()[-1]

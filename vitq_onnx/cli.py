@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="calibrate a timm ViT and write a quantized ONNX model",
                        formatter_class=argparse.RawTextHelpFormatter)
     e.add_argument("--model", required=True, help=f"{', '.join(SHORT_NAMES)} or a timm model name")
-    e.add_argument("--bits", default="8/8", help="weight/activation bits W/A, each 2..8 (default 8/8)")
+    e.add_argument("--bits", help="weight/activation bits W/A, each 2..8 (default 8/8)")
     e.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=W/A",
                    help="bits for the layers whose timm module name matches the glob (repeatable, last "
                         "match wins), e.g. 'blocks.11.*=8/8'")
@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
     e.add_argument("--num-calib", type=int, help="calibration images to use (default: the method's, "
                    + ", ".join(f"{m.name} {m.num_calib}" for m in METHODS.values()) + ")")
-    e.add_argument("--method", default="repq", choices=list(METHODS), metavar="METHOD",
+    e.add_argument("--recipe", type=Path,
+                   help="deploy this .recipe.json (from an earlier export) instead of calibrating: the same "
+                        "calibration in another --format; the images of --calib only validate")
+    e.add_argument("--method", choices=list(METHODS), metavar="METHOD",
                    help="calibration method (default repq):\n" + "\n".join(
                        f"  {m.name}: {m.description}" for m in METHODS.values()))
     e.add_argument("--seed", type=int, default=0, help="seed of every random choice in calibration (default 0)")
@@ -62,9 +65,13 @@ def _parser() -> argparse.ArgumentParser:
 def _export(args) -> None:
     from .pipeline import ExportOptions, export
 
+    if args.recipe is not None and (args.bits or args.method or args.layer_bits or args.time_budget):
+        raise VitqError("--recipe already fixes the bits and the calibration: drop --bits, --layer-bits, "
+                        "--method and --time-budget")
     report = export(ExportOptions(
-        model=args.model, bits=args.bits, output=args.output, calib=args.calib, weights=args.weights,
-        random_weights=args.random_weights, num_calib=args.num_calib, method=args.method,
+        model=args.model, bits=args.bits or "8/8", output=args.output, calib=args.calib, weights=args.weights,
+        random_weights=args.random_weights, num_calib=args.num_calib, method=args.method or "repq",
+        recipe=args.recipe,
         layer_bits=tuple(args.layer_bits), seed=args.seed, device=args.device, time_budget=args.time_budget,
         format=args.format, save_passes=args.save_passes, min_agreement=args.min_agreement,
         progress=not args.quiet))

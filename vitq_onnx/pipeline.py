@@ -54,6 +54,7 @@ class ExportOptions:
     save_passes: Path | None = None
     min_agreement: float = 0.9
     progress: bool = True
+    recipe: Path | None = None  # deploy this recipe instead of calibrating (bits and method are its own)
 
 
 def _check_output(output: Path, inputs: list[Path]) -> None:
@@ -84,22 +85,31 @@ def export(opts: ExportOptions) -> dict:
     start = time.time()
     say = (lambda msg: print(msg, file=sys.stderr)) if opts.progress else (lambda msg: None)
     bits = BitWidths.parse(opts.bits, opts.layer_bits)
-    method = get_method(opts.method)
+    method = get_method(opts.method)  # with a recipe: only its default number of validation images
     if opts.time_budget is not None and opts.time_budget <= 0:
         raise VitqError("--time-budget must be a positive number of minutes")
     timm_name = resolve_name(opts.model)
     if opts.format not in FORMATS:
         raise VitqError(f"unknown --format '{opts.format}': use {' or '.join(FORMATS)}")
-    _check_output(opts.output, [opts.weights])
+    _check_output(opts.output, [opts.weights, opts.recipe, opts.recipe and opts.recipe.with_suffix(".npz")])
+    if opts.recipe is not None and recipe_path(opts.output).resolve() == opts.recipe.resolve():
+        raise VitqError(f"output {opts.output} would overwrite the input recipe {opts.recipe}")
+    given = Recipe.load(opts.recipe) if opts.recipe is not None else None
+    if given is not None and given.model != timm_name:
+        raise VitqError(f"recipe {opts.recipe} is for {given.model}, not {timm_name}")
     calib_paths = calibration_subset(opts.calib, method.num_calib if opts.num_calib is None else opts.num_calib)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     model = create_model(opts.model, opts.weights, opts.random_weights)
     preprocess = Preprocess.from_model(model)
     images, used = load_images(calib_paths, preprocess)
-    say(f"calibrating {timm_name} at W{bits.w}/A{bits.a} ({method.name}) on {len(used)} images")
-    recipe = calibrate(model, images, bits, method, timm_name, CalibOptions(
-        opts.seed, opts.device, None if opts.time_budget is None else 60 * opts.time_budget, opts.progress))
+    if given is None:
+        say(f"calibrating {timm_name} at W{bits.w}/A{bits.a} ({method.name}) on {len(used)} images")
+        recipe = calibrate(model, images, bits, method, timm_name, CalibOptions(
+            opts.seed, opts.device, None if opts.time_budget is None else 60 * opts.time_budget, opts.progress))
+    else:
+        say(f"deploying the {given.method} recipe {opts.recipe} (no calibration)")
+        recipe = given
     recipe.info["format"] = opts.format
 
     fp32 = export_fp32(model, preprocess.size)
@@ -119,7 +129,8 @@ def export(opts: ExportOptions) -> dict:
                         f"of calibration images (< {opts.min_agreement:.0%}); nothing written")
     runtime.set_metadata(qmodel, runtime.META_PREPROCESS, preprocess.to_dict())
     runtime.set_metadata(qmodel, runtime.META_RECIPE, {
-        "model": timm_name, "method": method.name, "bits": bits.to_dict(), "format": opts.format,
+        "model": timm_name, "method": recipe.method, "bits": recipe.info.get("bits", bits.to_dict()),
+        "format": opts.format,
         "tensor_bits": recipe.tensor_bits(), "float_ops": recipe.float_ops})
     runtime.set_metadata(qmodel, runtime.META_VALIDATION, report)
     qmodel.producer_name = "vitq-onnx"
