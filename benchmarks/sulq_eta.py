@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--bits", nargs="+", default=["3/3", "4/4", "6/6"])
     p.add_argument("-o", "--output", type=Path, required=True)
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     model = create_model("deit_t", SHARED / "models" / "deit_tiny_patch16_224.safetensors")
     pre = Preprocess.from_model(model)
     calib, _ = load_images(list_images(CALIB)[:32], pre)

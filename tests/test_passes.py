@@ -151,6 +151,8 @@ def test_qdq_format_is_standard_packed_int4_and_bit_exact(deit, fp32_onnx, repq_
     assert all(len(i.raw_data) == (np.prod(i.dims) + 1) // 2 for i in int4)  # two codes per byte
     q_types = {i.data_type for i in model.graph.initializer if i.name.endswith("input_zero_point")}
     assert onnx.TensorProto.UINT4 in q_types
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("BitShift") == 12 and "Exp" not in ops and "Pow" not in ops  # log2 shifts as shifts
     report = compare_logits(torch_logits(simulate(deit, repq_w4a4), val_images),
                             runtime.run(runtime.session(model), val_images))
     assert report["max_abs_logit_error"] == 0.0  # onnxruntime's float GEMMs sum integers exactly
@@ -181,3 +183,25 @@ def test_reconstructed_deit_recipe_stays_bit_exact_in_both_formats(deit, fp32_on
     for fmt in ("ort", "qdq"):
         model = run_passes(fp32_onnx, pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
         assert compare_logits(sim, runtime.run(runtime.session(model), val_images))["max_abs_logit_error"] == 0.0
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_sulq_graph_is_integer_shifts_and_bit_exact(deit, fp32_onnx, calib_images, val_images, bits):
+    from vitq_onnx.calibration.quantizers import sulq as S
+
+    recipe = calibrate(deit, calib_images, BitWidths(bits, bits), get_method("ias-sulq"), "deit_tiny_patch16_224",
+                       CalibOptions(progress=False))
+    sulq = {k: q for k, q in recipe.activations.items() if q.kind == "sulq"}
+    assert len(sulq) == 12 and all(S.eta_shift(float(q.params["eta"])) is not None for q in sulq.values())
+    parts = sum(len(S.sulq_part_shifts(q.params["lo"], q.params["delta"], q.params["eta"], bits))
+                for q in sulq.values())
+    sim = torch_logits(simulate(deit, recipe), val_images)
+    for fmt in ("ort", "qdq"):
+        model = run_passes(fp32_onnx, pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
+        ops = [n.op_type for n in model.graph.node]
+        assert "Exp" not in ops and "Pow" not in ops and ops.count("Softmax") == 12
+        assert ops.count("BitShift") == (parts if fmt == "qdq" else 0)
+        assert compare_logits(sim, runtime.run(runtime.session(model), val_images))["max_abs_logit_error"] == 0.0
+    codes_name = "blocks.5.attn/attn_sulq_codes"
+    (codes,) = runtime.session(_with_outputs(model, [codes_name])).run([codes_name], {"image": val_images})
+    assert codes.dtype == np.uint8 and codes.max() <= 2**bits - 1 and len(np.unique(codes)) >= 2**bits - 2

@@ -106,9 +106,13 @@ def test_recipe_load_errors_are_clear(tmp_path):
 
 
 def test_methods_are_registered_stage_lists():
-    assert {"basic", "repq-cw", "repq", "repq-log2", "repq-recon"} <= set(METHODS)
+    assert {"basic", "repq-cw", "repq", "repq-log2", "repq-recon", "ias", "ias-sulq", "ias-stage3"} <= set(METHODS)
     assert [s.name for s in get_method("repq").stages] == ["channelwise_reparam", "fit_weights", "fit_activations"]
     assert get_method("repq-recon").stages[-1].name == "block_reconstruction"
+    ias = get_method("ias").stages  # SOS: float-weight reconstruction, weights quantized, reconstruction again
+    assert [s.name for s in ias] == ["channelwise_reparam", "fit_activations", "block_reconstruction", "fit_weights",
+                                     "block_reconstruction"]
+    assert not ias[2].quantized_weights and ias[4].quantized_weights and not ias[1].weights
     assert all(m.description and "\n" not in m.description for m in METHODS.values())
     with pytest.raises(VitqError, match="unknown method 'nope'"):
         get_method("nope")

@@ -98,7 +98,7 @@ def export(opts: ExportOptions) -> dict:
     if given is not None and given.model != timm_name:
         raise VitqError(f"recipe {opts.recipe} is for {given.model}, not {timm_name}")
     calib_paths = calibration_subset(opts.calib, method.num_calib if opts.num_calib is None else opts.num_calib)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset, containers)
 
     model = create_model(opts.model, opts.weights, opts.random_weights)
     preprocess = Preprocess.from_model(model)

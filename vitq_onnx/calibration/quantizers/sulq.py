@@ -21,9 +21,9 @@ from ... import runtime_kernels
 from ...errors import VitqError
 from . import QuantizerKind, get_kind, register, round_ste, torch_params
 
-SULQ_MAX_SHIFT = 15  # eta >= 2^-15: 2^i <= 2^15 splits into two uint8 parts
+SULQ_MAX_SHIFT = 15  # eta >= 2^-15 deploys: 2^i <= 2^15 splits into two uint8 parts
 PART_BITS = 8
-SHIFTS = tuple(range(SULQ_MAX_SHIFT + 1))  # the deployable grid eta = 2^-j
+SHIFTS = tuple(range(11))  # the fitted grid eta = 2^-j, j = 0..10: the paper's range 0.001 ... 1
 FREE_ETAS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)  # the paper's grid
 LN2 = math.log(2.0)
 
