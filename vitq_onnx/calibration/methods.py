@@ -95,7 +95,10 @@ IAS_STAGE3_ITERS = 200
 
 
 def sulq(bits: int) -> str:
-    return "sulq"
+    """SULQ up to 4 bits; uniform above. SULQ's levels are powers of two (minus eta), at most
+    j + 2 distinct ones for eta = 2^-j (j <= 10): 16 codes use them, 32 or 64 cannot, and a
+    uniform 6-bit grid has 64 levels (measured at W6/A6: README)."""
+    return "sulq" if bits <= 4 else "uniform"
 
 
 @register_method(num_calib=128)
