@@ -3,12 +3,15 @@
     python examples/classify.py deit_t_w4a4.onnx photo1.jpg photo2.jpg [--labels synsets.txt]
 
 The model carries its preprocessing (timm's eval transform) in the metadata entry
-``vitq.preprocess``; nothing from vitq-onnx or PyTorch is needed at inference time.
+``vitq.preprocess``; nothing from vitq-onnx or PyTorch is needed at inference time. A model
+without that entry, or an image that cannot be read, ends with one ``classify.py: error:`` line
+and exit code 1.
 """
 
 import argparse
 import json
 import math
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -27,17 +30,45 @@ def preprocess(path: str, cfg: dict) -> np.ndarray:
     return x.transpose(2, 0, 1)
 
 
+class Failed(Exception):
+    """What went wrong, in one line."""
+
+
+def load(model: str):
+    try:
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise Failed(f"onnxruntime cannot load {model}: {str(exc).splitlines()[0][:160]}") from None
+    meta = session.get_modelmeta().custom_metadata_map.get("vitq.preprocess")
+    if meta is None:
+        raise Failed(f"{model} has no 'vitq.preprocess' metadata: it was not exported by vitq-onnx")
+    return session, json.loads(meta)
+
+
+def read(path: str, cfg: dict) -> np.ndarray:
+    try:
+        return preprocess(path, cfg)
+    except Exception as exc:  # missing, truncated or not an image: PIL raises several types
+        raise Failed(f"cannot read image {path}: {str(exc).splitlines()[0][:160]}") from None
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("images", nargs="+")
     p.add_argument("--labels", help="one class per line (e.g. ImageNet synsets.txt)")
     args = p.parse_args()
+    try:
+        classify(args)
+    except Failed as exc:
+        print(f"classify.py: error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
-    session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
-    cfg = json.loads(session.get_modelmeta().custom_metadata_map["vitq.preprocess"])
+
+def classify(args) -> None:
+    session, cfg = load(args.model)
     labels = open(args.labels).read().splitlines() if args.labels else None
-    batch = np.stack([preprocess(path, cfg) for path in args.images])
+    batch = np.stack([read(path, cfg) for path in args.images])
     logits = session.run(None, {session.get_inputs()[0].name: batch})[0]
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)

@@ -1,8 +1,11 @@
 """Bad input: one clear line on stderr, exit 1, no output file, inputs untouched."""
 
 import hashlib
+import json
 
+import onnx
 import pytest
+import torch
 
 from vitq_onnx.cli import main
 
@@ -79,12 +82,37 @@ def test_bad_output_paths_and_inputs_untouched(base, tmp_path, capsys):
     before = _sha(DEIT_WEIGHTS)
     _fails(base + ["-o", str(tmp_path / "missing" / "m.onnx")], capsys, "output folder does not exist")
     _fails(base + ["-o", "/proc/m.onnx"], capsys, "cannot write")
-    _fails(base + ["-o", str(DEIT_WEIGHTS)], capsys, "overwrite an input")
+    _fails(base + ["-o", str(DEIT_WEIGHTS)], capsys, "would overwrite the input")
     assert _sha(DEIT_WEIGHTS) == before
 
 
-def test_no_pretrained_weights_says_what_to_pass(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hub"))
-    _fails(["export", "--model", "deit_t", "--calib", str(CALIB), "-q", "-o", str(tmp_path / "m.onnx")],
-           capsys, "pass --weights")
+def test_weights_found_in_the_hub_cache_without_the_network(deit, tmp_path, monkeypatch):
+    """A Hugging Face cache holding timm's DeiT-Ti checkpoint is used as is, offline or not."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from vitq_onnx.models import create_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail(f"network used: {a}"))
+    repo = tmp_path / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "snapshots" / "0123abcd" / "model.safetensors").symlink_to(DEIT_WEIGHTS)
+    model = create_model("deit_t")
+    assert all(torch.equal(v, deit.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_w2a2_is_called_useless_and_strict_refuses_it(base, tmp_path, capsys):
+    out = tmp_path / "w2a2.onnx"
+    assert main(base + ["--bits", "2/2", "-o", str(out)]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vitq-onnx: warning:")]
+    assert len(warning) == 1 and "agrees with the FP model on only" in warning[0]
+    meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
+    assert meta["vitq.validation"]["fp_top1_agreement"] < 0.5 and meta["vitq.validation"]["warnings"]
+    strict = base + ["--recipe", str(tmp_path / "w2a2.recipe.json"), "--strict", "-o", str(tmp_path / "again.onnx")]
+    _fails(strict, capsys, "--strict")
+    assert not (tmp_path / "again.onnx").exists()

@@ -1,4 +1,8 @@
-"""Command line: ``vitq-onnx export`` and ``vitq-onnx eval``. Errors are one line and exit 1."""
+"""Command line: ``vitq-onnx export`` and ``vitq-onnx eval``.
+
+Exit codes: 0 done; 1 any error (a wrong option as much as unusable data), printed as one
+``vitq-onnx: error: ...`` line with nothing written; 130 interrupted (Ctrl-C), nothing written.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,20 @@ from pathlib import Path
 from .calibration.methods import METHODS
 from .errors import VitqError
 from .models import SHORT_NAMES
+from .outputs import check_outputs, staged
 from .passes import FORMATS
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors like every other error: one line, exit 1."""
+
+    def error(self, message: str):
+        raise VitqError(f"{message} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitq-onnx", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="vitq-onnx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     e = sub.add_parser("export", help="calibrate a timm ViT and write a quantized ONNX model",
                        formatter_class=argparse.RawTextHelpFormatter)
@@ -47,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--save-passes", type=Path, help="write the model after every pass to this folder")
     e.add_argument("--min-agreement", type=float, default=0.9,
                    help="fail if onnxruntime agrees with the simulation on fewer calibration images")
+    e.add_argument("--strict", action="store_true",
+                   help="fail (instead of warning) when the quantized model agrees with the FP model on "
+                        "fewer than half of the calibration images")
     e.add_argument("-o", "--output", type=Path, required=True, help="output .onnx path")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -74,13 +89,18 @@ def _export(args) -> None:
         recipe=args.recipe,
         layer_bits=tuple(args.layer_bits), seed=args.seed, device=args.device, time_budget=args.time_budget,
         format=args.format, save_passes=args.save_passes, min_agreement=args.min_agreement,
-        progress=not args.quiet))
+        strict=args.strict, progress=not args.quiet))
     print(json.dumps(report))
 
 
 def _eval(args) -> None:
     from .evaluate import evaluate
+    from .images import list_images
 
+    if args.batch_size < 1:
+        raise VitqError("--batch-size must be at least 1")
+    if args.json is not None:
+        check_outputs([args.json], [args.model, args.compare, args.synsets, *list_images(args.images)])
     result = evaluate(args.model, args.images, args.compare, args.synsets, args.batch_size,
                       progress=not args.quiet)
     line = f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  ({result['images']} images)"
@@ -88,16 +108,20 @@ def _eval(args) -> None:
         line += f"  top-1 agreement with {args.compare.name}: {result['top1_agreement']:.2%}"
     print(line)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        with staged(args.json.parent) as tmp:
+            (tmp / args.json.name).write_text(json.dumps(result, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         (_export if args.command == "export" else _eval)(args)
     except VitqError as exc:
         print(f"vitq-onnx: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("vitq-onnx: interrupted: no output written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -2,13 +2,15 @@
 
 Short names map to timm model names; any other timm name is accepted as is. Weights come from a
 file the user passes (safetensors, or a torch checkpoint loaded with ``weights_only=True`` so no
-pickled code runs), from timm's local hub cache, or are random for graph tests.
+pickled code runs), from timm's local caches (looked up on disk, never over the network), or
+are random for graph tests.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -48,7 +50,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or unsafe files raise many different types
-        raise VitqError(f"cannot read weights {path}: {str(exc).splitlines()[0][:200]}") from None
+        what = "a safetensors file" if path.suffix == ".safetensors" else "a torch checkpoint"
+        detail = (str(exc).splitlines() or [""])[0][:160]
+        raise VitqError(f"cannot read weights {path}: not {what} ({type(exc).__name__}: {detail})") from None
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -85,12 +89,36 @@ def create_model(name: str, weights: str | Path | None = None, random_weights: b
         torch.manual_seed(0)
         model = timm.create_model(timm_name, pretrained=False)
     else:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # only the local cache; never hang on a network
-        try:
-            model = timm.create_model(timm_name, pretrained=True)
-        except Exception:
-            raise VitqError(
-                f"no pretrained weights for {timm_name} in timm's local cache: pass --weights FILE "
-                "(or --random-weights for graph tests)"
-            ) from None
+        cached = cached_pretrained_file(timm_name)
+        if cached is None:
+            raise VitqError(f"no pretrained weights for {timm_name} in the local Hugging Face or torch hub cache "
+                            "(nothing is downloaded): pass --weights FILE (.safetensors/.pth), or "
+                            "--random-weights for graph tests")
+        model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached})
     return model.eval()
+
+
+def cached_pretrained_file(timm_name: str) -> str | None:
+    """The checkpoint timm would download for ``timm_name``, if a cache already holds it.
+
+    Looked up on disk only: with no cache (no network either, usually) the export fails at once
+    with what to pass, instead of retrying downloads for a minute.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None:
+        return None
+    if cfg.file:
+        return cfg.file if Path(cfg.file).is_file() else None
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for name in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin")):
+            found = try_to_load_from_cache(repo, name, revision=revision or None)
+            if isinstance(found, str):
+                return found
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        if path.is_file():
+            return str(path)
+    return None

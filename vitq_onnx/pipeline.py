@@ -1,19 +1,21 @@
 """``vitq-onnx export``: calibrate -> recipe -> FP32 ONNX -> passes -> validate -> write.
 
-Nothing is written until the model has been built and validated, and then atomically (temporary
-files in the output folder, renamed into place), so a failure never leaves half a file.
+Outputs are checked before any work (``outputs.py``); nothing is written until the model has been
+built and validated, and then all files at once, so a failure or Ctrl-C never leaves half a set.
+The artifacts hold no timings or dates: the same inputs give the same bytes.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -21,15 +23,17 @@ from . import runtime
 from .calibration.bits import BitWidths
 from .calibration.calibrate import calibrate
 from .calibration.methods import get_method
+from .calibration.progress import Progress
 from .calibration.state import CalibOptions
 from .errors import VitqError
 from .export import export_fp32
 from .images import Preprocess, list_images, load_images
 from .models import create_model, resolve_name
+from .outputs import check_outputs, staged
 from .passes import FORMATS, PassContext, pipeline, run_passes
 from .recipe import Recipe
 from .simulation import simulate
-from .validate import onnx_vs_simulation
+from .validate import compare_logits, torch_logits
 
 
 def recipe_path(output: Path) -> Path:
@@ -53,21 +57,22 @@ class ExportOptions:
     format: str = "ort"
     save_passes: Path | None = None
     min_agreement: float = 0.9
+    strict: bool = False  # below LOW_FP_AGREEMENT with the FP model: an error, not a warning
     progress: bool = True
     recipe: Path | None = None  # deploy this recipe instead of calibrating (bits and method are its own)
 
 
-def _check_output(output: Path, inputs: list[Path]) -> None:
-    parent = output.parent
-    if not parent.is_dir():
-        raise VitqError(f"output folder does not exist: {parent}")
-    if any(p is not None and output.resolve() == p.resolve() for p in inputs):
-        raise VitqError(f"output {output} would overwrite an input")
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        raise VitqError(f"cannot write to {parent}: {exc.strerror}") from None
+LOW_FP_AGREEMENT = 0.5  # top-1 agreement with the FP model below which an export is called useless
+
+
+def _check_snapshot_folder(folder: Path, inputs: list[Path]) -> None:
+    """--save-passes writes NN_<pass>.onnx there: it must be a folder and hold no input by such a name."""
+    if folder.exists() and not folder.is_dir():
+        raise VitqError(f"--save-passes {folder} is a file, not a folder")
+    for path in inputs:
+        if path is not None and path.parent.resolve() == folder.resolve() \
+                and re.fullmatch(r"\d\d_\w+\.onnx", path.name):
+            raise VitqError(f"--save-passes {folder} would overwrite the input {path}")
 
 
 def calibration_subset(folder: Path, count: int) -> list[Path]:
@@ -81,7 +86,8 @@ def calibration_subset(folder: Path, count: int) -> list[Path]:
 
 
 def export(opts: ExportOptions) -> dict:
-    """Run the whole export; returns the validation report stored in the model's metadata."""
+    """Run the whole export; returns the validation report (stored in the model's metadata) and
+    the export's seconds (not stored: the artifacts are reproducible byte for byte)."""
     start = time.time()
     say = (lambda msg: print(msg, file=sys.stderr)) if opts.progress else (lambda msg: None)
     bits = BitWidths.parse(opts.bits, opts.layer_bits)
@@ -91,9 +97,11 @@ def export(opts: ExportOptions) -> dict:
     timm_name = resolve_name(opts.model)
     if opts.format not in FORMATS:
         raise VitqError(f"unknown --format '{opts.format}': use {' or '.join(FORMATS)}")
-    _check_output(opts.output, [opts.weights, opts.recipe, opts.recipe and opts.recipe.with_suffix(".npz")])
-    if opts.recipe is not None and recipe_path(opts.output).resolve() == opts.recipe.resolve():
-        raise VitqError(f"output {opts.output} would overwrite the input recipe {opts.recipe}")
+    outputs = [opts.output, recipe_path(opts.output), recipe_path(opts.output).with_suffix(".npz")]
+    inputs = [opts.weights, opts.recipe, opts.recipe and opts.recipe.with_suffix(".npz"), *list_images(opts.calib)]
+    check_outputs(outputs, inputs)
+    if opts.save_passes is not None:
+        _check_snapshot_folder(opts.save_passes, inputs)
     given = Recipe.load(opts.recipe) if opts.recipe is not None else None
     if given is not None and given.model != timm_name:
         raise VitqError(f"recipe {opts.recipe} is for {given.model}, not {timm_name}")
@@ -119,14 +127,22 @@ def export(opts: ExportOptions) -> dict:
     qmodel = run_passes(fp32, pipeline(recipe, opts.format), PassContext(recipe, opts.format), opts.save_passes,
                         opts.progress)
 
-    say("validating onnxruntime against the PyTorch simulation on the calibration images")
-    report = onnx_vs_simulation(qmodel, simulate(model, recipe), images)
-    report["export_seconds"] = round(time.time() - start, 1)
+    say("validating onnxruntime against the PyTorch simulation and the FP model on the calibration images")
+    report = _validate(qmodel, model, recipe, images, opts.progress)
     say(f"top-1 agreement {report['top1_agreement']:.2%}, max |dlogit| "
-        f"{report['max_abs_logit_error']:.4f}, mean |dlogit| {report['mean_abs_logit_error']:.5f}")
+        f"{report['max_abs_logit_error']:.4f}, mean |dlogit| {report['mean_abs_logit_error']:.5f}; "
+        f"top-1 agreement with the FP model {report['fp_top1_agreement']:.2%}")
     if report["top1_agreement"] < opts.min_agreement:
         raise VitqError(f"onnxruntime agrees with the simulation on only {report['top1_agreement']:.1%} "
                         f"of calibration images (< {opts.min_agreement:.0%}); nothing written")
+    if report["fp_top1_agreement"] < LOW_FP_AGREEMENT:
+        useless = (f"the quantized model agrees with the FP model on only {report['fp_top1_agreement']:.0%} of "
+                   f"the calibration images (top-1, < {LOW_FP_AGREEMENT:.0%}): it is likely useless; try more "
+                   "bits or another --method")
+        if opts.strict:
+            raise VitqError(useless + "; nothing written (--strict)")
+        print(f"vitq-onnx: warning: {useless} (--strict refuses such a model)", file=sys.stderr)
+        report["warnings"] = [useless]
     runtime.set_metadata(qmodel, runtime.META_PREPROCESS, preprocess.to_dict())
     runtime.set_metadata(qmodel, runtime.META_RECIPE, {
         "model": timm_name, "method": recipe.method, "bits": recipe.info.get("bits", bits.to_dict()),
@@ -135,18 +151,28 @@ def export(opts: ExportOptions) -> dict:
     runtime.set_metadata(qmodel, runtime.META_VALIDATION, report)
     qmodel.producer_name = "vitq-onnx"
     del qmodel.graph.value_info[:]  # intermediate shapes: in the --save-passes files, not the deliverable
-    _write(qmodel, recipe, opts.output)
-    say(f"wrote {opts.output} and {recipe_path(opts.output)} in {time.time() - start:.1f} s")
+    with staged(opts.output.parent) as tmp:
+        onnx.save(qmodel, tmp / opts.output.name)
+        recipe.save(tmp / recipe_path(opts.output).name)
+    seconds = round(time.time() - start, 1)
+    say(f"wrote {opts.output} and {recipe_path(opts.output)} in {seconds} s")
+    return {**report, "export_seconds": seconds}
+
+
+def _validate(qmodel: onnx.ModelProto, model: torch.nn.Module, recipe: Recipe, images, progress: bool,
+              batch_size: int = 32) -> dict:
+    """onnxruntime against the simulation (bit-exactness) and against the FP model (usefulness)."""
+    sess, sim = runtime.session(qmodel), simulate(model, recipe)
+    bar = Progress(len(images), "validation", progress, unit="img")
+    ort_logits, sim_logits, fp_logits = [], [], []
+    for i in range(0, len(images), batch_size):
+        batch = images[i:i + batch_size]
+        ort_logits.append(runtime.run(sess, batch))
+        sim_logits.append(torch_logits(sim, batch))
+        fp_logits.append(torch_logits(model, batch))
+        bar.update(len(batch))
+    bar.close()
+    logits = np.concatenate(ort_logits)
+    report = compare_logits(np.concatenate(sim_logits), logits)
+    report["fp_top1_agreement"] = compare_logits(np.concatenate(fp_logits), logits)["top1_agreement"]
     return report
-
-
-def _write(model: onnx.ModelProto, recipe: Recipe, output: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".vitq-") as tmp:
-        tmp_model = Path(tmp) / "model.onnx"
-        tmp_recipe = Path(tmp) / "recipe.json"
-        onnx.save(model, tmp_model)
-        recipe.save(tmp_recipe)
-        final_recipe = recipe_path(output)
-        os.replace(tmp_recipe.with_suffix(".npz"), final_recipe.with_suffix(".npz"))
-        os.replace(tmp_recipe, final_recipe)
-        os.replace(tmp_model, output)

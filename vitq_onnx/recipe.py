@@ -10,6 +10,7 @@ codes; version 1 recipes are read and converted.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 from .errors import VitqError
 
 FORMAT = "vitq-recipe"
+_EPOCH = (1980, 1, 1, 0, 0, 0)  # zip entry date: fixed, so the same recipe gives the same bytes
 VERSION = 2
 
 
@@ -117,9 +119,7 @@ class Recipe:
             "param_storage": self.param_storage,
             "info": self.info,
         }
-        npz_path = json_path.with_suffix(".npz")
-        with open(npz_path, "wb") as f:
-            np.savez(f, **arrays)
+        _save_npz(json_path.with_suffix(".npz"), arrays)
         json_path.write_text(json.dumps(doc, indent=1))
 
     @classmethod
@@ -176,3 +176,12 @@ class Recipe:
                 lo, hi = -(2 ** (w.bits - 1)), 2 ** (w.bits - 1) - 1
                 if len(w.codes) != w.scale.size or w.codes.min() < lo or w.codes.max() > hi:
                     raise VitqError(f"{key}: weight codes do not fit {w.bits} bits or their {w.scale.size} scales")
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez``'s layout (one ``.npy`` per array in a zip, read by ``np.load``) without its
+    timestamps."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            with zf.open(zipfile.ZipInfo(name + ".npy", _EPOCH), "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)

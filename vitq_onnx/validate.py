@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import runtime
-
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
     diff = np.abs(reference - candidate)
@@ -23,8 +21,3 @@ def torch_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 3
     return np.concatenate([model(torch.from_numpy(images[i:i + batch_size])).numpy()
                            for i in range(0, len(images), batch_size)])
 
-
-def onnx_vs_simulation(onnx_model, simulation: torch.nn.Module, images: np.ndarray) -> dict:
-    """Top-1 agreement and logit error of onnxruntime against the simulation on ``images``."""
-    ort_logits = runtime.run(runtime.session(onnx_model), images)
-    return compare_logits(torch_logits(simulation, images), ort_logits)

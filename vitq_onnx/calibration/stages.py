@@ -62,9 +62,11 @@ class ChannelwiseReparam(Stage):
             seen[point.key] = x
             return x
 
+        bar = state.progress(len(inst.post_norm) + 1, f"calibration: {self.describe(state)}", unit="step")
         inst.set_action(record, keys)
         state.model(state.images)
         inst.set_action(None)
+        bar.update(1)
         for norm_node, norm, lin_nodes, linears in inst.post_norm:
             key = tensor_key(lin_nodes[0], 0)
             bits = state.bits.act(key, "linear_input")
@@ -74,6 +76,8 @@ class ChannelwiseReparam(Stage):
             for lin in lin_nodes:
                 set_activation(state, tensor_key(lin, 0), "uniform", state.bits.act(tensor_key(lin, 0), "linear_input"),
                                {"scale": scale, "zero_point": zp})
+            bar.update(1)
+        bar.close()
 
 
 class FitWeights(Stage):
@@ -88,8 +92,11 @@ class FitWeights(Stage):
     @torch.no_grad()
     def run(self, state: CalibState) -> None:
         state.keep_float_reference()
+        bar = state.progress(len(state.inst.weights), f"calibration: {self.describe(state)}", unit="layer")
         for key in state.inst.weights:  # fp_weights: as a float stage trained them, if one did
             state.set_weight(key, fit_weight(state.fp_weights[key], state.bits.weight(key)))
+            bar.update(1)
+        bar.close()
 
 
 @dataclass

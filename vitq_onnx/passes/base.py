@@ -13,6 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..recipe import Recipe
+from .snapshot import save_snapshot
 
 
 @dataclass
@@ -86,16 +87,23 @@ def to_model(graph: gs.Graph) -> onnx.ModelProto:
 
 def run_passes(model: onnx.ModelProto, passes: list[Pass], ctx: PassContext,
                save_dir: str | Path | None = None, progress: bool = True) -> onnx.ModelProto:
-    """Apply ``passes`` in order; with ``save_dir`` write 00_fp32.onnx, 01_<pass>.onnx, ..."""
+    """Apply ``passes`` in order; with ``save_dir`` write 00_fp32.onnx, 01_<pass>.onnx, ...
+    (``snapshot.py``: shapes and ``model``'s metadata in each)."""
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+
+    def snapshot(snap: onnx.ModelProto, name: str) -> None:
+        if save_dir is not None:
+            unknown = save_snapshot(snap, Path(save_dir) / name, list(model.metadata_props))
+            if unknown:
+                say(f"  {name}: {unknown} tensors without a shape (listed in its metadata)")
+
     if save_dir is not None:
-        save_dir = Path(save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)
-        onnx.save(model, save_dir / "00_fp32.onnx")
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    snapshot(model, "00_fp32.onnx")
     graph = gs.import_onnx(model)
     for i, p in enumerate(passes, 1):
-        if progress:
-            print(f"pass {i}/{len(passes)}: {p.name}", file=sys.stderr)
+        say(f"pass {i}/{len(passes)}: {p.name}")
         graph = p(graph, ctx)
         if save_dir is not None:
-            onnx.save(to_model(graph), save_dir / f"{i:02d}_{p.name}.onnx")
+            snapshot(to_model(graph), f"{i:02d}_{p.name}.onnx")
     return to_model(graph)
