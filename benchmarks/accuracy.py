@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from vitq_onnx import runtime
+from vitq_onnx.export import export_fp32
 from vitq_onnx.images import (
     Preprocess,
     label_of,
@@ -47,7 +48,7 @@ VAL = SHARED / "data" / "imagenet-sample" / "val"
 def export(model: str, bits: str, method: str, random: bool, fmt: str, out: Path, num_calib: int | None,
            recipe: Path | None = None) -> float:
     args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", model, "--format", fmt,
-            "--calib", str(CALIB), "-o", str(out), "--save-passes", str(out.with_suffix(""))]
+            "--calib", str(CALIB), "-o", str(out)]
     args += ["--recipe", str(recipe)] if recipe else ["--bits", bits, "--method", method]
     args += ["--num-calib", str(num_calib)] if num_calib else []
     args += ["--random-weights"] if random else ["--weights", str(WEIGHTS[model])]
@@ -81,8 +82,9 @@ def main() -> None:
             paths = list_images(VAL)[: args.val_limit or None] if not random else list_images(CALIB)[-8:]
             images, kept = load_images(paths, pre)
             labels = np.array([label_of(p, VAL, load_synsets()) for p in kept]) if not random else None
-            cache[model_name] = (fp, images, labels, torch_logits(fp, images))
-        fp, images, labels, fp_logits = cache[model_name]
+            fp32_onnx = runtime.run(runtime.session(export_fp32(fp, pre.size)), images)
+            cache[model_name] = (fp, images, labels, torch_logits(fp, images), fp32_onnx)
+        fp, images, labels, fp_logits, fp32_onnx = cache[model_name]
         out = args.work / f"{model_name}_w{bits.replace('/', 'a')}_{method}{'_qdq' if fmt == 'qdq' else ''}.onnx"
         ort_recipe = out.with_name(out.stem.removesuffix("_qdq") + ".recipe.json")
         seconds = export(model_name, bits, method, random, fmt, out, args.num_calib,
@@ -91,7 +93,6 @@ def main() -> None:
         ort_logits = runtime.run(runtime.session(out), images)
         sim_logits = None if args.no_sim else torch_logits(
             simulate(fp, Recipe.load(out.with_name(out.stem + ".recipe.json"))), images)
-        fp32_onnx = runtime.run(runtime.session(out.with_suffix("") / "00_fp32.onnx"), images)
         row = {"config": config, "images": len(images),
                "export_s": f"{seconds:.1f} (recipe reused)" if "reuse" in rest else round(seconds, 1),
                "ort_vs_sim": None if sim_logits is None else compare_logits(sim_logits, ort_logits),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce every number in README (about 110 minutes on 2 cores). Results land in benchmarks/results/.
+# Reproduce every number in README (about 4 hours on 2 cores). Results land in benchmarks/results/.
 # Run it alone: the speed benchmark times onnxruntime on a machine that should be otherwise idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +17,9 @@ python benchmarks/accuracy.py -o benchmarks/results/ablation_w6a6.md --configs d
     deit_t:6/6:repq-log2
 python benchmarks/accuracy.py -o benchmarks/results/random_weights.md --num-calib 8 \
     --configs swin_t:8/8:repq:random deit_b:8/8:repq:random vit_b:8/8:repq:random
+python benchmarks/accuracy.py -o benchmarks/results/ias.md --configs deit_t:3/3:ias deit_t:3/3:ias:qdq:reuse \
+    deit_t:4/4:ias deit_t:4/4:ias:qdq:reuse deit_t:6/6:ias deit_t:6/6:ias:qdq:reuse
+python benchmarks/accuracy.py -o benchmarks/results/ias_ablation.md --no-sim --configs \
+    deit_t:3/3:repq deit_t:3/3:ias-sulq deit_t:3/3:ias-stage3 deit_t:4/4:repq deit_t:4/4:ias-sulq \
+    deit_t:4/4:ias-stage3 deit_t:6/6:repq deit_t:6/6:ias-stage3
+python benchmarks/sulq_eta.py --bits 3/3 4/4 -o benchmarks/results/sulq_eta.md
