@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from . import runtime
+from .calibration.progress import Progress
 from .errors import VitqError
 from .images import Preprocess, label_of, list_images, load_images, load_synsets
 
@@ -34,7 +33,7 @@ def evaluate(model_path: str | Path, images_dir: str | Path, compare: str | Path
     labels_all = {p: label_of(p, root, classes) for p in paths}
     preds: list[list[np.ndarray]] = [[] for _ in sessions]
     labels: list[int] = []
-    bar = tqdm(total=len(paths), desc="evaluating", unit="img", disable=not progress, file=sys.stderr)
+    bar = Progress(len(paths), "evaluating", progress, unit="img")
     for i in range(0, len(paths), batch_size):
         batch, kept = load_images(paths[i:i + batch_size], preprocess)
         labels += [labels_all[p] for p in kept]
