@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
 
     fp_model = create_model("deit_t", WEIGHTS)
     preprocess = Preprocess.from_model(fp_model)
-    calib_images, _ = load_images(calibration_subset(CALIB, NUM_CALIB), preprocess)
+    calib_images, _ = load_images(calibration_subset(list_images(CALIB), NUM_CALIB), preprocess)
     val_images, labels = load_val(preprocess, args.val_limit)
     print(f"{len(val_images)} val images, {len(calib_images)} calibration images", file=sys.stderr)
 

@@ -119,7 +119,7 @@ def test_reconstruction_on_gpu_gives_a_cpu_recipe(tiny, tiny_images):
 
 
 def test_progress_off_a_terminal_is_a_few_lines_with_eta(capsys, monkeypatch):
-    from vitq_onnx.calibration import progress
+    from vitq_onnx import progress
 
     bar = progress.Progress(1000, "stage", enabled=True)
     for _ in range(1000):

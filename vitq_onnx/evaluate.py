@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from . import runtime
-from .calibration.progress import Progress
+from .progress import Progress
 from .errors import VitqError
 from .images import Preprocess, label_of, list_images, load_images, load_synsets
 

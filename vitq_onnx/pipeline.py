@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -23,7 +22,6 @@ from . import runtime
 from .calibration.bits import BitWidths
 from .calibration.calibrate import calibrate
 from .calibration.methods import get_method
-from .calibration.progress import Progress
 from .calibration.state import CalibOptions
 from .errors import VitqError
 from .export import export_fp32
@@ -32,8 +30,7 @@ from .models import create_model, resolve_name
 from .outputs import check_outputs, staged
 from .passes import FORMATS, PassContext, pipeline, run_passes
 from .recipe import Recipe
-from .simulation import simulate
-from .validate import compare_logits, torch_logits
+from .validate import validate_export
 
 
 def recipe_path(output: Path) -> Path:
@@ -75,11 +72,11 @@ def _check_snapshot_folder(folder: Path, inputs: list[Path]) -> None:
             raise VitqError(f"--save-passes {folder} would overwrite the input {path}")
 
 
-def calibration_subset(folder: Path, count: int) -> list[Path]:
-    """A fixed random subset (seed 0) of the folder, so classes are spread, not alphabetical."""
+def calibration_subset(paths: list[Path], count: int) -> list[Path]:
+    """A fixed random subset (seed 0) of a folder's images (``list_images``), so classes are
+    spread, not alphabetical."""
     if count < 1:
         raise VitqError("--num-calib must be at least 1")
-    paths = list_images(folder)
     if count < len(paths):
         paths = sorted(random.Random(0).sample(paths, count))
     return paths
@@ -98,14 +95,15 @@ def export(opts: ExportOptions) -> dict:
     if opts.format not in FORMATS:
         raise VitqError(f"unknown --format '{opts.format}': use {' or '.join(FORMATS)}")
     outputs = [opts.output, recipe_path(opts.output), recipe_path(opts.output).with_suffix(".npz")]
-    inputs = [opts.weights, opts.recipe, opts.recipe and opts.recipe.with_suffix(".npz"), *list_images(opts.calib)]
+    calib_all = list_images(opts.calib)
+    inputs = [opts.weights, opts.recipe, opts.recipe and opts.recipe.with_suffix(".npz"), *calib_all]
     check_outputs(outputs, inputs)
     if opts.save_passes is not None:
         _check_snapshot_folder(opts.save_passes, inputs)
     given = Recipe.load(opts.recipe) if opts.recipe is not None else None
     if given is not None and given.model != timm_name:
         raise VitqError(f"recipe {opts.recipe} is for {given.model}, not {timm_name}")
-    calib_paths = calibration_subset(opts.calib, method.num_calib if opts.num_calib is None else opts.num_calib)
+    calib_paths = calibration_subset(calib_all, method.num_calib if opts.num_calib is None else opts.num_calib)
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset, containers)
 
     model = create_model(opts.model, opts.weights, opts.random_weights)
@@ -128,7 +126,7 @@ def export(opts: ExportOptions) -> dict:
                         opts.progress)
 
     say("validating onnxruntime against the PyTorch simulation and the FP model on the calibration images")
-    report = _validate(qmodel, model, recipe, images, opts.progress)
+    report = validate_export(qmodel, model, recipe, images, opts.progress)
     say(f"top-1 agreement {report['top1_agreement']:.2%}, max |dlogit| "
         f"{report['max_abs_logit_error']:.4f}, mean |dlogit| {report['mean_abs_logit_error']:.5f}; "
         f"top-1 agreement with the FP model {report['fp_top1_agreement']:.2%}")
@@ -158,21 +156,3 @@ def export(opts: ExportOptions) -> dict:
     say(f"wrote {opts.output} and {recipe_path(opts.output)} in {seconds} s")
     return {**report, "export_seconds": seconds}
 
-
-def _validate(qmodel: onnx.ModelProto, model: torch.nn.Module, recipe: Recipe, images, progress: bool,
-              batch_size: int = 32) -> dict:
-    """onnxruntime against the simulation (bit-exactness) and against the FP model (usefulness)."""
-    sess, sim = runtime.session(qmodel), simulate(model, recipe)
-    bar = Progress(len(images), "validation", progress, unit="img")
-    ort_logits, sim_logits, fp_logits = [], [], []
-    for i in range(0, len(images), batch_size):
-        batch = images[i:i + batch_size]
-        ort_logits.append(runtime.run(sess, batch))
-        sim_logits.append(torch_logits(sim, batch))
-        fp_logits.append(torch_logits(model, batch))
-        bar.update(len(batch))
-    bar.close()
-    logits = np.concatenate(ort_logits)
-    report = compare_logits(np.concatenate(sim_logits), logits)
-    report["fp_top1_agreement"] = compare_logits(np.concatenate(fp_logits), logits)["top1_agreement"]
-    return report

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..recipe import Recipe, WeightQuant
 from .bits import BitWidths
-from .progress import Progress
+from ..progress import Progress
 from .quant_points import Instrumented
 from .quantizers.weights import fake_weight, weight_codes
 

@@ -67,9 +67,9 @@ def with_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     if missing:
         measured = _measured_shapes(model, missing)
         kept = [v for v in model.graph.value_info if v.name not in measured]
-        outputs = {v.name for v in model.graph.output}
+        graph_outputs = {v.name for v in model.graph.output}
         del model.graph.value_info[:]
-        model.graph.value_info.extend(kept + [v for n, v in measured.items() if n not in outputs])
+        model.graph.value_info.extend(kept + [v for n, v in measured.items() if n not in graph_outputs])
         missing = [o for o in missing if o not in measured]
     return model, missing
 

@@ -1,4 +1,4 @@
-"""Progress of long calibration stages: a live bar with ETA on a terminal; off a terminal (logs)
+"""Progress of long stages (calibration, validation, evaluation): a live bar with ETA on a terminal; off a terminal (logs)
 a line at most once a minute with the ETA, and one when the stage ends."""
 
 from __future__ import annotations
