@@ -4,8 +4,8 @@
 
 The model carries its preprocessing (timm's eval transform) in the metadata entry
 ``vitq.preprocess``; nothing from vitq-onnx or PyTorch is needed at inference time. A model
-without that entry, or an image that cannot be read, ends with one ``classify.py: error:`` line
-and exit code 1.
+without that entry, or an image or labels file that cannot be read, ends with one
+``classify.py: error:`` line and exit code 1.
 """
 
 import argparse
@@ -52,6 +52,14 @@ def read(path: str, cfg: dict) -> np.ndarray:
         raise Failed(f"cannot read image {path}: {str(exc).splitlines()[0][:160]}") from None
 
 
+def read_labels(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except OSError as exc:
+        raise Failed(f"cannot read labels {path}: {exc.strerror}") from None
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model")
@@ -67,7 +75,7 @@ def main() -> None:
 
 def classify(args) -> None:
     session, cfg = load(args.model)
-    labels = open(args.labels).read().splitlines() if args.labels else None
+    labels = read_labels(args.labels) if args.labels else None
     batch = np.stack([read(path, cfg) for path in args.images])
     logits = session.run(None, {session.get_inputs()[0].name: batch})[0]
     probs = np.exp(logits - logits.max(1, keepdims=True))

@@ -237,7 +237,9 @@ def test_classify_example_errors_are_one_line(work, tiny_fp32_onnx, tmp_path):
     script = str(ROOT / "examples" / "classify.py")
     for args, match in [([str(plain), str(image)], "not exported by vitq-onnx"),
                         ([str(out / "m.onnx"), str(truncated)], "cannot read image"),
-                        ([str(tmp_path / "none.onnx"), str(image)], "cannot load")]:
+                        ([str(tmp_path / "none.onnx"), str(image)], "cannot load"),
+                        ([str(out / "m.onnx"), str(image), "--labels", str(tmp_path / "none.txt")],
+                         "cannot read labels")]:
         run = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
         err = run.stderr.strip().splitlines()
         assert run.returncode == 1 and len(err) == 1 and err[0].startswith("classify.py: error:") \
