@@ -34,9 +34,17 @@ def test_mse_search_beats_min_max_at_low_bits():
 
 def test_per_channel_ranges_follow_each_channel():
     x = torch.randn(4096, 8) * torch.tensor([0.1, 1, 10, 100, 0.1, 1, 10, 100])
-    scale, _ = U.fit_uniform_per_channel(x, 4)
+    scale, _ = U.fit_uniform_per_channel(U.channel_stats(x), 4)
     assert scale.shape == (8,)
     assert (scale[3] / scale[0]) > 300
+
+
+def test_channel_stats_keep_the_ranges_of_rows_they_do_not_sample():
+    x = torch.randn(2, 5000, 4)
+    x[1, 4321, 2] = 50.0  # one outlier row, likely outside the 2048-row sample
+    lo, hi, rows = U.channel_stats(x, max_rows=64)
+    assert rows.shape == (64, 4)
+    assert hi[2] == 50.0 and torch.equal(lo, x.reshape(-1, 4).min(0).values)
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])

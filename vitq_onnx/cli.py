@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="bits for the layers whose timm module name matches the glob (repeatable, last "
                         "match wins), e.g. 'blocks.11.*=8/8'")
     e.add_argument("--weights", type=Path, help=".safetensors/.pth/.pt checkpoint (loaded safely)")
+    e.add_argument("--img-size", type=int, metavar="PX",
+                   help="build the timm model at this input resolution (default: its own), e.g. 224 for a "
+                        "518-px DINOv2 backbone")
     e.add_argument("--random-weights", action="store_true", help="random weights, for graph tests")
     e.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
     e.add_argument("--num-calib", type=int, help="calibration images to use (default: the method's, "
@@ -57,8 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="ort", choices=FORMATS,
                    help="ort: 8-bit containers for onnxruntime's integer kernels; qdq: portable, int4 packed")
     e.add_argument("--save-passes", type=Path, help="write the model after every pass to this folder")
+    e.add_argument("--validate-images", type=int, default=8, metavar="N",
+                   help="images of --calib on which the model is checked against the simulation and the FP "
+                        "model (default 8; the simulation costs about one float forward each)")
     e.add_argument("--min-agreement", type=float, default=0.9,
-                   help="fail if onnxruntime agrees with the simulation on fewer calibration images")
+                   help="fail if onnxruntime agrees with the simulation on fewer of those images")
     e.add_argument("--strict", action="store_true",
                    help="fail (instead of warning) when the quantized model agrees with the FP model on "
                         "fewer than half of the calibration images")
@@ -89,6 +95,7 @@ def _export(args) -> None:
         recipe=args.recipe,
         layer_bits=tuple(args.layer_bits), seed=args.seed, device=args.device, time_budget=args.time_budget,
         format=args.format, save_passes=args.save_passes, min_agreement=args.min_agreement,
+        validate_images=args.validate_images, img_size=args.img_size,
         strict=args.strict, progress=not args.quiet))
     print(json.dumps(report))
 

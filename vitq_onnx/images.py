@@ -35,7 +35,8 @@ class Preprocess:
     def from_model(cls, model) -> "Preprocess":
         from timm.data import resolve_data_config
 
-        cfg = resolve_data_config({}, model=model)
+        built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # --img-size, if given
+        cfg = resolve_data_config({} if built is None else {"input_size": (3, *built)}, model=model)
         if cfg.get("crop_mode", "center") != "center" or cfg["input_size"][1] != cfg["input_size"][2]:
             raise VitqError(f"unsupported eval transform {cfg}: only square center crops")
         return cls(cfg["input_size"][2], float(cfg["crop_pct"]), cfg["interpolation"],

@@ -79,23 +79,37 @@ def load_weights(model: torch.nn.Module, path: str | Path, model_name: str) -> N
     model.load_state_dict(state, strict=True)
 
 
-def create_model(name: str, weights: str | Path | None = None, random_weights: bool = False):
-    """Build the timm model in eval mode with real weights (or random ones when asked)."""
+def create_model(name: str, weights: str | Path | None = None, random_weights: bool = False,
+                 img_size: int | None = None):
+    """Build the timm model in eval mode with real weights (or random ones when asked), at
+    ``img_size`` when given (timm resamples the position embedding of loaded weights)."""
     timm_name = resolve_name(name)
+    kwargs = {} if img_size is None else {"img_size": img_size}
+    if img_size is not None and img_size < 1:
+        raise VitqError("--img-size must be a positive number of pixels")
+    try:
+        return _create(timm_name, weights, random_weights, kwargs).eval()
+    except (TypeError, AssertionError, ValueError) as exc:  # e.g. no img_size, or not a multiple of the patch
+        if not kwargs:
+            raise
+        raise VitqError(f"{timm_name} cannot be built at --img-size {img_size}: {exc}") from None
+
+
+def _create(timm_name: str, weights, random_weights: bool, kwargs: dict):
     if weights is not None:
-        model = timm.create_model(timm_name, pretrained=False)
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
         load_weights(model, weights, timm_name)
     elif random_weights:
         torch.manual_seed(0)
-        model = timm.create_model(timm_name, pretrained=False)
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
     else:
         cached = cached_pretrained_file(timm_name)
         if cached is None:
             raise VitqError(f"no pretrained weights for {timm_name} in the local Hugging Face or torch hub cache "
                             "(nothing is downloaded): pass --weights FILE (.safetensors/.pth), or "
                             "--random-weights for graph tests")
-        model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached})
-    return model.eval()
+        model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+    return model
 
 
 def cached_pretrained_file(timm_name: str) -> str | None:

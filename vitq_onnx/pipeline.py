@@ -28,6 +28,7 @@ from .export import export_fp32
 from .images import Preprocess, list_images, load_images
 from .models import create_model, resolve_name
 from .outputs import check_outputs, staged
+from .progress import StageTimes
 from .passes import FORMATS, PassContext, pipeline, run_passes
 from .recipe import Recipe
 from .validate import validate_export
@@ -54,6 +55,8 @@ class ExportOptions:
     format: str = "ort"
     save_passes: Path | None = None
     min_agreement: float = 0.9
+    validate_images: int = 8  # calibration-folder images onnxruntime is checked on
+    img_size: int | None = None  # the resolution the timm model is built at (None: its own)
     strict: bool = False  # below LOW_FP_AGREEMENT with the FP model: an error, not a warning
     progress: bool = True
     recipe: Path | None = None  # deploy this recipe instead of calibrating (bits and method are its own)
@@ -72,23 +75,23 @@ def _check_snapshot_folder(folder: Path, inputs: list[Path]) -> None:
             raise VitqError(f"--save-passes {folder} would overwrite the input {path}")
 
 
-def calibration_subset(paths: list[Path], count: int) -> list[Path]:
+def calibration_subset(paths: list[Path], count: int, option: str = "--num-calib") -> list[Path]:
     """A fixed random subset (seed 0) of a folder's images (``list_images``), so classes are
     spread, not alphabetical."""
     if count < 1:
-        raise VitqError("--num-calib must be at least 1")
+        raise VitqError(f"{option} must be at least 1")
     if count < len(paths):
         paths = sorted(random.Random(0).sample(paths, count))
     return paths
 
 
 def export(opts: ExportOptions) -> dict:
-    """Run the whole export; returns the validation report (stored in the model's metadata) and
-    the export's seconds (not stored: the artifacts are reproducible byte for byte)."""
-    start = time.time()
+    """Run the whole export; returns the validation report (stored in the model's metadata), the
+    export's seconds and each stage's (not stored: the artifacts are reproducible byte for byte)."""
+    start, times = time.time(), StageTimes()
     say = (lambda msg: print(msg, file=sys.stderr)) if opts.progress else (lambda msg: None)
     bits = BitWidths.parse(opts.bits, opts.layer_bits)
-    method = get_method(opts.method)  # with a recipe: only its default number of validation images
+    method = get_method(opts.method)  # with a recipe: unused, but a wrong name is still an error
     if opts.time_budget is not None and opts.time_budget <= 0:
         raise VitqError("--time-budget must be a positive number of minutes")
     timm_name = resolve_name(opts.model)
@@ -103,30 +106,44 @@ def export(opts: ExportOptions) -> dict:
     given = Recipe.load(opts.recipe) if opts.recipe is not None else None
     if given is not None and given.model != timm_name:
         raise VitqError(f"recipe {opts.recipe} is for {given.model}, not {timm_name}")
+    if given is not None and given.info.get("img_size") != opts.img_size:
+        raise VitqError(f"recipe {opts.recipe} was calibrated at --img-size {given.info.get('img_size') or 'default'}, "
+                        f"not {opts.img_size or 'default'}")
     calib_paths = calibration_subset(calib_all, method.num_calib if opts.num_calib is None else opts.num_calib)
+    val_paths = calibration_subset(calib_all, opts.validate_images, "--validate-images")
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset, containers)
 
-    model = create_model(opts.model, opts.weights, opts.random_weights)
-    preprocess = Preprocess.from_model(model)
-    images, used = load_images(calib_paths, preprocess)
+    with times("load model and images"):
+        model = create_model(opts.model, opts.weights, opts.random_weights, opts.img_size)
+        preprocess = Preprocess.from_model(model)
+        images, used = load_images(calib_paths, preprocess) if given is None else (None, [])
+        val_images, _ = load_images(val_paths, preprocess)
     if given is None:
         say(f"calibrating {timm_name} at W{bits.w}/A{bits.a} ({method.name}) on {len(used)} images")
         recipe = calibrate(model, images, bits, method, timm_name, CalibOptions(
-            opts.seed, opts.device, None if opts.time_budget is None else 60 * opts.time_budget, opts.progress))
+            opts.seed, opts.device, None if opts.time_budget is None else 60 * opts.time_budget, opts.progress,
+            times))
+        if opts.img_size is not None:
+            recipe.info["img_size"] = opts.img_size
+        del images
     else:
         say(f"deploying the {given.method} recipe {opts.recipe} (no calibration)")
         recipe = given
     recipe.info["format"] = opts.format
 
-    fp32 = export_fp32(model, preprocess.size)
+    with times("FP32 ONNX export"):
+        fp32 = export_fp32(model, preprocess.size)
     stored = {init.name for init in fp32.graph.initializer}  # parameters the exporter folded away stay float32
     recipe.param_storage = {k: v for k, v in recipe.param_storage.items() if k in stored}
     runtime.set_metadata(fp32, runtime.META_PREPROCESS, preprocess.to_dict())
-    qmodel = run_passes(fp32, pipeline(recipe, opts.format), PassContext(recipe, opts.format), opts.save_passes,
-                        opts.progress)
+    with times("ONNX passes"):
+        qmodel = run_passes(fp32, pipeline(recipe, opts.format), PassContext(recipe, opts.format),
+                            opts.save_passes, opts.progress)
 
-    say("validating onnxruntime against the PyTorch simulation and the FP model on the calibration images")
-    report = validate_export(qmodel, model, recipe, images, opts.progress)
+    say(f"validating onnxruntime against the PyTorch simulation and the FP model on {len(val_images)} "
+        "calibration-folder images")
+    with times("validation"):
+        report = validate_export(qmodel, model, recipe, val_images, opts.progress)
     say(f"top-1 agreement {report['top1_agreement']:.2%}, max |dlogit| "
         f"{report['max_abs_logit_error']:.4f}, mean |dlogit| {report['mean_abs_logit_error']:.5f}; "
         f"top-1 agreement with the FP model {report['fp_top1_agreement']:.2%}")
@@ -149,10 +166,11 @@ def export(opts: ExportOptions) -> dict:
     runtime.set_metadata(qmodel, runtime.META_VALIDATION, report)
     qmodel.producer_name = "vitq-onnx"
     del qmodel.graph.value_info[:]  # intermediate shapes: in the --save-passes files, not the deliverable
-    with staged(opts.output.parent) as tmp:
+    with times("write"), staged(opts.output.parent) as tmp:
         onnx.save(qmodel, tmp / opts.output.name)
         recipe.save(tmp / recipe_path(opts.output).name)
     seconds = round(time.time() - start, 1)
     say(f"wrote {opts.output} and {recipe_path(opts.output)} in {seconds} s")
-    return {**report, "export_seconds": seconds}
+    return {**report, "export_seconds": seconds, "stage_seconds": {k: round(v, 2) for k, v in times.items()},
+            "stage_peak_mb": {k: round(v) for k, v in times.peak_mb.items()}}
 

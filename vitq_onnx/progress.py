@@ -3,8 +3,10 @@ a line at most once a minute with the ETA, and one when the stage ends."""
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -48,6 +50,25 @@ class Progress:
 
     def _extra(self) -> str:
         return "".join(f", {k} {_fmt(v)}" for k, v in self.postfix.items())
+
+
+class StageTimes(dict):
+    """Seconds spent per stage of an export (``with times("stage"): ...``) and the process's peak
+    memory when each stage ended (``peak_mb``), for the profile benchmark and the closing line;
+    never stored in an artifact, which stays reproducible."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak_mb: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+            self.peak_mb[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _fmt(v) -> str:

@@ -8,12 +8,12 @@ the recipe it leaves is the seam to the ONNX passes.
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 import torch
 
 from ..errors import VitqError
+from ..progress import StageTimes
 from ..recipe import Recipe
 from .bits import BitWidths
 from .methods import Method
@@ -40,11 +40,13 @@ def calibrate(model: torch.nn.Module, images: np.ndarray, bits: BitWidths, metho
                     float_ops=list(FLOAT_OPS), info={"num_calib": int(len(images)), "bits": bits.to_dict(),
                                                      "seed": options.seed})
     state = CalibState(model, work, inst, torch.from_numpy(images).to(device), bits, recipe, options)
+    times = options.times if options.times is not None else StageTimes()
     for i, stage in enumerate(method.stages, 1):
-        start = time.time()
-        state.say(f"calibration {i}/{len(method.stages)}: {stage.describe(state)}")
-        stage.run(state)
-        state.say(f"calibration {i}/{len(method.stages)}: {stage.name} done in {time.time() - start:.1f} s")
+        step = f"calibration {i}/{len(method.stages)}"
+        state.say(f"{step}: {stage.describe(state)}")
+        with times(f"{step}: {stage.name}"):
+            stage.run(state)
+        state.say(f"{step}: {stage.name} done in {times[f'{step}: {stage.name}']:.1f} s")
     missing = set(inst.points) - set(recipe.activations)
     if missing:
         raise RuntimeError(f"quant points never reached during calibration: {sorted(missing)[:3]}")

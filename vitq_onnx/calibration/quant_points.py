@@ -44,12 +44,17 @@ class QuantMatMul:
         self.a, self.b = QuantPoint(tensor_key(node, 0), role_a), QuantPoint(tensor_key(node, 1), role_b)
         self.exact: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, a_quantized: bool = False,
+                 b_quantized: bool = False) -> torch.Tensor:
+        """``a @ b`` through both points, except an input the caller already passed through its own."""
         if self.exact is not None:
             return self.exact(a, b)
-        b = self.b(b)
-        self.a.partner = b  # lets calibration score a's quantizer by the product it feeds
-        return self.a(a) @ b
+        b = b if b_quantized else self.b(b)
+        if not a_quantized:
+            self.a.partner = b  # lets calibration score a's quantizer by the product it feeds
+            a = self.a(a)
+            self.a.partner = None  # (a view of b would keep the whole layer's qkv output alive)
+        return a @ b
 
 
 @dataclass
@@ -67,6 +72,37 @@ class Instrumented:
                 point.action = action
 
 
+ATTENTION_CHUNK = 2**25  # attention-map elements computed at once: bounded memory at any token count
+
+
+def _chunks(batch: int, per_item: int, align: int = 1) -> list[slice]:
+    """Slices of the batch axis holding at most ATTENTION_CHUNK elements (at least ``align`` items)."""
+    step = max(1, ATTENTION_CHUNK // max(per_item * align, 1)) * align
+    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
+
+
+def _attend(self, q, k, v, adjust=None, align: int = 1):
+    """softmax(q @ k^T, adjusted) @ v over slices of the batch, so that an attention map of
+    thousands of tokens never exists for every image at once; q, k and v pass their quant points
+    on the whole batch (their fits see every image), the attention map in slices (its fit sees
+    the first slice). ``align``: slices hold whole multiples of it (Swin's windows per image)."""
+    qk, av = self.vq_qk, self.vq_av
+    k_t = k.transpose(-2, -1)
+    calibrating = qk.exact is None
+    if calibrating:
+        k_t, q, v = qk.b(k_t), qk.a(q), av.b(v)
+
+    def attend(q, k_t, v):
+        attn = qk(q, k_t, calibrating, calibrating)
+        attn = attn if adjust is None else adjust(attn)
+        return av(self.attn_drop(self.vq_softmax(attn)), v, b_quantized=calibrating)
+
+    parts = _chunks(q.shape[0], q.shape[1] * q.shape[2] * k_t.shape[-1], align)
+    if len(parts) == 1:  # the whole batch (always so for the ONNX export's one image: no Slice in the graph)
+        return attend(q, k_t, v)
+    return torch.cat([attend(q[part], k_t[part], v[part]) for part in parts])
+
+
 def _vit_attention_forward(self, x, attn_mask=None, is_causal=False):
     if attn_mask is not None or is_causal:
         raise VitqError("masked or causal attention is not supported")
@@ -74,11 +110,7 @@ def _vit_attention_forward(self, x, attn_mask=None, is_causal=False):
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
-    q = q * self.scale
-    attn = self.vq_qk(q, k.transpose(-2, -1))
-    attn = self.vq_softmax(attn)
-    attn = self.attn_drop(attn)
-    x = self.vq_av(attn, v)
+    x = _attend(self, q * self.scale, k, v)
     x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
     x = self.norm(x)
     x = self.proj(x)
@@ -89,16 +121,16 @@ def _swin_attention_forward(self, x, mask=None):
     B_, N, _ = x.shape
     qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    q = q * self.scale
-    attn = self.vq_qk(q, k.transpose(-2, -1))
-    attn = attn + self._get_rel_pos_bias()
-    if mask is not None:
-        num_win = mask.shape[0]
-        attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(-1, self.num_heads, N, N)
-    attn = self.vq_softmax(attn)
-    attn = self.attn_drop(attn)
-    x = self.vq_av(attn, v)
+    num_win = 1 if mask is None else mask.shape[0]
+
+    def adjust(attn):
+        attn = attn + self._get_rel_pos_bias()
+        if mask is not None:
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        return attn
+
+    x = _attend(self, q * self.scale, k, v, adjust, num_win)
     x = x.transpose(1, 2).reshape(B_, N, -1)
     x = self.proj(x)
     return self.proj_drop(x)

@@ -16,9 +16,10 @@ from ..recipe import Reparam
 from .quantizers.uniform import fit_uniform_per_channel
 
 
-def channelwise_reparam(x: torch.Tensor, bits: int, norm: str, linears: list[str]):
-    """Fit per-channel ranges on ``x``; return the Reparam and the per-tensor (scale, zero_point)."""
-    scale, zp = fit_uniform_per_channel(x, bits)
+def channelwise_reparam(stats, bits: int, norm: str, linears: list[str]):
+    """Fit per-channel ranges on ``channel_stats`` of the norm's output; return the Reparam and the
+    per-tensor (scale, zero_point)."""
+    scale, zp = fit_uniform_per_channel(stats, bits)
     scale_t = scale.mean()
     zp_t = torch.round(zp.mean())
     r1 = scale / scale_t

@@ -14,6 +14,7 @@ import torch
 
 from ..recipe import ActQuant, split_key, tensor_key
 from .quantizers import get_kind, torch_params
+from .quantizers.uniform import channel_stats
 from .quantizers.weights import fit_weight
 from .reparam import channelwise_reparam, fold_into_torch
 from .state import CalibState
@@ -44,8 +45,8 @@ def quantize_as_recipe(state: CalibState, point) -> None:
 class ChannelwiseReparam(Stage):
     """RepQ-ViT: per-channel post-LayerNorm quantizers, folded into the LayerNorm and next Linear.
 
-    One float pass records each post-LayerNorm Linear input; its per-channel ranges become a
-    reparameterization (``reparam.py``) that leaves a per-tensor quantizer with the same codes.
+    One float pass records each post-LayerNorm Linear input's ``channel_stats`` (ranges and a row
+    sample, not the tensor); its per-channel ranges become a reparameterization (``reparam.py``) that leaves a per-tensor quantizer with the same codes.
     """
 
     name = "channelwise_reparam"
@@ -59,7 +60,7 @@ class ChannelwiseReparam(Stage):
         keys = {tensor_key(lins[0], 0) for _, _, lins, _ in inst.post_norm}
 
         def record(point, x):
-            seen[point.key] = x
+            seen[point.key] = channel_stats(x)
             return x
 
         bar = state.progress(len(inst.post_norm) + 1, f"calibration: {self.describe(state)}", unit="step")

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..recipe import Recipe, WeightQuant
 from .bits import BitWidths
-from ..progress import Progress
+from ..progress import Progress, StageTimes
 from .quant_points import Instrumented
 from .quantizers.weights import fake_weight, weight_codes
 
@@ -28,6 +28,7 @@ class CalibOptions:
     device: str = "cpu"
     time_budget: float | None = None  # seconds for the optimizing stages; None: their own iterations
     progress: bool = True
+    times: StageTimes | None = None  # filled with each stage's seconds when given
 
 
 @dataclass

@@ -97,9 +97,43 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+FLOAT32_EXACT = 2**24  # every integer up to this magnitude is a float32
+
+
+def exact_sum_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float32 of the exact ``a @ b`` of integer-valued tensors, at float32 GEMM speed.
+
+    A float32 GEMM sums integers exactly, in any order, while every partial sum stays within
+    2^24, which holds when each row's sum of |a| times max |b| does (attention probabilities and
+    most activations are far from their worst case). Otherwise the inner axis is cut into pieces
+    short enough for the worst case (length * max|a| * max|b|) and their exact sums are added in
+    float64, which holds any such total.
+    """
+    if not a.numel() or not b.numel():
+        return a.float() @ b.float()
+    if torch.get_float32_matmul_precision() != "highest":  # a GEMM that may round its inputs
+        return (a.double() @ b.double()).float()
+    max_b = _absmax(b)
+    if float(torch.linalg.vector_norm(a.float(), 1, dim=-1).amax()) * max_b <= FLOAT32_EXACT:
+        return a.float() @ b.float()
+    piece = int(FLOAT32_EXACT // max(_absmax(a) * max_b, 1.0))
+    if piece < 1:  # one product alone is beyond float32
+        return (a.double() @ b.double()).float()
+    total = None
+    for i in range(0, a.shape[-1], piece):
+        part = (a[..., i:i + piece].float() @ b[..., i:i + piece, :].float()).double()
+        total = part if total is None else total + part
+    return total.float()
+
+
+def _absmax(x: torch.Tensor) -> float:
+    lo, hi = torch.aminmax(x)  # no |x| temporary
+    return max(-float(lo), float(hi))
+
+
 def integer_matmul(a, b, step_a, step_b) -> torch.Tensor:
     """float32(exact sum of integer products) * (step_a * step_b), as the integer kernels compute."""
-    return (torch.round(a / step_a).double() @ torch.round(b / step_b).double()).float() * (step_a * step_b)
+    return exact_sum_matmul((a / step_a).round_(), (b / step_b).round_()) * (step_a * step_b)
 
 
 def by_kind(activations: dict) -> list[tuple[QuantizerKind, list[str]]]:

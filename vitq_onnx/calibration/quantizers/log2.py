@@ -12,8 +12,8 @@ import math
 import torch
 
 from ... import runtime_kernels
-from . import QuantizerKind, get_kind, register, round_ste, torch_params
-from .search import sample
+from . import QuantizerKind, exact_sum_matmul, get_kind, register, round_ste, torch_params
+from .search import attention_sample, sample
 
 LOG2_MAX_LEVELS = 16  # 4-bit codes at most: the shifted integers 2^7..1 fit uint8 kernels
 SQRT2 = torch.tensor(math.sqrt(2.0), dtype=torch.float32)
@@ -41,8 +41,8 @@ def log2_codes_of_log(log_x: torch.Tensor, scale, bits: int) -> torch.Tensor:
     saturating to uint8) and a Min with Z; the simulation feeds onnxruntime's LogSoftmax here so
     both round the same values.
     """
-    codes = torch.round((log2_log_scale(scale).to(log_x.device) - log_x.float()) / LOG2_STEP.to(log_x.device))
-    return torch.clamp(codes, 0, log2_zero_code(bits))
+    codes = log2_log_scale(scale).to(log_x.device) - log_x.float()
+    return codes.div_(LOG2_STEP.to(log_x.device)).round_().clamp_(0, log2_zero_code(bits))
 
 
 def log2_codes(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
@@ -50,16 +50,18 @@ def log2_codes(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
 
 
 def log2_parts(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integers (shifted, odd): shifted = 2^E >> ceil(q/2), odd = shifted where q is odd, else 0.
+    """Integers (shifted, odd), as float32: shifted = 2^E >> ceil(q/2), odd = shifted where q is
+    odd, else 0.
 
     Code q stands for scale * 2^(-q/2) = unit * (shifted + (sqrt(2) - 1) * odd), unit = scale * 2^-E:
     the log-sqrt(2) quantizer reparameterized to base 2, so the integers are plain shifts and the
     irrational factor sits in one float constant. The zero code Z shifts 2^E right by more than E
     bits, which gives exactly 0.
     """
-    q = codes.to(torch.int64)
-    half_up = (q + 1) >> 1
-    shifted = torch.bitwise_right_shift(torch.full_like(q, 2 ** log2_max_exponent(bits)), half_up)
+    q = codes.float()  # small integers, all exact in float32 (half the memory of int64, float GEMMs)
+    half_up = torch.floor((q + 1) / 2)
+    shift = log2_max_exponent(bits) - half_up
+    shifted = torch.where(shift >= 0, torch.exp2(shift), torch.zeros_like(q))
     return shifted, shifted * (2 * half_up - q)
 
 
@@ -75,7 +77,10 @@ def log2_dequant(codes: torch.Tensor, scale, bits: int) -> torch.Tensor:
 
 
 def fake_log2(x, scale, bits: int):
-    return log2_dequant(log2_codes(x, scale, bits), scale, bits)
+    """``log2_dequant`` of the codes, looked up in a table of its Z + 1 values: the same numbers at a
+    fraction of the cost on attention maps of millions of entries."""
+    levels = log2_dequant(torch.arange(log2_zero_code(bits) + 1, device=x.device), scale, bits)
+    return levels[log2_codes(x, scale, bits).long()]
 
 
 def fit_log2(x: torch.Tensor, bits: int, v: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,9 +95,9 @@ def fit_log2(x: torch.Tensor, bits: int, v: torch.Tensor | None = None) -> torch
         s = sample(x)
         errs = [((fake_log2(s, c, bits) - s) ** 2).mean() for c in candidates]
     else:
-        n = min(len(x), 4)
-        ref = x[:n] @ v[:n]
-        errs = [((fake_log2(x[:n], c, bits) @ v[:n] - ref) ** 2).mean() for c in candidates]
+        xs, vs = attention_sample(x, v)
+        ref = xs @ vs
+        errs = [((fake_log2(xs, c, bits) @ vs - ref) ** 2).mean() for c in candidates]
     return candidates[torch.stack(errs).argmin()].reshape(()).cpu()
 
 
@@ -126,8 +131,8 @@ class Log2(QuantizerKind):
 
         def log2_matmul(log_a, b):
             shifted, odd = log2_parts(log2_codes_of_log(log_a, s_a, qa.bits), qa.bits)
-            kv = torch.round(kind_b.fake(b, params_b, qb.bits) / s_b).double()
-            return (shifted.double() @ kv).float() * unit + (odd.double() @ kv).float() * unit_odd
+            kv = torch.round(kind_b.fake(b, params_b, qb.bits) / s_b)
+            return exact_sum_matmul(shifted, kv) * unit + exact_sum_matmul(odd, kv) * unit_odd
 
         return log2_matmul
 

@@ -19,7 +19,8 @@ import torch
 
 from ... import runtime_kernels
 from ...errors import VitqError
-from . import QuantizerKind, get_kind, register, round_ste, torch_params
+from . import QuantizerKind, exact_sum_matmul, get_kind, register, round_ste, torch_params
+from .search import attention_sample
 
 SULQ_MAX_SHIFT = 15  # eta >= 2^-15 deploys: 2^i <= 2^15 splits into two uint8 parts
 PART_BITS = 8
@@ -93,14 +94,13 @@ def sulq_fit_params(x: torch.Tensor, eta: float, bits: int) -> dict[str, torch.T
 def fit_sulq(x: torch.Tensor, bits: int, v: torch.Tensor | None, etas) -> dict[str, torch.Tensor]:
     """The eta of ``etas`` whose quantizer gives the smallest error of ``x @ v`` (attention's
     output; of x itself without ``v``)."""
-    n = min(len(x), 4)
-    xs = x[:n].float()
-    ref = xs if v is None else xs @ v[:n].float()
+    xs, vs = attention_sample(x, v)
+    ref = xs if v is None else xs @ vs
     best, best_err = None, math.inf
     for eta in etas:
         params = sulq_fit_params(x, eta, bits)
         xq = fake_sulq(xs, *(params[k] for k in ("eta", "lo", "delta")), bits)
-        err = float((((xq if v is None else xq @ v[:n].float()) - ref) ** 2).mean())
+        err = float((((xq if v is None else xq @ vs) - ref) ** 2).mean())
         if err < best_err:
             best, best_err = params, err
     return best
@@ -147,11 +147,11 @@ class SULQ(_SULQ):
 
         def sulq_matmul(a, b):
             codes = sulq_codes_of_log(sulq_log(a, p["eta"]), p["lo"], p["delta"], qa.bits).long()
-            kv = torch.round(kind_b.fake(b, params_b, qb.bits) / s_b).double()
+            kv = torch.round(kind_b.fake(b, params_b, qb.bits) / s_b)
             out = None
             for i, (shift, unit) in enumerate(zip(shifts, units)):
-                part = torch.bitwise_right_shift(torch.full_like(codes, 2**(PART_BITS - 1)), shift[codes]).double()
-                term = ((part - (1 if i == 0 else 0)) @ kv).float() * unit
+                part = torch.bitwise_right_shift(torch.full_like(codes, 2**(PART_BITS - 1)), shift[codes]).float()
+                term = exact_sum_matmul(part - (1 if i == 0 else 0), kv) * unit
                 out = term if out is None else out + term
             return out
 
