@@ -294,14 +294,19 @@ def latency_columns(blocks: dict[str, dict], name: str) -> dict:
 
 # --------------------------------------------------------------------------------------- reports
 
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # what picks onnxruntime's int8 kernels
+
+
 def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or "unknown"
+    info = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first core's
+    cpu = info.get("model name") or platform.processor() or "unknown"
+    flags = [f for f in INT8_FLAGS if f in info.get("flags", "").split()]
+    return {"cpu": cpu, "cpu_flags": flags, "logical_cpus": os.cpu_count(), "onnxruntime": ort.__version__,
+            "onnx": onnx.__version__,
             "python": platform.python_version(), "intra_op_threads": threads, "inter_op_threads": 1,
             "provider": "CPUExecutionProvider", "date": time.strftime("%Y-%m-%d %H:%M")}
 

@@ -64,11 +64,11 @@ def fp32_onnx(deit, preprocess):
 TINY = "vitq_tiny_test"  # registered with timm below, so the CLI can build it by name
 
 
-def _tiny_vit(pretrained=False, num_classes=10, **_timm_kwargs):
+def _tiny_vit(pretrained=False, num_classes=10, img_size=32, **_timm_kwargs):
     """2 blocks, width 32, 32-px images in 8-px patches: every quant point and pass in seconds."""
     from timm.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+    model = VisionTransformer(img_size=img_size, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
                               num_classes=num_classes)
     model.pretrained_cfg = {"input_size": (3, 32, 32), "crop_pct": 0.875, "interpolation": "bicubic",
                             "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "num_classes": 10}

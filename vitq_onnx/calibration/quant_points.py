@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitqError
@@ -81,12 +82,22 @@ def _chunks(batch: int, per_item: int, align: int = 1) -> list[slice]:
     return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 
 
+def _float_pass(*matmuls: QuantMatMul) -> bool:
+    """Nothing quantizes these matmuls (no point action, no exact kernel)."""
+    return all(mm.exact is None and mm.a.action is None and mm.b.action is None for mm in matmuls)
+
+
 def _attend(self, q, k, v, adjust=None, align: int = 1):
     """softmax(q @ k^T, adjusted) @ v over slices of the batch, so that an attention map of
     thousands of tokens never exists for every image at once; q, k and v pass their quant points
     on the whole batch (their fits see every image), the attention map in slices (its fit sees
     the first slice). ``align``: slices hold whole multiples of it (Swin's windows per image)."""
     qk, av = self.vq_qk, self.vq_av
+    parts = _chunks(q.shape[0], q.shape[1] * q.shape[2] * k.shape[-2], align)
+    if len(parts) > 1 and adjust is None and _float_pass(qk, av):
+        # a map too large to hold, in a pass that quantizes nothing here (RepQ-ViT's float ranges):
+        # the fused kernel, which never holds it at all (q is already scaled)
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
     k_t = k.transpose(-2, -1)
     calibrating = qk.exact is None
     if calibrating:
@@ -97,7 +108,6 @@ def _attend(self, q, k, v, adjust=None, align: int = 1):
         attn = attn if adjust is None else adjust(attn)
         return av(self.attn_drop(self.vq_softmax(attn)), v, b_quantized=calibrating)
 
-    parts = _chunks(q.shape[0], q.shape[1] * q.shape[2] * k_t.shape[-1], align)
     if len(parts) == 1:  # the whole batch (always so for the ONNX export's one image: no Slice in the graph)
         return attend(q, k_t, v)
     return torch.cat([attend(q[part], k_t[part], v[part]) for part in parts])

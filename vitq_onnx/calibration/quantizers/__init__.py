@@ -45,10 +45,15 @@ class QuantizerKind:
         """The value of one code step, for quantizers on an affine integer grid."""
         raise VitqError(f"a {self.name} quantizer can only quantize the output of a Softmax")
 
+    def codes(self, x: torch.Tensor, params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+        """``fake(x) / step`` as integer-valued floats: what an integer kernel multiplies."""
+        return torch.round(self.fake(x, params, bits) / self.step(params))
+
     def exact_matmul(self, qa, qb):
         """Simulation of ``a @ b`` with ``a`` of this kind and ``b`` uniform: exact integer sums."""
-        s_a, s_b = self.step(torch_params(qa)), get_kind(qb.kind).step(torch_params(qb))
-        return lambda a, b: integer_matmul(fake(qa, a), fake(qb, b), s_a, s_b)
+        (p_a, kind_b, p_b) = torch_params(qa), get_kind(qb.kind), torch_params(qb)
+        unit = self.step(p_a) * kind_b.step(p_b)
+        return lambda a, b: exact_sum_matmul(self.codes(a, p_a, qa.bits), kind_b.codes(b, p_b, qb.bits)) * unit
 
     def deploy_passes(self, keys: list[str]) -> list:
         """The graph passes that deploy quantizers of this kind at ``keys``."""

@@ -131,7 +131,7 @@ class Log2(QuantizerKind):
 
         def log2_matmul(log_a, b):
             shifted, odd = log2_parts(log2_codes_of_log(log_a, s_a, qa.bits), qa.bits)
-            kv = torch.round(kind_b.fake(b, params_b, qb.bits) / s_b)
+            kv = kind_b.codes(b, params_b, qb.bits)
             return exact_sum_matmul(shifted, kv) * unit + exact_sum_matmul(odd, kv) * unit_odd
 
         return log2_matmul

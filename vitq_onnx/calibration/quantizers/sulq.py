@@ -147,7 +147,7 @@ class SULQ(_SULQ):
 
         def sulq_matmul(a, b):
             codes = sulq_codes_of_log(sulq_log(a, p["eta"]), p["lo"], p["delta"], qa.bits).long()
-            kv = torch.round(kind_b.fake(b, params_b, qb.bits) / s_b)
+            kv = kind_b.codes(b, params_b, qb.bits)
             out = None
             for i, (shift, unit) in enumerate(zip(shifts, units)):
                 part = torch.bitwise_right_shift(torch.full_like(codes, 2**(PART_BITS - 1)), shift[codes]).float()

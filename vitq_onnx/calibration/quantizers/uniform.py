@@ -98,6 +98,10 @@ class Uniform(QuantizerKind):
     def step(self, params):
         return params["scale"]
 
+    def codes(self, x, params, bits):
+        zp = params["zero_point"]  # the codes minus the zero point, without the round trip through fake
+        return (x / params["scale"]).round_().add_(zp).clamp_(0, 2**bits - 1).sub_(zp)
+
     def to_numpy(self, params):
         out = super().to_numpy(params)
         out["zero_point"] = out["zero_point"].astype(np.int32)

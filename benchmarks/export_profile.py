@@ -1,0 +1,102 @@
+"""Export time and memory against tokens and width: ``vitq-onnx export`` stage by stage.
+
+    python benchmarks/export_profile.py -o benchmarks/results/export_profile.md
+
+Each config ``model[@img_size]:W/A[:real]`` runs the CLI in its own process, as a user runs it
+(imports included), with the default method (repq) and validation; random weights unless
+``real`` (DeiT-Ti from ../shared/models). The table gives the whole command's seconds, the
+seconds of each stage (from the export's report), and the process's peak memory (RSS). Run it
+alone on the machine: the numbers are times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from speed import machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+WEIGHTS = {"deit_tiny_patch16_224": SHARED / "models" / "deit_tiny_patch16_224.safetensors"}
+DINO = "vit_small_patch14_dinov2"
+DEFAULT_CONFIGS = [
+    "deit_tiny_patch16_224:8/8:real", "deit_tiny_patch16_224:4/4:real",
+    f"{DINO}@224:8/8", f"{DINO}@224:4/4", f"{DINO}@336:8/8", f"{DINO}@336:4/4", f"{DINO}@518:8/8",
+    f"{DINO}@518:4/4",
+    "vit_tiny_patch16_224:4/4", "vit_small_patch16_224:4/4", "vit_base_patch16_224:8/8", "vit_base_patch16_224:4/4",
+]
+
+
+def run_config(config: str, calib: Path, work: Path) -> dict:
+    """Export one config in a child process; its wall seconds, stage seconds and peak RSS (the
+    export's own ``ru_maxrss``, from its report)."""
+    model, bits, *flags = config.split(":")
+    name, _, img_size = model.partition("@")
+    cmd = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", name, "--bits", bits, "--calib", str(calib),
+           "-o", str(work / f"{config.replace('/', '').replace(':', '_').replace('@', '_')}.onnx"), "-q"]
+    cmd += ["--weights", str(WEIGHTS[name])] if "real" in flags else ["--random-weights"]
+    cmd += ["--img-size", img_size] if img_size else []
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    seconds = time.time() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{config} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+    report = json.loads(out.strip().splitlines()[-1])
+    peak = max(report["stage_peak_mb"].values())
+    return {"config": config, "tokens": _tokens(name, img_size), "seconds": round(seconds, 1), "peak_mb": peak,
+            "stages": report["stage_seconds"], "agreement": report["top1_agreement"],
+            "validated_images": report["images"]}
+
+
+def _tokens(name: str, img_size: str) -> int:
+    import timm
+
+    model = timm.create_model(name, pretrained=False, **({"img_size": int(img_size)} if img_size else {}))
+    return model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+
+
+STAGES = [("load", "load model and images"), ("LN ranges", "calibration 1/3: channelwise_reparam"),
+          ("weights", "calibration 2/3: fit_weights"), ("activations", "calibration 3/3: fit_activations"),
+          ("FP32 ONNX", "FP32 ONNX export"), ("passes", "ONNX passes"), ("validation", "validation")]
+
+
+def write_markdown(data: dict, output: Path) -> None:
+    m = data["machine"]
+    lines = [f"Export profile, {m['date']}, {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['logical_cpus']} logical "
+             f"CPUs, onnxruntime {m['onnxruntime']}: whole `vitq-onnx export` (repq, default validation) per "
+             "config, seconds per stage, peak RSS.", "",
+             "| config | tokens | total s | " + " | ".join(s for s, _ in STAGES) + " | peak MB | agreement |",
+             "|---|---|---|" + "---|" * len(STAGES) + "---|---|"]
+    for r in data["rows"]:
+        stages = " | ".join(f"{r['stages'].get(key, 0):.1f}" for _, key in STAGES)
+        lines.append(f"| {r['config']} | {r['tokens']} | {r['seconds']:.1f} | {stages} | {r['peak_mb']} | "
+                     f"{100 * r['agreement']:.0f} % of {r['validated_images']} |")
+    output.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    p.add_argument("--calib", type=Path, default=SHARED / "data" / "imagenet-sample" / "calib")
+    p.add_argument("-o", "--output", type=Path, required=True, help=".md (a .json beside it)")
+    args = p.parse_args(argv)
+    data = {"machine": machine_info(len(os.sched_getaffinity(0))), "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in args.configs:
+            row = run_config(config, args.calib, Path(tmp))
+            print(f"{config}: {row['seconds']} s, peak {row['peak_mb']} MB", file=sys.stderr)
+            data["rows"].append(row)
+    args.output.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    write_markdown(data, args.output)
+
+
+if __name__ == "__main__":
+    main()
