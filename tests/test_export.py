@@ -63,3 +63,15 @@ def test_swin_random_weights_exports_and_runs(tmp_path):
     names = {n.name for n in model.graph.node}
     assert "layers.1.downsample.reduction/input_q" in names and "layers.0.blocks.1.attn/q_q" in names
     assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()[0].name == "image"
+
+
+@pytest.mark.parametrize("bits", ["8/8", "4/4"])
+def test_headless_dinov2_backbone_exports_bit_exact_features(tmp_path, bits):
+    """A DINOv2 ViT-S (headless by default) built at 112 px: features validated by cosine."""
+    out = tmp_path / "dino.onnx"
+    assert main(["export", "--model", "vit_small_patch14_dinov2", "--random-weights", "--img-size", "112",
+                 "--bits", bits, "--calib", str(CALIB), "--num-calib", "8", "--validate-images", "16", "-q",
+                 "-o", str(out)]) == 0
+    report = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}["vitq.validation"]
+    assert report["images"] == 16 and report["exact_images"] >= 0.99 and "top1_agreement" not in report
+    assert 0 < report["fp_cosine_mean"] <= 1.0 + 1e-9

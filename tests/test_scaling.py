@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 
+from vitq_onnx import runtime
 from vitq_onnx.calibration import quant_points
 from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
@@ -140,3 +141,29 @@ def test_swin_attention_in_slices_of_whole_images_changes_no_simulated_bit(tiny_
     whole = torch_logits(simulate(swin, recipe), tiny_images)
     monkeypatch.setattr(quant_points, "ATTENTION_CHUNK", 1)  # one image's windows per slice
     assert np.array_equal(torch_logits(simulate(swin, recipe), tiny_images), whole)
+
+
+@pytest.mark.parametrize("bits", ["8/8", "4/4"])
+def test_headless_export_is_validated_by_feature_similarity(tmp_path, tiny_calib_dir, bits):
+    code, out = _export(tmp_path, tiny_calib_dir, "--num-classes", "0", "--bits", bits)
+    assert code == 0
+    model = onnx.load(out)
+    features = runtime.run(runtime.session(model), np.zeros((2, 3, 32, 32), np.float32))
+    assert features.shape == (2, 32)  # the embedding, no classifier
+    report = {p.key: json.loads(p.value) for p in model.metadata_props}["vitq.validation"]
+    assert "top1_agreement" not in report and report["exact_images"] == 1.0
+    assert report["sim_cosine_min"] == pytest.approx(1.0, abs=1e-12) and report["sim_max_abs_error"] == 0.0
+    assert 0.5 < report["fp_cosine_min"] <= report["fp_cosine_mean"] <= 1.0 + 1e-9
+
+
+def test_headless_drops_a_checkpoints_classifier(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    from vitq_onnx.models import create_model
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(weights))
+    features = create_model(TINY, weights, num_classes=0)
+    assert features.num_classes == 0 and torch.equal(features.blocks[0].attn.qkv.weight, tiny.blocks[0].attn.qkv.weight)
+    with pytest.raises(Exception, match="--num-classes must be 0"):
+        create_model(TINY, weights, num_classes=-1)

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--img-size", type=int, metavar="PX",
                    help="build the timm model at this input resolution (default: its own), e.g. 224 for a "
                         "518-px DINOv2 backbone")
+    e.add_argument("--num-classes", type=int, metavar="N",
+                   help="classifier outputs (default: the model's); 0 exports the features (a backbone: "
+                        "validated by cosine similarity instead of top-1 agreement)")
     e.add_argument("--random-weights", action="store_true", help="random weights, for graph tests")
     e.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
     e.add_argument("--num-calib", type=int, help="calibration images to use (default: the method's, "
@@ -95,7 +98,7 @@ def _export(args) -> None:
         recipe=args.recipe,
         layer_bits=tuple(args.layer_bits), seed=args.seed, device=args.device, time_budget=args.time_budget,
         format=args.format, save_passes=args.save_passes, min_agreement=args.min_agreement,
-        validate_images=args.validate_images, img_size=args.img_size,
+        validate_images=args.validate_images, img_size=args.img_size, num_classes=args.num_classes,
         strict=args.strict, progress=not args.quiet))
     print(json.dumps(report))
 

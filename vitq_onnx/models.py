@@ -66,6 +66,9 @@ def load_weights(model: torch.nn.Module, path: str | Path, model_name: str) -> N
     """Load a checkpoint strictly: every key and shape must match the architecture."""
     state = _read_state_dict(Path(path))
     own = model.state_dict()
+    if getattr(model, "num_classes", None) == 0:  # a feature extractor: the checkpoint's classifier has no place
+        head = f"{model.pretrained_cfg.get('classifier', 'head')}."
+        state = {k: v for k, v in state.items() if not k.startswith(head) or k in own}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -80,19 +83,23 @@ def load_weights(model: torch.nn.Module, path: str | Path, model_name: str) -> N
 
 
 def create_model(name: str, weights: str | Path | None = None, random_weights: bool = False,
-                 img_size: int | None = None):
+                 img_size: int | None = None, num_classes: int | None = None):
     """Build the timm model in eval mode with real weights (or random ones when asked), at
-    ``img_size`` when given (timm resamples the position embedding of loaded weights)."""
+    ``img_size`` when given (timm resamples the position embedding of loaded weights) and with
+    ``num_classes`` outputs (0: no classifier, the features; a checkpoint's head is then dropped)."""
     timm_name = resolve_name(name)
-    kwargs = {} if img_size is None else {"img_size": img_size}
     if img_size is not None and img_size < 1:
         raise VitqError("--img-size must be a positive number of pixels")
+    if num_classes is not None and num_classes < 0:
+        raise VitqError("--num-classes must be 0 (features) or more")
+    kwargs = {k: v for k, v in (("img_size", img_size), ("num_classes", num_classes)) if v is not None}
     try:
         return _create(timm_name, weights, random_weights, kwargs).eval()
     except (TypeError, AssertionError, ValueError) as exc:  # e.g. no img_size, or not a multiple of the patch
         if not kwargs:
             raise
-        raise VitqError(f"{timm_name} cannot be built at --img-size {img_size}: {exc}") from None
+        given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in kwargs.items())
+        raise VitqError(f"{timm_name} cannot be built with {given}: {exc}") from None
 
 
 def _create(timm_name: str, weights, random_weights: bool, kwargs: dict):

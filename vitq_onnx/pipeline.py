@@ -57,12 +57,13 @@ class ExportOptions:
     min_agreement: float = 0.9
     validate_images: int = 8  # calibration-folder images onnxruntime is checked on
     img_size: int | None = None  # the resolution the timm model is built at (None: its own)
+    num_classes: int | None = None  # the classifier's classes (0: a headless feature extractor; None: its own)
     strict: bool = False  # below LOW_FP_AGREEMENT with the FP model: an error, not a warning
     progress: bool = True
     recipe: Path | None = None  # deploy this recipe instead of calibrating (bits and method are its own)
 
 
-LOW_FP_AGREEMENT = 0.5  # top-1 agreement with the FP model below which an export is called useless
+LOW_FP_AGREEMENT = 0.5  # top-1 agreement (features: mean cosine) with the FP model below which an export is useless
 
 
 def _check_snapshot_folder(folder: Path, inputs: list[Path]) -> None:
@@ -73,6 +74,10 @@ def _check_snapshot_folder(folder: Path, inputs: list[Path]) -> None:
         if path is not None and path.parent.resolve() == folder.resolve() \
                 and re.fullmatch(r"\d\d_\w+\.onnx", path.name):
             raise VitqError(f"--save-passes {folder} would overwrite the input {path}")
+
+
+def _args(model_args: dict | None) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (model_args or {}).items()) or "its defaults"
 
 
 def calibration_subset(paths: list[Path], count: int, option: str = "--num-calib") -> list[Path]:
@@ -106,15 +111,16 @@ def export(opts: ExportOptions) -> dict:
     given = Recipe.load(opts.recipe) if opts.recipe is not None else None
     if given is not None and given.model != timm_name:
         raise VitqError(f"recipe {opts.recipe} is for {given.model}, not {timm_name}")
-    if given is not None and given.info.get("img_size") != opts.img_size:
-        raise VitqError(f"recipe {opts.recipe} was calibrated at --img-size {given.info.get('img_size') or 'default'}, "
-                        f"not {opts.img_size or 'default'}")
+    model_args = {k: v for k, v in (("img_size", opts.img_size), ("num_classes", opts.num_classes)) if v is not None}
+    if given is not None and given.info.get("model_args", {}) != model_args:
+        raise VitqError(f"recipe {opts.recipe} was calibrated for a model built with {_args(given.info.get('model_args'))}, "
+                        f"not {_args(model_args)}")
     calib_paths = calibration_subset(calib_all, method.num_calib if opts.num_calib is None else opts.num_calib)
     val_paths = calibration_subset(calib_all, opts.validate_images, "--validate-images")
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset, containers)
 
     with times("load model and images"):
-        model = create_model(opts.model, opts.weights, opts.random_weights, opts.img_size)
+        model = create_model(opts.model, opts.weights, opts.random_weights, **model_args)
         preprocess = Preprocess.from_model(model)
         images, used = load_images(calib_paths, preprocess) if given is None else (None, [])
         val_images, _ = load_images(val_paths, preprocess)
@@ -123,8 +129,8 @@ def export(opts: ExportOptions) -> dict:
         recipe = calibrate(model, images, bits, method, timm_name, CalibOptions(
             opts.seed, opts.device, None if opts.time_budget is None else 60 * opts.time_budget, opts.progress,
             times))
-        if opts.img_size is not None:
-            recipe.info["img_size"] = opts.img_size
+        if model_args:
+            recipe.info["model_args"] = model_args
         del images
     else:
         say(f"deploying the {given.method} recipe {opts.recipe} (no calibration)")
@@ -144,16 +150,25 @@ def export(opts: ExportOptions) -> dict:
         "calibration-folder images")
     with times("validation"):
         report = validate_export(qmodel, model, recipe, val_images, opts.progress)
-    say(f"top-1 agreement {report['top1_agreement']:.2%}, max |dlogit| "
-        f"{report['max_abs_logit_error']:.4f}, mean |dlogit| {report['mean_abs_logit_error']:.5f}; "
-        f"top-1 agreement with the FP model {report['fp_top1_agreement']:.2%}")
-    if report["top1_agreement"] < opts.min_agreement:
-        raise VitqError(f"onnxruntime agrees with the simulation on only {report['top1_agreement']:.1%} "
-                        f"of calibration images (< {opts.min_agreement:.0%}); nothing written")
-    if report["fp_top1_agreement"] < LOW_FP_AGREEMENT:
-        useless = (f"the quantized model agrees with the FP model on only {report['fp_top1_agreement']:.0%} of "
-                   f"the calibration images (top-1, < {LOW_FP_AGREEMENT:.0%}): it is likely useless; try more "
-                   "bits or another --method")
+    headless = "fp_cosine_mean" in report  # a feature extractor: compared by cosine, not top-1
+    if headless:
+        say(f"bit-exact on {report['exact_images']:.2%} of the images, feature cosine to the simulation "
+            f"min {report['sim_cosine_min']:.6f}; to the FP model mean {report['fp_cosine_mean']:.4f}")
+        agreement, usefulness = report["exact_images"], report["fp_cosine_mean"]
+    else:
+        say(f"top-1 agreement {report['top1_agreement']:.2%}, max |dlogit| "
+            f"{report['max_abs_logit_error']:.4f}, mean |dlogit| {report['mean_abs_logit_error']:.5f}; "
+            f"top-1 agreement with the FP model {report['fp_top1_agreement']:.2%}")
+        agreement, usefulness = report["top1_agreement"], report["fp_top1_agreement"]
+    if agreement < opts.min_agreement:
+        what = "is bit-exact with" if headless else "agrees with"
+        raise VitqError(f"onnxruntime {what} the simulation on only {agreement:.1%} of the validation images "
+                        f"(< {opts.min_agreement:.0%}); nothing written")
+    if usefulness < LOW_FP_AGREEMENT:
+        useless = (f"the quantized model's features have a mean cosine similarity of only {usefulness:.2f} to the FP "
+                   f"model's (< {LOW_FP_AGREEMENT})" if headless else
+                   f"the quantized model agrees with the FP model on only {usefulness:.0%} of the validation "
+                   f"images (top-1, < {LOW_FP_AGREEMENT:.0%})") + ": it is likely useless; try more bits or another --method"
         if opts.strict:
             raise VitqError(useless + "; nothing written (--strict)")
         print(f"vitq-onnx: warning: {useless} (--strict refuses such a model)", file=sys.stderr)

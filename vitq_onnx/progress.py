@@ -7,6 +7,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -68,7 +69,20 @@ class StageTimes(dict):
             yield
         finally:
             self[name] = self.get(name, 0.0) + time.perf_counter() - start
-            self.peak_mb[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+            self.peak_mb[name] = peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM, since ``ru_maxrss`` keeps the parent's
+    peak across fork and exec (a benchmark's child would report its parent's memory)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    scale = 2**20 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _fmt(v) -> str:

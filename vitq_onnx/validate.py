@@ -31,9 +31,22 @@ def torch_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 3
                            for i in range(0, len(images), batch_size)])
 
 
+def feature_similarity(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Per-image cosine similarity (mean and worst) and the largest |difference| of feature vectors."""
+    ref, cand = (x.reshape(len(x), -1).astype(np.float64) for x in (reference, candidate))
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cos = (ref * cand).sum(1) / np.maximum(norms, 1e-30)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "max_abs_error": float(np.abs(ref - cand).max())}
+
+
 def validate_export(qmodel: onnx.ModelProto, model: torch.nn.Module, recipe: Recipe, images, progress: bool,
                     batch_size: int = 32) -> dict:
-    """onnxruntime against the simulation (bit-exactness) and against the FP model (usefulness)."""
+    """onnxruntime against the simulation (bit-exactness) and against the FP model (usefulness).
+
+    ``exact_images`` is the share of images whose outputs are equal bit for bit. A classifier is
+    also compared by top-1; a headless model (``num_classes == 0``: its outputs are features,
+    where top-1 means nothing) by cosine similarity, to the simulation and to the FP model."""
     sess, sim = runtime.session(qmodel), simulate(model, recipe)
     bar = Progress(len(images), "validation", progress, unit="img")
     ort_logits, sim_logits, fp_logits = [], [], []
@@ -44,7 +57,17 @@ def validate_export(qmodel: onnx.ModelProto, model: torch.nn.Module, recipe: Rec
         fp_logits.append(torch_logits(model, batch))
         bar.update(len(batch))
     bar.close()
-    logits = np.concatenate(ort_logits)
-    report = compare_logits(np.concatenate(sim_logits), logits)
-    report["fp_top1_agreement"] = compare_logits(np.concatenate(fp_logits), logits)["top1_agreement"]
+    logits, sim, fp = np.concatenate(ort_logits), np.concatenate(sim_logits), np.concatenate(fp_logits)
+    exact = float((sim.reshape(len(sim), -1) == logits.reshape(len(logits), -1)).all(1).mean())
+    if is_headless(model):
+        return {"images": int(len(logits)), "exact_images": exact,
+                **{f"sim_{k}": v for k, v in feature_similarity(sim, logits).items()},
+                **{f"fp_{k}": v for k, v in feature_similarity(fp, logits).items()}}
+    report = compare_logits(sim, logits)
+    report["exact_images"] = exact
+    report["fp_top1_agreement"] = compare_logits(fp, logits)["top1_agreement"]
     return report
+
+
+def is_headless(model: torch.nn.Module) -> bool:
+    return getattr(model, "num_classes", None) == 0
