@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from speed import machine_info
+from vitq_onnx.latency import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -44,12 +43,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 
 from vitq_onnx import runtime
 from vitq_onnx.export import export_fp32
+from vitq_onnx.latency import machine_info, measure_latency, median_ms, ratio
 from vitq_onnx.images import (
     Preprocess,
     label_of,
@@ -67,7 +66,6 @@ CALIB = SHARED / "data" / "imagenet-sample" / "calib"
 VAL = SHARED / "data" / "imagenet-sample" / "val"
 NUM_CALIB = 32
 BATCH_SIZES = (1, 8)
-WARMUP_RUNS = 3
 
 
 @dataclass(frozen=True)
@@ -257,59 +255,15 @@ def build_and_score(config: Config, args, fp32: Build, calib_images, val_images,
 
 # --------------------------------------------------------------------------------------- latency
 
-def measure_latency(paths: dict[str, str], inputs: dict[int, np.ndarray], threads: int, rounds: int,
-                    runs_per_block: int) -> dict[str, dict]:
-    """Per model and batch size: block medians (ms) of every round, interleaving the models."""
-    sessions = {name: runtime.session(path, threads=threads) for name, path in paths.items()}
-    names = list(sessions)
-    blocks = {name: {b: [] for b in inputs} for name in names}
-    for batch, x in inputs.items():
-        feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
-        for name, sess in sessions.items():
-            for _ in range(WARMUP_RUNS):
-                sess.run(None, feeds[name])
-        for r in tqdm(range(rounds), desc=f"latency batch {batch}"):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                blocks[name][batch].append(_timed_block(sessions[name], feeds[name], runs_per_block))
-    return blocks
-
-
-def _timed_block(sess: ort.InferenceSession, feed: dict, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
-
-
 def latency_columns(blocks: dict[str, dict], name: str) -> dict:
-    out = {}
-    for batch, ms in blocks[name].items():
-        out[f"b{batch}_ms"] = float(np.median(ms))
-        out[f"b{batch}_ratio"] = float(np.median(np.array(ms) / np.array(blocks["fp32"][batch])))
-        out[f"b{batch}_block_ms"] = [round(m, 3) for m in ms]
+    out, ms, ratios = {}, median_ms(blocks, name), ratio(blocks, name, "fp32")
+    for batch, block_ms in blocks[name].items():
+        out[f"b{batch}_ms"], out[f"b{batch}_ratio"] = ms[batch], ratios[batch]
+        out[f"b{batch}_block_ms"] = [round(m, 3) for m in block_ms]
     return out
 
 
 # --------------------------------------------------------------------------------------- reports
-
-INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # what picks onnxruntime's int8 kernels
-
-
-def machine_info(threads: int) -> dict:
-    info = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())  # the first core's
-    cpu = info.get("model name") or platform.processor() or "unknown"
-    flags = [f for f in INT8_FLAGS if f in info.get("flags", "").split()]
-    return {"cpu": cpu, "cpu_flags": flags, "logical_cpus": os.cpu_count(), "onnxruntime": ort.__version__,
-            "onnx": onnx.__version__,
-            "python": platform.python_version(), "intra_op_threads": threads, "inter_op_threads": 1,
-            "provider": "CPUExecutionProvider", "date": time.strftime("%Y-%m-%d %H:%M")}
-
 
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.2f}"

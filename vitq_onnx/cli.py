@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,14 +75,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", type=Path, required=True, help="output .onnx path")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
-    v = sub.add_parser("eval", help="top-1/top-5 of an ONNX model with onnxruntime")
+    v = sub.add_parser("eval", help="top-1/top-5, size and latency of an ONNX model with onnxruntime")
     v.add_argument("model", type=Path)
     v.add_argument("--images", type=Path, required=True,
                    help="folder of <synset>_*.JPEG files or <synset>/ subfolders")
-    v.add_argument("--compare", type=Path, help="second model: report top-1 agreement with it")
+    v.add_argument("--compare", type=Path,
+                   help="second model (e.g. the FP32 one): the same numbers side by side, latencies measured "
+                        "interleaved, their ratio, and the top-1 agreement of the two")
     v.add_argument("--synsets", type=Path, help="synset list (default: bundled ImageNet-1k)")
-    v.add_argument("--batch-size", type=int, default=16)
-    v.add_argument("--json", type=Path, help="also write the result here")
+    v.add_argument("--batch-size", type=int, default=16, help="images per onnxruntime run for accuracy")
+    v.add_argument("--latency-batch", type=int, default=8,
+                   help="batch size of the second latency measurement (batch 1 always; default 8)")
+    v.add_argument("--threads", type=int, help="onnxruntime threads for latency (default: the cores this "
+                   "process may use)")
+    v.add_argument("--no-latency", action="store_true", help="accuracy and size only")
+    v.add_argument("--json", type=Path, help="also write the result here (schema: README)")
     v.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -104,22 +112,39 @@ def _export(args) -> None:
 
 
 def _eval(args) -> None:
-    from .evaluate import evaluate
+    from .evaluate import LatencyOptions, evaluate
     from .images import list_images
 
-    if args.batch_size < 1:
-        raise VitqError("--batch-size must be at least 1")
+    for name in ("batch_size", "latency_batch", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise VitqError(f"--{name.replace('_', '-')} must be at least 1")
     if args.json is not None:
         check_outputs([args.json], [args.model, args.compare, args.synsets, *list_images(args.images)])
+    latency = None if args.no_latency else LatencyOptions(
+        args.threads or len(os.sched_getaffinity(0)), args.latency_batch)
     result = evaluate(args.model, args.images, args.compare, args.synsets, args.batch_size,
-                      progress=not args.quiet)
-    line = f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  ({result['images']} images)"
-    if "top1_agreement" in result:
-        line += f"  top-1 agreement with {args.compare.name}: {result['top1_agreement']:.2%}"
-    print(line)
+                      progress=not args.quiet, latency=latency)
+    print(_summary(result, args.model.name))
+    if "compare" in result:
+        print(_summary(result["compare"], args.compare.name) +
+              f"  top-1 agreement {result['top1_agreement']:.2%}")
+    if "latency_ratio" in result:
+        print(f"latency {args.model.name} / {args.compare.name}: " + ", ".join(
+            f"batch {b} {r:.2f}x" for b, r in result["latency_ratio"].items()))
+    if "machine" in result:
+        m = result["machine"]
+        print(f"on {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2'}), {m['intra_op_threads']} threads, "
+              f"onnxruntime {m['onnxruntime']}")
     if args.json:
         with staged(args.json.parent) as tmp:
             (tmp / args.json.name).write_text(json.dumps(result, indent=1))
+
+
+def _summary(r: dict, name: str) -> str:
+    line = f"{name}: top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  {r['model_bytes'] / 2**20:.1f} MB"
+    if "latency_ms" in r:
+        line += "  " + "  ".join(f"batch {b} {ms:.2f} ms" for b, ms in r["latency_ms"].items())
+    return line + (f"  ({r['images']} images)" if "images" in r else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
-"""``vitq-onnx eval``: top-1/top-5 of an ONNX model on labelled images, onnxruntime only."""
+"""``vitq-onnx eval``: top-1/top-5, size and latency of an ONNX model (and another beside it), onnxruntime only."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from . import runtime
 from .progress import Progress
 from .errors import VitqError
 from .images import Preprocess, label_of, list_images, load_images, load_synsets
+from .latency import machine_info, measure_latency, median_ms, ratio
 
 
 def preprocess_of(sess, model_path) -> Preprocess:
@@ -21,12 +23,16 @@ def preprocess_of(sess, model_path) -> Preprocess:
 
 
 def evaluate(model_path: str | Path, images_dir: str | Path, compare: str | Path | None = None,
-             synsets: str | Path | None = None, batch_size: int = 16, progress: bool = True) -> dict:
-    """Accuracy of ``model_path`` (and top-1 agreement with ``compare``) on every image in the folder."""
-    sessions = [runtime.session(model_path)]
-    if compare is not None:
-        sessions.append(runtime.session(compare))
+             synsets: str | Path | None = None, batch_size: int = 16, progress: bool = True,
+             latency: LatencyOptions | None = None) -> dict:
+    """Accuracy of ``model_path`` on every image in the folder, its size, its latency (batch 1 and
+    ``latency.batch``) and the machine's; with ``compare``, the same for that model side by side,
+    latencies measured interleaved, and the top-1 agreement of the two."""
+    paths_models = [Path(model_path)] + ([Path(compare)] if compare is not None else [])
+    sessions = [runtime.session(p) for p in paths_models]
     preprocess = preprocess_of(sessions[0], model_path)
+    if compare is not None and preprocess_of(sessions[1], compare) != preprocess:
+        raise VitqError(f"{model_path} and {compare} take differently preprocessed images: compare models of one input")
     root = Path(images_dir)
     paths = list_images(root)
     classes = load_synsets(synsets)
@@ -42,15 +48,39 @@ def evaluate(model_path: str | Path, images_dir: str | Path, compare: str | Path
         bar.update(len(paths[i:i + batch_size]))
     bar.close()
     y = np.asarray(labels)
-    logits = np.concatenate(preds[0])
-    top5 = np.argsort(-logits, axis=1)[:, :5]
-    result = {
-        "model": str(model_path), "images": int(len(y)),
-        "top1": float((top5[:, 0] == y).mean()), "top5": float((top5 == y[:, None]).any(1).mean()),
-    }
+    logits = [np.concatenate(p) for p in preds]
+    rows = [{"model": str(p), **_accuracy(out, y), "model_bytes": p.stat().st_size} for p, out in zip(paths_models, logits)]
+    result = {**rows[0], "images": int(len(y))}
+    if latency is not None:
+        blocks = _latency(paths_models, preprocess.size, latency, progress)
+        for name, row in zip(blocks, rows):
+            row["latency_ms"] = {str(b): round(ms, 3) for b, ms in median_ms(blocks, name).items()}
+        result["latency_ms"] = rows[0]["latency_ms"]
+        result["machine"] = machine_info(latency.threads)
+        if compare is not None:
+            result["latency_ratio"] = {str(b): round(r, 4) for b, r in ratio(blocks, "model", "compare").items()}
     if compare is not None:
-        other = np.concatenate(preds[1])
-        result["compare"] = str(compare)
-        result["compare_top1"] = float((other.argmax(1) == y).mean())
-        result["top1_agreement"] = float((other.argmax(1) == logits.argmax(1)).mean())
+        result["compare"] = rows[1]
+        result["top1_agreement"] = float((logits[1].argmax(1) == logits[0].argmax(1)).mean())
     return result
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    threads: int
+    batch: int = 8  # the second batch size measured (batch 1 always)
+    rounds: int = 5
+    runs_per_block: int = 5
+
+
+def _accuracy(logits: np.ndarray, y: np.ndarray) -> dict:
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    return {"top1": float((top5[:, 0] == y).mean()), "top5": float((top5 == y[:, None]).any(1).mean())}
+
+
+def _latency(models: list[Path], size: int, opts: LatencyOptions, progress: bool) -> dict:
+    """Median block times of both models, interleaved, at batch 1 and ``opts.batch`` (random images)."""
+    x = np.random.default_rng(0).standard_normal((opts.batch, 3, size, size)).astype(np.float32)
+    inputs = {1: x[:1], opts.batch: x} if opts.batch != 1 else {1: x}
+    names = dict(zip(("model", "compare"), map(str, models)))
+    return measure_latency(names, inputs, opts.threads, opts.rounds, opts.runs_per_block, progress)

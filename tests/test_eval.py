@@ -1,0 +1,73 @@
+"""Fast tier: ``vitq-onnx eval`` writes accuracy, size, latency and the machine as JSON of a fixed
+schema, and with --compare the other model's numbers, the latency ratio and the agreement."""
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitq_onnx.cli import main
+
+from .conftest import TINY
+
+LATENCY = {"type": "object", "required": ["1", "4"], "additionalProperties": False,
+           "properties": {"1": {"type": "number", "exclusiveMinimum": 0}, "4": {"type": "number", "exclusiveMinimum": 0}}}
+SHARE = {"type": "number", "minimum": 0, "maximum": 1}
+MODEL = {"type": "object", "required": ["model", "top1", "top5", "model_bytes", "latency_ms"],
+         "properties": {"model": {"type": "string"}, "top1": SHARE, "top5": SHARE,
+                        "model_bytes": {"type": "integer", "minimum": 1}, "latency_ms": LATENCY}}
+SCHEMA = {
+    "type": "object",
+    "allOf": [MODEL],
+    "required": ["images", "machine", "compare", "latency_ratio", "top1_agreement"],
+    "properties": {
+        "images": {"type": "integer", "minimum": 1},
+        "machine": {"type": "object", "required": ["cpu", "cpu_flags", "vnni", "amx", "onnxruntime",
+                                                   "intra_op_threads"],
+                    "properties": {"cpu": {"type": "string"}, "cpu_flags": {"type": "array", "items": {"type": "string"}},
+                                   "vnni": {"type": "boolean"}, "amx": {"type": "boolean"},
+                                   "onnxruntime": {"type": "string"}, "intra_op_threads": {"type": "integer"}}},
+        "compare": MODEL,
+        "latency_ratio": {**LATENCY, "properties": {"1": {"type": "number"}, "4": {"type": "number"}}},
+        "top1_agreement": SHARE,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_calib_dir):
+    """The tiny model at 8/8 and its FP32 graph (the first --save-passes snapshot)."""
+    work = tmp_path_factory.mktemp("eval")
+    assert main(["export", "--model", TINY, "--random-weights", "--calib", str(tiny_calib_dir), "-q",
+                 "--save-passes", str(work / "passes"), "-o", str(work / "w8.onnx")]) == 0
+    images = work / "val"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, synset in enumerate(["n01440764", "n01443537", "n01484850"] * 2):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(images / f"{synset}_{i}.png")
+    return work / "w8.onnx", work / "passes" / "00_fp32.onnx", images
+
+
+def test_eval_json_follows_the_schema(exported, tmp_path, capsys):
+    model, fp32, images = exported
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(model), "--compare", str(fp32), "--images", str(images), "--latency-batch", "4",
+                 "--threads", "1", "--json", str(out), "-q"]) == 0
+    result = json.loads(out.read_text())
+    jsonschema.validate(result, SCHEMA)
+    assert result["images"] == 6 and result["machine"]["intra_op_threads"] == 1
+    assert result["model_bytes"] < result["compare"]["model_bytes"]  # 8-bit weights are smaller
+    ratio = result["latency_ratio"]["1"]
+    assert ratio == pytest.approx(result["latency_ms"]["1"] / result["compare"]["latency_ms"]["1"], rel=0.5)
+    printed = capsys.readouterr().out
+    assert "latency w8.onnx / 00_fp32.onnx: batch 1" in printed and "threads, onnxruntime" in printed
+
+
+def test_eval_without_latency_and_bad_options(exported, capsys):
+    model, _, images = exported
+    assert main(["eval", str(model), "--images", str(images), "--no-latency", "-q"]) == 0
+    assert "ms" not in capsys.readouterr().out
+    assert main(["eval", str(model), "--images", str(images), "--latency-batch", "0"]) == 1
+    assert "--latency-batch must be at least 1" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""Latency in onnxruntime, measured as the benchmarks do, and the machine it was measured on.
+
+Models are interleaved (round r starts with model r mod n) in blocks of runs, so a drift of the
+machine (turbo, another process) hits every model alike; a ratio is the median of the per-round
+ratios. The CPU's int8 flags are reported because they pick onnxruntime's integer kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import runtime
+from .progress import Progress
+
+WARMUP_RUNS = 3
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # what picks onnxruntime's int8 kernels
+
+
+def machine_info(threads: int) -> dict:
+    info = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first core's
+    cpu = info.get("model name") or platform.processor() or "unknown"
+    flags = [f for f in INT8_FLAGS if f in info.get("flags", "").split()]
+    return {"cpu": cpu, "cpu_flags": flags, "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+            "amx": "amx_int8" in flags, "logical_cpus": os.cpu_count(), "onnxruntime": ort.__version__,
+            "onnx": onnx.__version__, "python": platform.python_version(), "intra_op_threads": threads,
+            "inter_op_threads": 1, "provider": "CPUExecutionProvider", "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def measure_latency(paths: dict[str, str], inputs: dict[int, np.ndarray], threads: int, rounds: int,
+                    runs_per_block: int, progress: bool = True) -> dict[str, dict]:
+    """Per model and batch size: block medians (ms) of every round, interleaving the models."""
+    sessions = {name: runtime.session(path, threads=threads) for name, path in paths.items()}
+    names = list(sessions)
+    blocks = {name: {b: [] for b in inputs} for name in names}
+    for batch, x in inputs.items():
+        feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
+        for name, sess in sessions.items():
+            for _ in range(WARMUP_RUNS):
+                sess.run(None, feeds[name])
+        bar = Progress(rounds, f"latency batch {batch}", progress, unit="round")
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                blocks[name][batch].append(_timed_block(sessions[name], feeds[name], runs_per_block))
+            bar.update(1)
+        bar.close()
+    return blocks
+
+
+def _timed_block(sess: ort.InferenceSession, feed: dict, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def median_ms(blocks: dict[str, dict], name: str) -> dict[int, float]:
+    return {batch: float(np.median(ms)) for batch, ms in blocks[name].items()}
+
+
+def ratio(blocks: dict[str, dict], name: str, reference: str) -> dict[int, float]:
+    """Median over rounds of ``name``'s block time over ``reference``'s in the same round."""
+    return {batch: float(np.median(np.array(ms) / np.array(blocks[reference][batch])))
+            for batch, ms in blocks[name].items()}
