@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vitq_onnx import runtime
-from vitq_onnx.export import export_fp32
+from vitq_onnx.fp32 import export_fp32
 from vitq_onnx.images import (
     Preprocess,
     label_of,

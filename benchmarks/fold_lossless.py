@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from vitq_onnx import runtime
-from vitq_onnx.export import export_fp32
+from vitq_onnx.fp32 import export_fp32
 from vitq_onnx.images import Preprocess, list_images, load_images
 from vitq_onnx.models import create_model
 from vitq_onnx.passes import PassContext, run_passes

@@ -47,7 +47,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 
 from vitq_onnx import runtime
-from vitq_onnx.export import export_fp32
+from vitq_onnx.fp32 import export_fp32
 from vitq_onnx.latency import machine_info, measure_latency, median_ms, ratio
 from vitq_onnx.images import (
     Preprocess,

@@ -54,7 +54,7 @@ def val_images(preprocess) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def fp32_onnx(deit, preprocess):
-    from vitq_onnx.export import export_fp32
+    from vitq_onnx.fp32 import export_fp32
 
     return export_fp32(deit, preprocess.size)
 
@@ -117,6 +117,6 @@ def tiny_calib_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_fp32_onnx(tiny):
-    from vitq_onnx.export import export_fp32
+    from vitq_onnx.fp32 import export_fp32
 
     return export_fp32(tiny, 32)

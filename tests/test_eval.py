@@ -2,6 +2,7 @@
 schema, and with --compare the other model's numbers, the latency ratio and the agreement."""
 
 import json
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -71,3 +72,27 @@ def test_eval_without_latency_and_bad_options(exported, capsys):
     assert "ms" not in capsys.readouterr().out
     assert main(["eval", str(model), "--images", str(images), "--latency-batch", "0"]) == 1
     assert "--latency-batch must be at least 1" in capsys.readouterr().err
+
+
+def test_python_api_example_runs(tiny_calib_dir, tmp_path, capsys):
+    """examples/api_export.py end to end on the tiny model: in-memory module and tensor in, model out."""
+    import runpy
+
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "api_export.py"))
+    report = example["main"](["--model", TINY, "--calib", str(tiny_calib_dir), "--bits", "4/4",
+                              "-o", str(tmp_path / "api.onnx")])
+    assert report["exact_images"] == 1.0 and (tmp_path / "api.recipe.json").is_file()
+    assert "bit for bit" in capsys.readouterr().out
+
+
+def test_python_api_takes_names_folders_and_batches(tiny_calib_dir, tiny_images):
+    import vitq_onnx
+    from vitq_onnx.errors import VitqError
+
+    by_name = vitq_onnx.export(TINY, "8/8", tiny_calib_dir, random_weights=True, validate_images=3)
+    assert by_name.report["images"] == 3 and by_name.report["top1_agreement"] == 1.0
+    assert by_name.recipe.model == TINY
+    batches = vitq_onnx.export(TINY, "8/8", [tiny_images[:5], tiny_images[5:10]], random_weights=True)
+    assert batches.report["images"] == 8 and batches.recipe.info["num_calib"] == 10
+    with pytest.raises(VitqError, match=r"shape \[3, 32, 32\]"):
+        vitq_onnx.export(TINY, "8/8", np.zeros((2, 3, 16, 16), np.float32), random_weights=True)

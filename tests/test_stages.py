@@ -139,7 +139,7 @@ def test_reconstruction_of_a_shifted_window_swin_stays_bit_exact(tiny_images):
     from timm.models.swin_transformer import SwinTransformer
 
     from vitq_onnx import runtime
-    from vitq_onnx.export import export_fp32
+    from vitq_onnx.fp32 import export_fp32
     from vitq_onnx.passes import PassContext, pipeline, run_passes
     from vitq_onnx.simulation import simulate
     from vitq_onnx.validate import compare_logits, torch_logits

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -24,7 +25,7 @@ from .calibration.calibrate import calibrate
 from .calibration.methods import get_method
 from .calibration.state import CalibOptions
 from .errors import VitqError
-from .export import export_fp32
+from .fp32 import export_fp32
 from .images import Preprocess, list_images, load_images
 from .models import create_model, resolve_name
 from .outputs import check_outputs, staged
@@ -76,6 +77,11 @@ def _check_snapshot_folder(folder: Path, inputs: list[Path]) -> None:
             raise VitqError(f"--save-passes {folder} would overwrite the input {path}")
 
 
+def _model_args(opts: ExportOptions) -> dict:
+    """The timm build arguments the options set (recorded in the recipe)."""
+    return {k: v for k, v in (("img_size", opts.img_size), ("num_classes", opts.num_classes)) if v is not None}
+
+
 def _args(model_args: dict | None) -> str:
     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (model_args or {}).items()) or "its defaults"
 
@@ -90,48 +96,41 @@ def calibration_subset(paths: list[Path], count: int, option: str = "--num-calib
     return paths
 
 
-def export(opts: ExportOptions) -> dict:
-    """Run the whole export; returns the validation report (stored in the model's metadata), the
-    export's seconds and each stage's (not stored: the artifacts are reproducible byte for byte)."""
-    start, times = time.time(), StageTimes()
-    say = (lambda msg: print(msg, file=sys.stderr)) if opts.progress else (lambda msg: None)
-    bits = BitWidths.parse(opts.bits, opts.layer_bits)
+def check_options(opts: ExportOptions):
+    """The options' own errors, before any work; the calibration method they name."""
+    BitWidths.parse(opts.bits, opts.layer_bits)
     method = get_method(opts.method)  # with a recipe: unused, but a wrong name is still an error
     if opts.time_budget is not None and opts.time_budget <= 0:
         raise VitqError("--time-budget must be a positive number of minutes")
-    timm_name = resolve_name(opts.model)
     if opts.format not in FORMATS:
         raise VitqError(f"unknown --format '{opts.format}': use {' or '.join(FORMATS)}")
-    outputs = [opts.output, recipe_path(opts.output), recipe_path(opts.output).with_suffix(".npz")]
-    calib_all = list_images(opts.calib)
-    inputs = [opts.weights, opts.recipe, opts.recipe and opts.recipe.with_suffix(".npz"), *calib_all]
-    check_outputs(outputs, inputs)
-    if opts.save_passes is not None:
-        _check_snapshot_folder(opts.save_passes, inputs)
-    given = Recipe.load(opts.recipe) if opts.recipe is not None else None
-    if given is not None and given.model != timm_name:
-        raise VitqError(f"recipe {opts.recipe} is for {given.model}, not {timm_name}")
-    model_args = {k: v for k, v in (("img_size", opts.img_size), ("num_classes", opts.num_classes)) if v is not None}
-    if given is not None and given.info.get("model_args", {}) != model_args:
-        raise VitqError(f"recipe {opts.recipe} was calibrated for a model built with {_args(given.info.get('model_args'))}, "
-                        f"not {_args(model_args)}")
-    calib_paths = calibration_subset(calib_all, method.num_calib if opts.num_calib is None else opts.num_calib)
-    val_paths = calibration_subset(calib_all, opts.validate_images, "--validate-images")
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset, containers)
+    return method
 
-    with times("load model and images"):
-        model = create_model(opts.model, opts.weights, opts.random_weights, **model_args)
-        preprocess = Preprocess.from_model(model)
-        images, used = load_images(calib_paths, preprocess) if given is None else (None, [])
-        val_images, _ = load_images(val_paths, preprocess)
+
+def write(qmodel: onnx.ModelProto, recipe: Recipe, output: Path) -> None:
+    """The model and its recipe, all or nothing (``outputs.staged``)."""
+    with staged(output.parent) as tmp:
+        onnx.save(qmodel, tmp / output.name)
+        recipe.save(tmp / recipe_path(output).name)
+
+
+def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, images: np.ndarray | None,
+             val_images: np.ndarray, opts: ExportOptions, given: Recipe | None = None,
+             times: StageTimes | None = None) -> tuple[onnx.ModelProto, Recipe, dict]:
+    """Calibrate ``model`` on ``images`` (or deploy ``given``), rewrite its FP32 graph and validate it
+    on ``val_images``: the quantized ONNX model (with its metadata), its recipe and the validation
+    report. Nothing is read or written here: ``export`` (the CLI) and ``api.export`` share it."""
+    times = StageTimes() if times is None else times
+    say = (lambda msg: print(msg, file=sys.stderr)) if opts.progress else (lambda msg: None)
+    bits, method = BitWidths.parse(opts.bits, opts.layer_bits), get_method(opts.method)
+    model_args = _model_args(opts)
     if given is None:
-        say(f"calibrating {timm_name} at W{bits.w}/A{bits.a} ({method.name}) on {len(used)} images")
+        say(f"calibrating {timm_name} at W{bits.w}/A{bits.a} ({method.name}) on {len(images)} images")
         recipe = calibrate(model, images, bits, method, timm_name, CalibOptions(
             opts.seed, opts.device, None if opts.time_budget is None else 60 * opts.time_budget, opts.progress,
             times))
         if model_args:
             recipe.info["model_args"] = model_args
-        del images
     else:
         say(f"deploying the {given.method} recipe {opts.recipe} (no calibration)")
         recipe = given
@@ -181,9 +180,41 @@ def export(opts: ExportOptions) -> dict:
     runtime.set_metadata(qmodel, runtime.META_VALIDATION, report)
     qmodel.producer_name = "vitq-onnx"
     del qmodel.graph.value_info[:]  # intermediate shapes: in the --save-passes files, not the deliverable
-    with times("write"), staged(opts.output.parent) as tmp:
-        onnx.save(qmodel, tmp / opts.output.name)
-        recipe.save(tmp / recipe_path(opts.output).name)
+    return qmodel, recipe, report
+
+
+def export(opts: ExportOptions) -> dict:
+    """Run the whole export; returns the validation report (stored in the model's metadata), the
+    export's seconds and each stage's (not stored: the artifacts are reproducible byte for byte)."""
+    start, times = time.time(), StageTimes()
+    say = (lambda msg: print(msg, file=sys.stderr)) if opts.progress else (lambda msg: None)
+    method = check_options(opts)
+    timm_name = resolve_name(opts.model)
+    outputs = [opts.output, recipe_path(opts.output), recipe_path(opts.output).with_suffix(".npz")]
+    calib_all = list_images(opts.calib)
+    inputs = [opts.weights, opts.recipe, opts.recipe and opts.recipe.with_suffix(".npz"), *calib_all]
+    check_outputs(outputs, inputs)
+    if opts.save_passes is not None:
+        _check_snapshot_folder(opts.save_passes, inputs)
+    given = Recipe.load(opts.recipe) if opts.recipe is not None else None
+    if given is not None and given.model != timm_name:
+        raise VitqError(f"recipe {opts.recipe} is for {given.model}, not {timm_name}")
+    model_args = _model_args(opts)
+    if given is not None and given.info.get("model_args", {}) != model_args:
+        raise VitqError(f"recipe {opts.recipe} was calibrated for a model built with {_args(given.info.get('model_args'))}, "
+                        f"not {_args(model_args)}")
+    calib_paths = calibration_subset(calib_all, method.num_calib if opts.num_calib is None else opts.num_calib)
+    val_paths = calibration_subset(calib_all, opts.validate_images, "--validate-images")
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset, containers)
+
+    with times("load model and images"):
+        model = create_model(opts.model, opts.weights, opts.random_weights, **model_args)
+        preprocess = Preprocess.from_model(model)
+        images = load_images(calib_paths, preprocess)[0] if given is None else None
+        val_images, _ = load_images(val_paths, preprocess)
+    qmodel, recipe, report = quantize(model, timm_name, preprocess, images, val_images, opts, given, times)
+    with times("write"):
+        write(qmodel, recipe, opts.output)
     seconds = round(time.time() - start, 1)
     say(f"wrote {opts.output} and {recipe_path(opts.output)} in {seconds} s")
     return {**report, "export_seconds": seconds, "stage_seconds": {k: round(v, 2) for k, v in times.items()},
