@@ -96,3 +96,18 @@ def test_python_api_takes_names_folders_and_batches(tiny_calib_dir, tiny_images)
     assert batches.report["images"] == 8 and batches.recipe.info["num_calib"] == 10
     with pytest.raises(VitqError, match=r"shape \[3, 32, 32\]"):
         vitq_onnx.export(TINY, "8/8", np.zeros((2, 3, 16, 16), np.float32), random_weights=True)
+
+
+def test_eval_of_a_headless_model_compares_features(tmp_path, tiny_calib_dir, capsys):
+    """No classes, so no labels (the images need no synset names): features against the FP32 graph."""
+    out = tmp_path / "features.onnx"
+    assert main(["export", "--model", TINY, "--random-weights", "--num-classes", "0", "--bits", "4/4", "-q",
+                 "--calib", str(tiny_calib_dir), "--save-passes", str(tmp_path / "passes"), "-o", str(out)]) == 0
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--compare", str(tmp_path / "passes" / "00_fp32.onnx"), "--images",
+                 str(tiny_calib_dir), "--no-latency", "--json", str(report), "-q"]) == 0
+    result = json.loads(report.read_text())
+    assert "top1" not in result and result["features"] == 32 and result["images"] == 8
+    sim = result["feature_similarity"]
+    assert 0.5 < sim["cosine_min"] <= sim["cosine_mean"] <= 1.0 + 1e-9 and sim["max_abs_error"] > 0
+    assert "feature cosine mean" in capsys.readouterr().out

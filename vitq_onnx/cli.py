@@ -126,8 +126,10 @@ def _eval(args) -> None:
                       progress=not args.quiet, latency=latency)
     print(_summary(result, args.model.name))
     if "compare" in result:
-        print(_summary(result["compare"], args.compare.name) +
-              f"  top-1 agreement {result['top1_agreement']:.2%}")
+        sim = result.get("feature_similarity")
+        print(_summary(result["compare"], args.compare.name) + (
+            f"  feature cosine mean {sim['cosine_mean']:.4f} min {sim['cosine_min']:.4f}" if sim else
+            f"  top-1 agreement {result['top1_agreement']:.2%}"))
     if "latency_ratio" in result:
         print(f"latency {args.model.name} / {args.compare.name}: " + ", ".join(
             f"batch {b} {r:.2f}x" for b, r in result["latency_ratio"].items()))
@@ -141,7 +143,8 @@ def _eval(args) -> None:
 
 
 def _summary(r: dict, name: str) -> str:
-    line = f"{name}: top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  {r['model_bytes'] / 2**20:.1f} MB"
+    scores = f"top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  " if "top1" in r else ""
+    line = f"{name}: {scores}{r['model_bytes'] / 2**20:.1f} MB"
     if "latency_ms" in r:
         line += "  " + "  ".join(f"batch {b} {ms:.2f} ms" for b, ms in r["latency_ms"].items())
     return line + (f"  ({r['images']} images)" if "images" in r else "")

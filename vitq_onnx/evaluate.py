@@ -12,6 +12,7 @@ from .progress import Progress
 from .errors import VitqError
 from .images import Preprocess, label_of, list_images, load_images, load_synsets
 from .latency import machine_info, measure_latency, median_ms, ratio
+from .validate import feature_similarity
 
 
 def preprocess_of(sess, model_path) -> Preprocess:
@@ -27,16 +28,19 @@ def evaluate(model_path: str | Path, images_dir: str | Path, compare: str | Path
              latency: LatencyOptions | None = None) -> dict:
     """Accuracy of ``model_path`` on every image in the folder, its size, its latency (batch 1 and
     ``latency.batch``) and the machine's; with ``compare``, the same for that model side by side,
-    latencies measured interleaved, and the top-1 agreement of the two."""
+    latencies measured interleaved, and the top-1 agreement of the two. A headless model (its
+    export's metadata says so) has no classes: no labels are read, and with ``compare`` (e.g. its
+    FP32 graph) its features are compared by cosine similarity instead."""
     paths_models = [Path(model_path)] + ([Path(compare)] if compare is not None else [])
     sessions = [runtime.session(p) for p in paths_models]
     preprocess = preprocess_of(sessions[0], model_path)
     if compare is not None and preprocess_of(sessions[1], compare) != preprocess:
         raise VitqError(f"{model_path} and {compare} take differently preprocessed images: compare models of one input")
+    headless = (runtime.get_metadata(sessions[0], runtime.META_RECIPE) or {}).get("headless", False)
     root = Path(images_dir)
     paths = list_images(root)
     classes = load_synsets(synsets)
-    labels_all = {p: label_of(p, root, classes) for p in paths}
+    labels_all = {p: -1 if headless else label_of(p, root, classes) for p in paths}
     preds: list[list[np.ndarray]] = [[] for _ in sessions]
     labels: list[int] = []
     bar = Progress(len(paths), "evaluating", progress, unit="img")
@@ -49,8 +53,9 @@ def evaluate(model_path: str | Path, images_dir: str | Path, compare: str | Path
     bar.close()
     y = np.asarray(labels)
     logits = [np.concatenate(p) for p in preds]
-    rows = [{"model": str(p), **_accuracy(out, y), "model_bytes": p.stat().st_size} for p, out in zip(paths_models, logits)]
-    result = {**rows[0], "images": int(len(y))}
+    rows = [{"model": str(p), **({} if headless else _accuracy(out, y)), "model_bytes": p.stat().st_size}
+            for p, out in zip(paths_models, logits)]
+    result = {**rows[0], "images": int(len(y)), **({"features": int(logits[0][0].size)} if headless else {})}
     if latency is not None:
         blocks = _latency(paths_models, preprocess.size, latency, progress)
         for name, row in zip(blocks, rows):
@@ -61,7 +66,10 @@ def evaluate(model_path: str | Path, images_dir: str | Path, compare: str | Path
             result["latency_ratio"] = {str(b): round(r, 4) for b, r in ratio(blocks, "model", "compare").items()}
     if compare is not None:
         result["compare"] = rows[1]
-        result["top1_agreement"] = float((logits[1].argmax(1) == logits[0].argmax(1)).mean())
+        if headless:
+            result["feature_similarity"] = feature_similarity(logits[1], logits[0])
+        else:
+            result["top1_agreement"] = float((logits[1].argmax(1) == logits[0].argmax(1)).mean())
     return result
 
 

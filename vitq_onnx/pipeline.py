@@ -32,7 +32,7 @@ from .outputs import check_outputs, staged
 from .progress import StageTimes
 from .passes import FORMATS, PassContext, pipeline, run_passes
 from .recipe import Recipe
-from .validate import validate_export
+from .validate import is_headless, validate_export
 
 
 def recipe_path(output: Path) -> Path:
@@ -175,7 +175,7 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     runtime.set_metadata(qmodel, runtime.META_PREPROCESS, preprocess.to_dict())
     runtime.set_metadata(qmodel, runtime.META_RECIPE, {
         "model": timm_name, "method": recipe.method, "bits": recipe.info.get("bits", bits.to_dict()),
-        "format": opts.format,
+        "format": opts.format, "headless": is_headless(model),
         "tensor_bits": recipe.tensor_bits(), "float_ops": recipe.float_ops})
     runtime.set_metadata(qmodel, runtime.META_VALIDATION, report)
     qmodel.producer_name = "vitq-onnx"
