@@ -98,8 +98,12 @@ def create_model(name: str, weights: str | Path | None = None, random_weights: b
     except (TypeError, AssertionError, ValueError) as exc:  # e.g. no img_size, or not a multiple of the patch
         if not kwargs:
             raise
-        given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in kwargs.items())
-        raise VitqError(f"{timm_name} cannot be built with {given}: {exc}") from None
+        raise VitqError(f"{timm_name} cannot be built with {build_args_text(kwargs)}: {exc}") from None
+
+
+def build_args_text(kwargs: dict | None) -> str:
+    """timm build arguments as the CLI options that set them (``--img-size 224``)."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (kwargs or {}).items()) or "its defaults"
 
 
 def _create(timm_name: str, weights, random_weights: bool, kwargs: dict):

@@ -27,7 +27,7 @@ from .calibration.state import CalibOptions
 from .errors import VitqError
 from .fp32 import export_fp32
 from .images import Preprocess, list_images, load_images
-from .models import create_model, resolve_name
+from .models import build_args_text, create_model, resolve_name
 from .outputs import check_outputs, staged
 from .progress import StageTimes
 from .passes import FORMATS, PassContext, pipeline, run_passes
@@ -80,10 +80,6 @@ def _check_snapshot_folder(folder: Path, inputs: list[Path]) -> None:
 def _model_args(opts: ExportOptions) -> dict:
     """The timm build arguments the options set (recorded in the recipe)."""
     return {k: v for k, v in (("img_size", opts.img_size), ("num_classes", opts.num_classes)) if v is not None}
-
-
-def _args(model_args: dict | None) -> str:
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (model_args or {}).items()) or "its defaults"
 
 
 def calibration_subset(paths: list[Path], count: int, option: str = "--num-calib") -> list[Path]:
@@ -167,7 +163,8 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
         useless = (f"the quantized model's features have a mean cosine similarity of only {usefulness:.2f} to the FP "
                    f"model's (< {LOW_FP_AGREEMENT})" if headless else
                    f"the quantized model agrees with the FP model on only {usefulness:.0%} of the validation "
-                   f"images (top-1, < {LOW_FP_AGREEMENT:.0%})") + ": it is likely useless; try more bits or another --method"
+                   f"images (top-1, < {LOW_FP_AGREEMENT:.0%})")
+        useless += ": it is likely useless; try more bits or another --method"
         if opts.strict:
             raise VitqError(useless + "; nothing written (--strict)")
         print(f"vitq-onnx: warning: {useless} (--strict refuses such a model)", file=sys.stderr)
@@ -201,8 +198,8 @@ def export(opts: ExportOptions) -> dict:
         raise VitqError(f"recipe {opts.recipe} is for {given.model}, not {timm_name}")
     model_args = _model_args(opts)
     if given is not None and given.info.get("model_args", {}) != model_args:
-        raise VitqError(f"recipe {opts.recipe} was calibrated for a model built with {_args(given.info.get('model_args'))}, "
-                        f"not {_args(model_args)}")
+        raise VitqError(f"recipe {opts.recipe} was calibrated for a model built with "
+                        f"{build_args_text(given.info.get('model_args'))}, not {build_args_text(model_args)}")
     calib_paths = calibration_subset(calib_all, method.num_calib if opts.num_calib is None else opts.num_calib)
     val_paths = calibration_subset(calib_all, opts.validate_images, "--validate-images")
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset, containers)

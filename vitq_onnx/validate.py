@@ -57,15 +57,15 @@ def validate_export(qmodel: onnx.ModelProto, model: torch.nn.Module, recipe: Rec
         fp_logits.append(torch_logits(model, batch))
         bar.update(len(batch))
     bar.close()
-    logits, sim, fp = np.concatenate(ort_logits), np.concatenate(sim_logits), np.concatenate(fp_logits)
-    exact = float((sim.reshape(len(sim), -1) == logits.reshape(len(logits), -1)).all(1).mean())
+    logits, sim_out, fp_out = np.concatenate(ort_logits), np.concatenate(sim_logits), np.concatenate(fp_logits)
+    exact = float((sim_out.reshape(len(sim_out), -1) == logits.reshape(len(logits), -1)).all(1).mean())
     if is_headless(model):
         return {"images": int(len(logits)), "exact_images": exact,
-                **{f"sim_{k}": v for k, v in feature_similarity(sim, logits).items()},
-                **{f"fp_{k}": v for k, v in feature_similarity(fp, logits).items()}}
-    report = compare_logits(sim, logits)
+                **{f"sim_{k}": v for k, v in feature_similarity(sim_out, logits).items()},
+                **{f"fp_{k}": v for k, v in feature_similarity(fp_out, logits).items()}}
+    report = compare_logits(sim_out, logits)
     report["exact_images"] = exact
-    report["fp_top1_agreement"] = compare_logits(fp, logits)["top1_agreement"]
+    report["fp_top1_agreement"] = compare_logits(fp_out, logits)["top1_agreement"]
     return report
 
 

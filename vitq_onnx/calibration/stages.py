@@ -46,7 +46,8 @@ class ChannelwiseReparam(Stage):
     """RepQ-ViT: per-channel post-LayerNorm quantizers, folded into the LayerNorm and next Linear.
 
     One float pass records each post-LayerNorm Linear input's ``channel_stats`` (ranges and a row
-    sample, not the tensor); its per-channel ranges become a reparameterization (``reparam.py``) that leaves a per-tensor quantizer with the same codes.
+    sample, not the tensor); its per-channel ranges become a reparameterization (``reparam.py``)
+    that leaves a per-tensor quantizer with the same codes.
     """
 
     name = "channelwise_reparam"

@@ -51,7 +51,7 @@ class QuantizerKind:
 
     def exact_matmul(self, qa, qb):
         """Simulation of ``a @ b`` with ``a`` of this kind and ``b`` uniform: exact integer sums."""
-        (p_a, kind_b, p_b) = torch_params(qa), get_kind(qb.kind), torch_params(qb)
+        p_a, kind_b, p_b = torch_params(qa), get_kind(qb.kind), torch_params(qb)
         unit = self.step(p_a) * kind_b.step(p_b)
         return lambda a, b: exact_sum_matmul(self.codes(a, p_a, qa.bits), kind_b.codes(b, p_b, qb.bits)) * unit
 
@@ -119,7 +119,8 @@ def exact_sum_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if torch.get_float32_matmul_precision() != "highest":  # a GEMM that may round its inputs
         return (a.double() @ b.double()).float()
     max_b = _absmax(b)
-    if float(torch.linalg.vector_norm(a.float(), 1, dim=-1).amax()) * max_b <= FLOAT32_EXACT:
+    # (strictly below: a row sum under 2^24 is itself exact in float32, so the test is too)
+    if float(torch.linalg.vector_norm(a.float(), 1, dim=-1).amax()) * max_b < FLOAT32_EXACT:
         return a.float() @ b.float()
     piece = int(FLOAT32_EXACT // max(_absmax(a) * max_b, 1.0))
     if piece < 1:  # one product alone is beyond float32
