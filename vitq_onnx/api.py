@@ -21,7 +21,7 @@ from .errors import VitqError
 from .images import Preprocess, list_images, load_images
 from .models import create_model, resolve_name
 from .outputs import check_outputs
-from .pipeline import ExportOptions, calibration_subset, check_options, quantize, recipe_path, write
+from .pipeline import ExportOptions, calibration_subset, check_options, output_files, quantize, write
 from .recipe import Recipe
 
 
@@ -56,8 +56,7 @@ def export(model: str | torch.nn.Module, bits: str = "8/8", calib: str | Path | 
         raise VitqError("calib: give a folder of images, a tensor [N, 3, H, W] or an iterable of images")
     if output is not None:
         folder = list_images(Path(calib)) if isinstance(calib, (str, Path)) else []
-        check_outputs([opts.output, recipe_path(opts.output), recipe_path(opts.output).with_suffix(".npz")],
-                      [opts.weights, *folder])
+        check_outputs(output_files(opts.output), [opts.weights, *folder])
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     if isinstance(model, str):
         name = resolve_name(model)

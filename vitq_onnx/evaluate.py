@@ -89,6 +89,6 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> dict:
 def _latency(models: list[Path], size: int, opts: LatencyOptions, progress: bool) -> dict:
     """Median block times of both models, interleaved, at batch 1 and ``opts.batch`` (random images)."""
     x = np.random.default_rng(0).standard_normal((opts.batch, 3, size, size)).astype(np.float32)
-    inputs = {1: x[:1], opts.batch: x} if opts.batch != 1 else {1: x}
+    inputs = {1: x[:1], opts.batch: x}  # (one entry when opts.batch is 1)
     names = dict(zip(("model", "compare"), map(str, models)))
     return measure_latency(names, inputs, opts.threads, opts.rounds, opts.runs_per_block, progress)

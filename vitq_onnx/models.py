@@ -92,13 +92,18 @@ def create_model(name: str, weights: str | Path | None = None, random_weights: b
         raise VitqError("--img-size must be a positive number of pixels")
     if num_classes is not None and num_classes < 0:
         raise VitqError("--num-classes must be 0 (features) or more")
-    kwargs = {k: v for k, v in (("img_size", img_size), ("num_classes", num_classes)) if v is not None}
+    kwargs = build_args(img_size, num_classes)
     try:
         return _create(timm_name, weights, random_weights, kwargs).eval()
     except (TypeError, AssertionError, ValueError) as exc:  # e.g. no img_size, or not a multiple of the patch
         if not kwargs:
             raise
         raise VitqError(f"{timm_name} cannot be built with {build_args_text(kwargs)}: {exc}") from None
+
+
+def build_args(img_size: int | None = None, num_classes: int | None = None) -> dict:
+    """The timm build arguments that are set (recorded in a recipe as ``model_args``)."""
+    return {k: v for k, v in (("img_size", img_size), ("num_classes", num_classes)) if v is not None}
 
 
 def build_args_text(kwargs: dict | None) -> str:

@@ -27,9 +27,9 @@ from .calibration.state import CalibOptions
 from .errors import VitqError
 from .fp32 import export_fp32
 from .images import Preprocess, list_images, load_images
-from .models import build_args_text, create_model, resolve_name
+from .models import build_args, build_args_text, create_model, resolve_name
 from .outputs import check_outputs, staged
-from .progress import StageTimes
+from .progress import StageTimes, sayer
 from .passes import FORMATS, PassContext, pipeline, run_passes
 from .recipe import Recipe
 from .validate import is_headless, validate_export
@@ -77,9 +77,9 @@ def _check_snapshot_folder(folder: Path, inputs: list[Path]) -> None:
             raise VitqError(f"--save-passes {folder} would overwrite the input {path}")
 
 
-def _model_args(opts: ExportOptions) -> dict:
-    """The timm build arguments the options set (recorded in the recipe)."""
-    return {k: v for k, v in (("img_size", opts.img_size), ("num_classes", opts.num_classes)) if v is not None}
+def output_files(output: Path) -> list[Path]:
+    """Every file an export writes: the model and its recipe (.json + .npz)."""
+    return [output, recipe_path(output), recipe_path(output).with_suffix(".npz")]
 
 
 def calibration_subset(paths: list[Path], count: int, option: str = "--num-calib") -> list[Path]:
@@ -117,9 +117,9 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     on ``val_images``: the quantized ONNX model (with its metadata), its recipe and the validation
     report. Nothing is read or written here: ``export`` (the CLI) and ``api.export`` share it."""
     times = StageTimes() if times is None else times
-    say = (lambda msg: print(msg, file=sys.stderr)) if opts.progress else (lambda msg: None)
+    say = sayer(opts.progress)
     bits, method = BitWidths.parse(opts.bits, opts.layer_bits), get_method(opts.method)
-    model_args = _model_args(opts)
+    model_args = build_args(opts.img_size, opts.num_classes)
     if given is None:
         say(f"calibrating {timm_name} at W{bits.w}/A{bits.a} ({method.name}) on {len(images)} images")
         recipe = calibrate(model, images, bits, method, timm_name, CalibOptions(
@@ -145,7 +145,7 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
         "calibration-folder images")
     with times("validation"):
         report = validate_export(qmodel, model, recipe, val_images, opts.progress)
-    headless = "fp_cosine_mean" in report  # a feature extractor: compared by cosine, not top-1
+    headless = is_headless(model)  # a feature extractor: compared by cosine, not top-1
     if headless:
         say(f"bit-exact on {report['exact_images']:.2%} of the images, feature cosine to the simulation "
             f"min {report['sim_cosine_min']:.6f}; to the FP model mean {report['fp_cosine_mean']:.4f}")
@@ -172,7 +172,7 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     runtime.set_metadata(qmodel, runtime.META_PREPROCESS, preprocess.to_dict())
     runtime.set_metadata(qmodel, runtime.META_RECIPE, {
         "model": timm_name, "method": recipe.method, "bits": recipe.info.get("bits", bits.to_dict()),
-        "format": opts.format, "headless": is_headless(model),
+        "format": opts.format, "headless": headless,
         "tensor_bits": recipe.tensor_bits(), "float_ops": recipe.float_ops})
     runtime.set_metadata(qmodel, runtime.META_VALIDATION, report)
     qmodel.producer_name = "vitq-onnx"
@@ -184,19 +184,18 @@ def export(opts: ExportOptions) -> dict:
     """Run the whole export; returns the validation report (stored in the model's metadata), the
     export's seconds and each stage's (not stored: the artifacts are reproducible byte for byte)."""
     start, times = time.time(), StageTimes()
-    say = (lambda msg: print(msg, file=sys.stderr)) if opts.progress else (lambda msg: None)
+    say = sayer(opts.progress)
     method = check_options(opts)
     timm_name = resolve_name(opts.model)
-    outputs = [opts.output, recipe_path(opts.output), recipe_path(opts.output).with_suffix(".npz")]
     calib_all = list_images(opts.calib)
     inputs = [opts.weights, opts.recipe, opts.recipe and opts.recipe.with_suffix(".npz"), *calib_all]
-    check_outputs(outputs, inputs)
+    check_outputs(output_files(opts.output), inputs)
     if opts.save_passes is not None:
         _check_snapshot_folder(opts.save_passes, inputs)
     given = Recipe.load(opts.recipe) if opts.recipe is not None else None
     if given is not None and given.model != timm_name:
         raise VitqError(f"recipe {opts.recipe} is for {given.model}, not {timm_name}")
-    model_args = _model_args(opts)
+    model_args = build_args(opts.img_size, opts.num_classes)
     if given is not None and given.info.get("model_args", {}) != model_args:
         raise VitqError(f"recipe {opts.recipe} was calibrated for a model built with "
                         f"{build_args_text(given.info.get('model_args'))}, not {build_args_text(model_args)}")

@@ -53,6 +53,11 @@ class Progress:
         return "".join(f", {k} {_fmt(v)}" for k, v in self.postfix.items())
 
 
+def sayer(enabled: bool):
+    """``say(msg)``: one line on stderr, or nothing when progress is off (``-q``)."""
+    return (lambda msg: print(msg, file=sys.stderr)) if enabled else (lambda msg: None)
+
+
 class StageTimes(dict):
     """Seconds spent per stage of an export (``with times("stage"): ...``) and the process's peak
     memory when each stage ended (``peak_mb``), for the profile benchmark and the closing line;

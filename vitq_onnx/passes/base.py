@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -12,6 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..progress import sayer
 from ..recipe import Recipe
 from .snapshot import save_snapshot
 
@@ -89,7 +89,7 @@ def run_passes(model: onnx.ModelProto, passes: list[Pass], ctx: PassContext,
                save_dir: str | Path | None = None, progress: bool = True) -> onnx.ModelProto:
     """Apply ``passes`` in order; with ``save_dir`` write 00_fp32.onnx, 01_<pass>.onnx, ...
     (``snapshot.py``: shapes and ``model``'s metadata in each)."""
-    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    say = sayer(progress)
 
     def snapshot(snap: onnx.ModelProto, name: str) -> None:
         if save_dir is not None:
