@@ -34,7 +34,8 @@ class Exported:
 
 def export(model: str | torch.nn.Module, bits: str = "8/8", calib: str | Path | np.ndarray | torch.Tensor |
            Iterable = None, *, output: str | Path | None = None, method: str = "repq", num_calib: int | None = None,
-           validate_images: int = 8, layer_bits: tuple[str, ...] = (), format: str = "ort",
+           validate_images: int = 8, layer_bits: tuple[str, ...] = (), keep_float: tuple[str, ...] = (),
+           format: str = "ort",
            weights: str | Path | None = None, random_weights: bool = False, img_size: int | None = None,
            num_classes: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = False,
            strict: bool = False, min_agreement: float = 0.9) -> Exported:
@@ -48,7 +49,8 @@ def export(model: str | torch.nn.Module, bits: str = "8/8", calib: str | Path | 
     opts = ExportOptions(model=model if isinstance(model, str) else "", bits=bits, output=Path(output or "."),
                          calib=Path("."), weights=None if weights is None else Path(weights),
                          random_weights=random_weights, num_calib=num_calib, method=method,
-                         layer_bits=tuple(layer_bits), seed=seed, device=device, format=format,
+                         layer_bits=tuple(layer_bits), keep_float=tuple(keep_float), seed=seed, device=device,
+                         format=format,
                          min_agreement=min_agreement, strict=strict, progress=progress,
                          validate_images=validate_images, img_size=img_size, num_classes=num_classes)
     method_ = check_options(opts)

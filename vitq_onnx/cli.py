@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=W/A",
                    help="bits for the layers whose timm module name matches the glob (repeatable, last "
                         "match wins), e.g. 'blocks.11.*=8/8'")
+    e.add_argument("--keep-float", "--exclude", action="append", default=[], metavar="PATTERN",
+                   dest="keep_float",
+                   help="keep the layers whose timm module name (or a parent's) matches the glob float in the "
+                        "graph, the simulation and the recipe (repeatable), e.g. 'blocks.11.*', head, "
+                        "patch_embed, blocks.3.attn.matmul_av (the attention's softmax @ v)")
     e.add_argument("--weights", type=Path, help=".safetensors/.pth/.pt checkpoint (loaded safely)")
     e.add_argument("--img-size", type=int, metavar="PX",
                    help="build the timm model at this input resolution (default: its own), e.g. 224 for a "
@@ -97,14 +102,16 @@ def _parser() -> argparse.ArgumentParser:
 def _export(args) -> None:
     from .pipeline import ExportOptions, export
 
-    if args.recipe is not None and (args.bits or args.method or args.layer_bits or args.time_budget):
+    if args.recipe is not None and (args.bits or args.method or args.layer_bits or args.keep_float
+                                    or args.time_budget):
         raise VitqError("--recipe already fixes the bits and the calibration: drop --bits, --layer-bits, "
-                        "--method and --time-budget")
+                        "--keep-float, --method and --time-budget")
     report = export(ExportOptions(
         model=args.model, bits=args.bits or "8/8", output=args.output, calib=args.calib, weights=args.weights,
         random_weights=args.random_weights, num_calib=args.num_calib, method=args.method or "repq",
         recipe=args.recipe,
-        layer_bits=tuple(args.layer_bits), seed=args.seed, device=args.device, time_budget=args.time_budget,
+        layer_bits=tuple(args.layer_bits), keep_float=tuple(args.keep_float), seed=args.seed, device=args.device,
+        time_budget=args.time_budget,
         format=args.format, save_passes=args.save_passes, min_agreement=args.min_agreement,
         validate_images=args.validate_images, img_size=args.img_size, num_classes=args.num_classes,
         strict=args.strict, progress=not args.quiet))

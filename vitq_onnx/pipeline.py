@@ -50,6 +50,7 @@ class ExportOptions:
     num_calib: int | None = None  # None: the method's default
     method: str = "repq"
     layer_bits: tuple[str, ...] = ()
+    keep_float: tuple[str, ...] = ()  # module globs left float (--keep-float/--exclude)
     seed: int = 0
     device: str = "cpu"
     time_budget: float | None = None  # minutes for the optimizing calibration stages
@@ -94,7 +95,7 @@ def calibration_subset(paths: list[Path], count: int, option: str = "--num-calib
 
 def check_options(opts: ExportOptions):
     """The options' own errors, before any work; the calibration method they name."""
-    BitWidths.parse(opts.bits, opts.layer_bits)
+    BitWidths.parse(opts.bits, opts.layer_bits, opts.keep_float)
     method = get_method(opts.method)  # with a recipe: unused, but a wrong name is still an error
     if opts.time_budget is not None and opts.time_budget <= 0:
         raise VitqError("--time-budget must be a positive number of minutes")
@@ -118,7 +119,7 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     report. Nothing is read or written here: ``export`` (the CLI) and ``api.export`` share it."""
     times = StageTimes() if times is None else times
     say = sayer(opts.progress)
-    bits, method = BitWidths.parse(opts.bits, opts.layer_bits), get_method(opts.method)
+    bits, method = BitWidths.parse(opts.bits, opts.layer_bits, opts.keep_float), get_method(opts.method)
     model_args = build_args(opts.img_size, opts.num_classes)
     if given is None:
         say(f"calibrating {timm_name} at W{bits.w}/A{bits.a} ({method.name}) on {len(images)} images")
@@ -173,7 +174,8 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     runtime.set_metadata(qmodel, runtime.META_RECIPE, {
         "model": timm_name, "method": recipe.method, "bits": recipe.info.get("bits", bits.to_dict()),
         "format": opts.format, "headless": headless,
-        "tensor_bits": recipe.tensor_bits(), "float_ops": recipe.float_ops})
+        "tensor_bits": recipe.tensor_bits(), "float_ops": recipe.float_ops,
+        "keep_float": recipe.keep_float, "float_layers": recipe.float_layers})
     runtime.set_metadata(qmodel, runtime.META_VALIDATION, report)
     qmodel.producer_name = "vitq-onnx"
     del qmodel.graph.value_info[:]  # intermediate shapes: in the --save-passes files, not the deliverable

@@ -80,6 +80,8 @@ class Recipe:
     reparams: list[Reparam] = field(default_factory=list)
     bias_corrections: dict[str, np.ndarray] = field(default_factory=dict)  # Linear node -> added to bias
     float_ops: list[str] = field(default_factory=list)
+    keep_float: list[str] = field(default_factory=list)  # module globs the user kept float (--keep-float)
+    float_layers: list[str] = field(default_factory=list)  # what they matched: Linear/Conv/attention matmuls
     # non-quantized float parameters -> "float16" (biases, LayerNorm: rounded to float16 values)
     # or "int8" (embedding tables: symmetric per last-axis channel), so the file stores them in
     # half or a quarter of the bytes; see passes/param_storage.py
@@ -116,6 +118,8 @@ class Recipe:
             ],
             "bias_corrections": {k: ref(f"bias/{k}", v) for k, v in self.bias_corrections.items()},
             "float_ops": self.float_ops,
+            "keep_float": self.keep_float,
+            "float_layers": self.float_layers,
             "param_storage": self.param_storage,
             "info": self.info,
         }
@@ -160,7 +164,8 @@ class Recipe:
             reparams=[Reparam(r["norm"], r["linears"], get(r["r1"]), get(r["shift"]))
                       for r in doc["reparams"]],
             bias_corrections={k: get(v) for k, v in doc["bias_corrections"].items()},
-            float_ops=doc["float_ops"], param_storage=doc.get("param_storage", {}), info=doc["info"],
+            float_ops=doc["float_ops"], keep_float=doc.get("keep_float", []),
+            float_layers=doc.get("float_layers", []), param_storage=doc.get("param_storage", {}), info=doc["info"],
         )
 
     def check(self) -> None:

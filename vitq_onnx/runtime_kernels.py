@@ -1,4 +1,5 @@
-"""onnxruntime's own float kernels (LayerNorm, Softmax, LogSoftmax, Gelu) on torch tensors.
+"""onnxruntime's own float kernels (LayerNorm, Softmax, LogSoftmax, Gelu; MatMul and Conv of the
+layers kept float) on torch tensors.
 
 The simulation must round every activation to the same code the exported model does; at 4 bits
 one last-bit difference moves a code and the change spreads through the network. Integer
@@ -23,9 +24,12 @@ OPSET = 21
 @cache
 def _session(op: str, n_inputs: int, attrs: tuple) -> ort.InferenceSession:
     names = [f"x{i}" for i in range(n_inputs)]
-    node = helper.make_node(op, names, ["y"], **dict(attrs))
+    if op == "Linear":  # MatMul then Add, as exported: onnxruntime may fuse the pair (into Gemm for 2-D x)
+        nodes = [helper.make_node("MatMul", names[:2], ["xw"]), helper.make_node("Add", ["xw", names[2]], ["y"])]
+    else:
+        nodes = [helper.make_node(op, names, ["y"], **dict(attrs))]
     graph = helper.make_graph(
-        [node], op, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+        nodes, op, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 10
@@ -57,3 +61,18 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:
     return run("LogSoftmax", x, axis=-1)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return run("MatMul", a, b)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A Linear as the exported graph has it: MatMul on the [in, out] weight, then Add of the bias."""
+    return run("MatMul", x, weight.t()) if bias is None else run("Linear", x, weight.t(), bias)
+
+
+def conv2d(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return run("Conv", *inputs, strides=tuple(stride), pads=tuple(padding) * 2, dilations=tuple(dilation),
+               group=groups)

@@ -56,7 +56,7 @@ def quantized_weight(weight: torch.Tensor, q: WeightQuant) -> torch.Tensor:
 def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     """A copy of the FP model with the recipe's reparameterizations and integer arithmetic."""
     model = copy.deepcopy(model).eval()
-    inst = instrument(model)
+    inst = instrument(model, recipe.keep_float)
     expected = set(inst.points) | set(inst.weights)
     given = set(recipe.activations) | set(recipe.weights)
     if expected != given:
@@ -89,7 +89,21 @@ def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     for name, storage in recipe.param_storage.items():
         tensors[name].copy_(store_param(tensors[name], storage))
     _runtime_float_ops(model, softmax_kernels)
+    _runtime_float_layers(inst)
     return model
+
+
+def _runtime_float_layers(inst) -> None:
+    """The layers kept float run onnxruntime's float MatMul and Conv, as the graph does: a float
+    GEMM's rounding depends on its kernel, and the quantizers after it see every last bit."""
+    for mod in inst.float_layers.values():
+        if isinstance(mod, torch.nn.Conv2d):
+            mod.forward = types.MethodType(lambda self, x: runtime_kernels.conv2d(
+                x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups), mod)
+        else:
+            mod.forward = types.MethodType(lambda self, x: runtime_kernels.linear(x, self.weight, self.bias), mod)
+    for mm in inst.float_matmuls.values():
+        mm.exact = runtime_kernels.matmul
 
 
 def _runtime_float_ops(model: torch.nn.Module, softmax_kernels: dict) -> None:
@@ -101,4 +115,4 @@ def _runtime_float_ops(model: torch.nn.Module, softmax_kernels: dict) -> None:
         elif isinstance(mod, torch.nn.GELU):
             mod.forward = types.MethodType(lambda self, x: runtime_kernels.gelu(x), mod)
         if hasattr(mod, "vq_softmax"):
-            mod.vq_softmax = softmax_kernels[mod.vq_av.node]
+            mod.vq_softmax = softmax_kernels.get(mod.vq_av.node, runtime_kernels.softmax)  # float: Softmax

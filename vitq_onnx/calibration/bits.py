@@ -1,7 +1,8 @@
 """Bit widths per tensor: one W/A pair for the model, overridden per layer by glob rules.
 
 ``--bits 4/4`` fills the map uniformly; ``--layer-bits 'blocks.11.*=8/8'`` (repeatable, last match
-wins) widens or narrows the layers whose timm module name matches. The image input to the patch
+wins) widens or narrows the layers whose timm module name matches; ``--keep-float 'blocks.11.*'``
+keeps the matching layers out of quantization altogether. The image input to the patch
 embedding stays 8-bit unless a rule names it, as in the papers. Calibration asks this map for
 every tensor and the recipe stores each tensor's width, so passes and simulation follow it.
 """
@@ -39,9 +40,11 @@ class BitWidths:
     w: int
     a: int
     rules: tuple[tuple[str, int, int], ...] = field(default=())  # (module glob, W, A)
+    keep_float: tuple[str, ...] = field(default=())  # module globs left float
 
     @classmethod
-    def parse(cls, bits: str, layer_bits: list[str] | tuple[str, ...] = ()) -> "BitWidths":
+    def parse(cls, bits: str, layer_bits: list[str] | tuple[str, ...] = (),
+              keep_float: list[str] | tuple[str, ...] = ()) -> "BitWidths":
         rules = []
         for rule in layer_bits:
             pattern, sep, pair = rule.rpartition("=")
@@ -52,7 +55,9 @@ class BitWidths:
             except VitqError:
                 raise VitqError(f"bad --layer-bits '{rule}': expected PATTERN=W/A with W and A in 2..8, "
                                 "e.g. 'blocks.11.*=8/8'") from None
-        return cls(*parse_pair(bits), tuple(rules))
+        if any(not p.strip() for p in keep_float):
+            raise VitqError("--keep-float needs a module name or glob, e.g. 'blocks.11.*' or head")
+        return cls(*parse_pair(bits), tuple(rules), tuple(keep_float))
 
     def _rule(self, key: str):
         module = module_of(key)
@@ -75,4 +80,5 @@ class BitWidths:
         return [r[0] for r in self.rules if not any(fnmatchcase(m, r[0]) for m in modules)]
 
     def to_dict(self) -> dict:
-        return {"w": self.w, "a": self.a, "layers": [f"{p}={w}/{a}" for p, w, a in self.rules]}
+        return {"w": self.w, "a": self.a, "layers": [f"{p}={w}/{a}" for p, w, a in self.rules],
+                **({"keep_float": list(self.keep_float)} if self.keep_float else {})}

@@ -17,7 +17,7 @@ from ..progress import StageTimes
 from ..recipe import Recipe
 from .bits import BitWidths
 from .methods import Method
-from .quant_points import instrument
+from .quant_points import instrument, keeps_float
 from .state import CalibOptions, CalibState
 
 FLOAT_OPS = [
@@ -32,11 +32,19 @@ def calibrate(model: torch.nn.Module, images: np.ndarray, bits: BitWidths, metho
     torch.manual_seed(options.seed)
     device = _device(options.device)
     work = copy.deepcopy(model).eval().to(device)
-    inst = instrument(work)
+    inst = instrument(work, bits.keep_float)
     unmatched = bits.unmatched(list(inst.points) + list(inst.weights))
     if unmatched:
         raise VitqError(f"--layer-bits pattern '{unmatched[0]}' matches no quantized layer of {model_name}")
+    floats = [*inst.float_layers, *inst.float_matmuls]
+    for pattern in bits.keep_float:
+        if not any(keeps_float(name, [pattern]) for name in floats):
+            raise VitqError(f"--keep-float pattern '{pattern}' matches no Linear, Conv or attention module "
+                            f"of {model_name} (names as in model.named_modules(), e.g. blocks.0.mlp.fc1)")
+    if not inst.points:
+        raise VitqError("--keep-float keeps every layer float: nothing is left to quantize")
     recipe = Recipe(model=model_name, method=method.name, w_bits=bits.w, a_bits=bits.a,
+                    keep_float=list(bits.keep_float), float_layers=floats,
                     float_ops=list(FLOAT_OPS), info={"num_calib": int(len(images)), "bits": bits.to_dict(),
                                                      "seed": options.seed})
     state = CalibState(model, work, inst, torch.from_numpy(images).to(device), bits, recipe, options)
@@ -65,8 +73,10 @@ def _device(name: str) -> torch.device:
 
 def param_storage(model: torch.nn.Module, inst) -> dict[str, str]:
     """How each float parameter/buffer that is not a quantized weight is stored: embedding
-    tables (2-D and up) as int8 per channel, the rest (biases, LayerNorm) as float16 values."""
+    tables (2-D and up) as int8 per channel, the rest (biases, LayerNorm) as float16 values;
+    the layers kept float keep their float32 weights and biases."""
     quantized = {id(mod.weight) for mod in inst.weights.values()}
+    quantized |= {id(t) for mod in inst.float_layers.values() for t in mod.parameters()}
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     return {name: "int8" if t.squeeze().dim() >= 2 else "float16"
             for name, t in sorted(tensors, key=lambda nt: nt[0]) if t.is_floating_point() and id(t) not in quantized}

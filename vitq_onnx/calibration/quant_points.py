@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Callable, Optional
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitqError
-from ..naming import attention_nodes, conv_node, linear_node, norm_node
+from ..naming import AV, QK, attention_nodes, conv_node, linear_node, norm_node
 from ..recipe import tensor_key
 
 
@@ -60,12 +61,16 @@ class QuantMatMul:
 
 @dataclass
 class Instrumented:
-    """What ``instrument`` attached: activation points, quantized weights, LayerNorm->Linear pairs."""
+    """What ``instrument`` attached: activation points, quantized weights, LayerNorm->Linear pairs,
+    and the layers kept float (``float_layers``: Linear/Conv2d by module name; ``float_matmuls``:
+    attention matmuls, by the names ``<attention>.matmul_qk``/``.matmul_av``)."""
 
     points: dict[str, QuantPoint] = field(default_factory=dict)
     weights: dict[str, nn.Module] = field(default_factory=dict)  # weight key -> Linear/Conv2d
     matmuls: list[QuantMatMul] = field(default_factory=list)
     post_norm: list[tuple[str, nn.LayerNorm, list[str], list[nn.Linear]]] = field(default_factory=list)
+    float_layers: dict[str, nn.Module] = field(default_factory=dict)
+    float_matmuls: dict[str, QuantMatMul] = field(default_factory=dict)
 
     def set_action(self, action, keys=None) -> None:
         for key, point in self.points.items():
@@ -183,6 +188,14 @@ def _post_norm_pairs(model: nn.Module):
     return pairs
 
 
+def keeps_float(name: str, patterns) -> list[str]:
+    """The glob patterns that match module ``name`` or a module it is part of (``blocks.3.attn``
+    keeps ``blocks.3.attn.qkv`` float)."""
+    parts = name.split(".")
+    scopes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return [p for p in patterns if any(fnmatchcase(s, p) for s in scopes)]
+
+
 def _has(mod: nn.Module, path: str) -> bool:
     try:
         mod.get_submodule(path)
@@ -191,11 +204,15 @@ def _has(mod: nn.Module, path: str) -> bool:
         return False
 
 
-def instrument(model: nn.Module, stem_bits: int | None = None) -> Instrumented:
-    """Attach quant points to every Linear/Conv2d input and every attention matmul input."""
+def instrument(model: nn.Module, keep_float: tuple[str, ...] | list[str] = ()) -> Instrumented:
+    """Attach quant points to every Linear/Conv2d input and every attention matmul input, except
+    in the layers whose module name (or a parent's) matches a ``keep_float`` glob."""
     inst = Instrumented()
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) or isinstance(mod, nn.Conv2d):
+            if keeps_float(name, keep_float):
+                inst.float_layers[name] = mod
+                continue
             node = linear_node(name) if isinstance(mod, nn.Linear) else conv_node(name)
             point = QuantPoint(tensor_key(node, 0), "conv_input" if isinstance(mod, nn.Conv2d) else "linear_input")
             mod.register_forward_pre_hook(_input_hook(point))
@@ -207,12 +224,16 @@ def instrument(model: nn.Module, stem_bits: int | None = None) -> Instrumented:
             qk, av = attention_nodes(name)
             mod.vq_qk, mod.vq_av = QuantMatMul(qk, "q", "k"), QuantMatMul(av, "softmax", "v")
             mod.vq_softmax = _softmax
-            for mm in (mod.vq_qk, mod.vq_av):
+            for mm, op in ((mod.vq_qk, QK), (mod.vq_av, AV)):
+                if keeps_float(f"{name}.{op}", keep_float):
+                    inst.float_matmuls[f"{name}.{op}"] = mm
+                    continue
                 inst.matmuls.append(mm)
                 inst.points[mm.a.key], inst.points[mm.b.key] = mm.a, mm.b
             mod.forward = types.MethodType(forward, mod)
         elif "Attention" in type(mod).__name__ and hasattr(mod, "qkv"):
             raise VitqError(f"unsupported attention module {type(mod).__name__} at {name}")
     inst.post_norm = [(norm_node(n), norm, [linear_node(x) for x in lnames], linears)
-                      for n, norm, lnames, linears in _post_norm_pairs(model)]
+                      for n, norm, lnames, linears in _post_norm_pairs(model)
+                      if not any(x in inst.float_layers for x in lnames)]
     return inst

@@ -12,6 +12,7 @@ from .lower_integer import LowerInteger
 from .name_nodes import NameNodes
 from .param_storage import RoundParams, StoreFloat16
 from .quantize_weights import QuantizeWeights
+from .unfused_norm import UnfusedNorm
 
 FORMATS = ("ort", "qdq")
 
@@ -26,7 +27,7 @@ def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:
         passes.append(RoundParams())
     for kind, keys in by_kind(recipe.activations):  # each quantizer kind deploys itself
         passes += kind.deploy_passes(keys)
-    passes += [LowerInteger() if fmt == "ort" else FactorScales(), StoreFloat16()]
+    passes += [LowerInteger() if fmt == "ort" else FactorScales(), StoreFloat16(), UnfusedNorm()]
     passes.append(CheckModel())
     return passes
 

@@ -3,7 +3,9 @@
 The exporter names nodes by module scope (``/blocks/blocks.0/attn/qkv/MatMul``); this pass renames
 them to ``blocks.0.attn.qkv/MatMul``, names the two attention matmuls ``<attn>/matmul_qk`` and
 ``<attn>/matmul_av``, and rewrites Gemm (2-D Linear, e.g. the head) as MatMul + Add so every Linear
-is a MatMul on a [in, out] weight. Shared constants are copied per node. Every later pass and every recipe key relies on these names.
+is a MatMul on a [in, out] weight, named ``<module>.weight_t`` (the exporter's ``onnx::MatMul_206``
+would be all Netron shows of a layer kept float). Shared constants are copied per node. Every
+later pass and every recipe key relies on these names.
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ class NameNodes(Pass):
         for node in [n for n in graph.nodes if n.op == "Gemm"]:
             _gemm_to_matmul(graph, node)
         graph.cleanup()
+        for node in [n for n in graph.nodes if n.op == "MatMul" and n.name.endswith("/MatMul")]:
+            weight = node.inputs[1]
+            if isinstance(weight, gs.Constant) and weight.name.startswith("onnx::"):
+                weight.name = f"{node.name.rpartition('/')[0]}.weight_t"
         _name_attention(graph)
         seen: dict[str, int] = {}
         for node in graph.nodes:  # keep names unique whatever the exporter did
