@@ -1,4 +1,4 @@
-"""Command line: ``vitq-onnx export`` and ``vitq-onnx eval``.
+"""Command line: ``vitq-onnx export``, ``vitq-onnx eval`` and ``vitq-onnx report``.
 
 Exit codes: 0 done; 1 any error (a wrong option as much as unusable data), printed as one
 ``vitq-onnx: error: ...`` line with nothing written; 130 interrupted (Ctrl-C), nothing written.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .calibration.methods import METHODS
 from .errors import VitqError
+from .layer_report import SORT_KEYS
 from .models import SHORT_NAMES
 from .outputs import check_outputs, staged
 from .passes import FORMATS
@@ -96,6 +97,21 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-latency", action="store_true", help="accuracy and size only")
     v.add_argument("--json", type=Path, help="also write the result here (schema: README)")
     v.add_argument("-q", "--quiet", action="store_true")
+
+    r = sub.add_parser("report", help="per-tensor error of an exported model against the FP model, worst first")
+    r.add_argument("model", type=Path, help="a vitq-onnx .onnx model, its .recipe.json beside it")
+    r.add_argument("--images", type=Path, required=True, help="folder of images (e.g. the calibration folder)")
+    r.add_argument("--num-images", type=int, default=32, help="a fixed random subset of the folder (default 32)")
+    r.add_argument("--weights", type=Path, help="the FP checkpoint the model was exported from")
+    r.add_argument("--random-weights", action="store_true", help="for a model exported with --random-weights")
+    r.add_argument("--sort", choices=list(SORT_KEYS), default="sqnr",
+                   help="sqnr: against the FP model (default); quant_sqnr: the quantizer's own error; "
+                        "block_sqnr: of the block output; depth: forward order")
+    r.add_argument("--top", type=int, help="print only the first N rows (the files hold them all)")
+    r.add_argument("--json", type=Path, help="write the report as JSON")
+    r.add_argument("--csv", type=Path, help="write the table as CSV")
+    r.add_argument("--plot", type=Path, help="plot SQNR along the depth (.png, .svg, .pdf; needs matplotlib)")
+    r.add_argument("-q", "--quiet", action="store_true")
     return p
 
 
@@ -149,6 +165,34 @@ def _eval(args) -> None:
             (tmp / args.json.name).write_text(json.dumps(result, indent=1))
 
 
+def _report(args) -> None:
+    from .images import list_images
+    from .layer_report import csv_text, layer_report, plot, sorted_rows, table_text
+
+    outputs = [p for p in (args.json, args.csv, args.plot) if p is not None]
+    if args.top is not None and args.top < 1:
+        raise VitqError("--top must be at least 1")
+    if args.plot is not None and args.plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise VitqError(f"--plot {args.plot}: use a .png, .svg or .pdf file")
+    check_outputs(outputs, [args.model, args.weights, *list_images(args.images)])
+    report = layer_report(args.model, args.images, args.num_images, args.weights, args.random_weights,
+                          progress=not args.quiet)
+    rows = sorted_rows(report, args.sort)
+    out = report["output"]
+    agreement = " ".join(f"{k.replace('_', ' ')} {v:.2%}" for k, v in out.items() if k.startswith("onnx"))
+    print(f"{report['model']}: {report['quantized_tensors']} quantized tensors, {report['float_layers']} layers kept "
+          f"float, {report['images']} images; output SQNR {out['sqnr_db']:.2f} dB, cosine {out['cosine']:.4f} "
+          f"({agreement})")
+    print(table_text(rows[:args.top]))
+    files = {args.json: lambda: json.dumps(report, indent=1).encode(), args.csv: lambda: csv_text(rows).encode(),
+             args.plot: lambda: plot(report, args.plot.suffix.lower()[1:])}
+    for path, render in files.items():
+        if path is not None:
+            content = render()
+            with staged(path.parent) as tmp:
+                (tmp / path.name).write_bytes(content)
+
+
 def _summary(r: dict, name: str) -> str:
     scores = f"top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  " if "top1" in r else ""
     line = f"{name}: {scores}{r['model_bytes'] / 2**20:.1f} MB"
@@ -160,7 +204,7 @@ def _summary(r: dict, name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        (_export if args.command == "export" else _eval)(args)
+        {"export": _export, "eval": _eval, "report": _report}[args.command](args)
     except VitqError as exc:
         print(f"vitq-onnx: error: {exc}", file=sys.stderr)
         return 1

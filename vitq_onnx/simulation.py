@@ -53,8 +53,10 @@ def quantized_weight(weight: torch.Tensor, q: WeightQuant) -> torch.Tensor:
 
 
 @torch.no_grad()
-def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
-    """A copy of the FP model with the recipe's reparameterizations and integer arithmetic."""
+def folded(model: torch.nn.Module, recipe: Recipe):
+    """A copy of the FP model, instrumented as the recipe was calibrated (``keep_float``) and with
+    its reparameterizations folded in: still the FP function, in the recipe's tensor domain
+    (post-LayerNorm activations divided by r1). Returns (model, its ``Instrumented``)."""
     model = copy.deepcopy(model).eval()
     inst = instrument(model, recipe.keep_float)
     expected = set(inst.points) | set(inst.weights)
@@ -68,6 +70,21 @@ def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         if rep.norm not in norms:
             raise VitqError(f"recipe folds into {rep.norm}, which this model does not have")
         fold_into_torch(*norms[rep.norm], rep)
+    return model, inst
+
+
+@torch.no_grad()
+def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    """A copy of the FP model with the recipe's reparameterizations and integer arithmetic."""
+    return simulated(model, recipe)[0]
+
+
+@torch.no_grad()
+def simulated(model: torch.nn.Module, recipe: Recipe, exact_attention: bool = True):
+    """``simulate``, and the quant points of the copy. With ``exact_attention=False`` the attention
+    matmuls multiply their quant points' dequantized inputs in float (each point then sees what
+    it quantizes, e.g. probabilities, not the log-probabilities the exact log2 kernel reads)."""
+    model, inst = folded(model, recipe)
     for key, mod in inst.weights.items():
         q = recipe.weights[key]
         if q.scale.size != mod.weight.shape[0] or (q.codes is not None and q.codes.shape != mod.weight.shape):
@@ -81,7 +98,7 @@ def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         inst.weights[tensor_key(node, 1)].bias.add_(torch.from_numpy(delta))
     inst.set_action(lambda point, x: fake(recipe.activations[point.key], x))
     softmax_kernels = {}
-    for mm in inst.matmuls:
+    for mm in inst.matmuls if exact_attention else ():
         qa = recipe.activations[mm.a.key]
         mm.exact = get_kind(qa.kind).exact_matmul(qa, recipe.activations[mm.b.key])
         softmax_kernels[mm.node] = get_kind(qa.kind).sim_softmax
@@ -90,7 +107,7 @@ def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         tensors[name].copy_(store_param(tensors[name], storage))
     _runtime_float_ops(model, softmax_kernels)
     _runtime_float_layers(inst)
-    return model
+    return model, inst
 
 
 def _runtime_float_layers(inst) -> None:
