@@ -29,7 +29,7 @@ from .calibration.quantizers import fake
 from .errors import VitqError
 from .images import Preprocess, list_images, load_images
 from .models import create_model
-from .naming import tensor_label
+from .naming import AV, QK, tensor_label
 from .pipeline import calibration_subset, recipe_path
 from .progress import Progress
 from .recipe import Recipe, split_key, tensor_key
@@ -85,11 +85,18 @@ class Row:
     own: Error | None = None  # the quantizer's output against its input (activations)
     depth: int = 0  # first use in the forward pass
 
+    def keep_float_name(self) -> str:
+        """What ``--keep-float`` takes to leave this tensor float: its layer, or its attention matmul."""
+        if self.kind == "float":
+            return self.module
+        matmul = {"q": QK, "k": QK, "attn": AV, "v": AV}.get(self.tensor)
+        return f"{self.module}.{matmul}" if matmul else self.module
+
     def to_dict(self, blocks: dict[str, Error]) -> dict:
         block = block_of(self.module)
         quantized = self.kind != "float"
         return {"depth": self.depth, "module": self.module, "tensor": self.tensor, "kind": self.kind,
-                "bits": self.bits,
+                "bits": self.bits, "keep_float": self.keep_float_name(),
                 "sqnr_db": _num(self.error.sqnr_db()) if self.error.ref2 else None,
                 "cosine": _num(self.error.cosine()) if self.error.ref2 else None,
                 "quant_sqnr_db": _num(self.own.sqnr_db()) if quantized and self.own else None,
@@ -261,7 +268,7 @@ def sorted_rows(report: dict, by: str = "sqnr") -> list[dict]:
 
 
 COLUMNS = ["module", "tensor", "kind", "bits", "sqnr_db", "cosine", "quant_sqnr_db", "block", "block_sqnr_db",
-           "block_cosine", "depth"]
+           "block_cosine", "depth", "keep_float"]
 
 
 def table_text(rows: list[dict]) -> str:
@@ -274,7 +281,7 @@ def table_text(rows: list[dict]) -> str:
 
     cells = [COLUMNS] + [[cell(r, c) for c in COLUMNS] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(v.ljust(w) if i < 3 or i == 7 else v.rjust(w) for i, (v, w) in
+    return "\n".join("  ".join(v.ljust(w) if i < 3 or i in (7, 11) else v.rjust(w) for i, (v, w) in
                                enumerate(zip(line, widths))) for line in cells)
 
 
