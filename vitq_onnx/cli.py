@@ -104,9 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--num-images", type=int, default=32, help="a fixed random subset of the folder (default 32)")
     r.add_argument("--weights", type=Path, help="the FP checkpoint the model was exported from")
     r.add_argument("--random-weights", action="store_true", help="for a model exported with --random-weights")
-    r.add_argument("--sort", choices=list(SORT_KEYS), default="sqnr",
-                   help="sqnr: against the FP model (default); quant_sqnr: the quantizer's own error; "
-                        "block_sqnr: of the block output; depth: forward order")
+    r.add_argument("--sort", choices=list(SORT_KEYS), default="quant_sqnr",
+                   help="worst first by quant_sqnr: the error the tensor's own quantizer adds, what --keep-float "
+                        "removes (default); sqnr: against the FP model (it piles up along the depth); "
+                        "block_sqnr: of the block output; or depth: forward order")
     r.add_argument("--top", type=int, help="print only the first N rows (the files hold them all)")
     r.add_argument("--json", type=Path, help="write the report as JSON")
     r.add_argument("--csv", type=Path, help="write the table as CSV")
