@@ -16,7 +16,7 @@ from functools import cache
 import numpy as np
 import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21
 
@@ -24,13 +24,13 @@ OPSET = 21
 @cache
 def _session(op: str, n_inputs: int, attrs: tuple) -> ort.InferenceSession:
     names = [f"x{i}" for i in range(n_inputs)]
-    if op == "Linear":  # MatMul then Add, as exported: onnxruntime may fuse the pair (into Gemm for 2-D x)
-        nodes = [helper.make_node("MatMul", names[:2], ["xw"]), helper.make_node("Add", ["xw", names[2]], ["y"])]
-    else:
-        nodes = [helper.make_node(op, names, ["y"], **dict(attrs))]
-    graph = helper.make_graph(
-        nodes, op, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    node = helper.make_node(op, names, ["y"], **dict(attrs))
+    return _load([node], [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names], [])
+
+
+def _load(nodes, inputs, initializers) -> ort.InferenceSession:
+    graph = helper.make_graph(nodes, "kernel", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 10
     opts = ort.SessionOptions()
@@ -67,12 +67,34 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return run("MatMul", a, b)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A Linear as the exported graph has it: MatMul on the [in, out] weight, then Add of the bias."""
-    return run("MatMul", x, weight.t()) if bias is None else run("Linear", x, weight.t(), bias)
+class FloatLayer:
+    """A Linear or Conv2d kept float, as the exported graph runs it: its weight and bias are
+    initializers (onnxruntime pre-packs a constant weight for another GEMM kernel than a weight
+    fed at run time, with other last bits) and its input has the graph's shape (shape-dependent
+    fusions, e.g. MatMul+Add into Gemm, apply alike). One session per input shape."""
 
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.sessions = module, {}
 
-def conv2d(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
-    inputs = (x, weight) if bias is None else (x, weight, bias)
-    return run("Conv", *inputs, strides=tuple(stride), pads=tuple(padding) * 2, dilations=tuple(dilation),
-               group=groups)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape[1:])
+        if shape not in self.sessions:
+            self.sessions[shape] = self._session(shape)
+        x = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        return torch.from_numpy(self.sessions[shape].run(None, {"x": x})[0])
+
+    def _session(self, shape: tuple) -> ort.InferenceSession:
+        mod = self.module
+        bias = None if mod.bias is None else numpy_helper.from_array(mod.bias.detach().float().numpy(), "b")
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *shape])
+        if isinstance(mod, torch.nn.Conv2d):
+            w = numpy_helper.from_array(mod.weight.detach().float().numpy(), "w")
+            node = helper.make_node("Conv", ["x", "w"] + (["b"] if bias else []), ["y"],
+                                    strides=list(mod.stride), pads=list(mod.padding) * 2,
+                                    dilations=list(mod.dilation), group=mod.groups)
+            return _load([node], [x], [w] + ([bias] if bias else []))
+        w = numpy_helper.from_array(np.ascontiguousarray(mod.weight.detach().float().numpy().T), "w")
+        if bias is None:
+            return _load([helper.make_node("MatMul", ["x", "w"], ["y"])], [x], [w])
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["b", "xw"], ["y"])]
+        return _load(nodes, [x], [w, bias])

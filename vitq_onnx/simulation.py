@@ -114,11 +114,7 @@ def _runtime_float_layers(inst) -> None:
     """The layers kept float run onnxruntime's float MatMul and Conv, as the graph does: a float
     GEMM's rounding depends on its kernel, and the quantizers after it see every last bit."""
     for mod in inst.float_layers.values():
-        if isinstance(mod, torch.nn.Conv2d):
-            mod.forward = types.MethodType(lambda self, x: runtime_kernels.conv2d(
-                x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups), mod)
-        else:
-            mod.forward = types.MethodType(lambda self, x: runtime_kernels.linear(x, self.weight, self.bias), mod)
+        mod.forward = runtime_kernels.FloatLayer(mod)
     for mm in inst.float_matmuls.values():
         mm.exact = runtime_kernels.matmul
 
