@@ -6,7 +6,8 @@ Exports DeiT-Ti at W4/A4 (repq, the project's default), reports every quantized 
 the calibration folder (the choice never sees val), then exports again keeping float the worst
 tensor by SQNR against the FP model, the worst by its own quantizer's SQNR (the report's default
 order), and the three worst by that together, and scores every model on all of val with ``vitq-onnx eval``; each keep-float model is
-reported again to show its float layers. All through the CLI, as a user runs it.
+reported again to show its float layers. All through the CLI, as a user runs it; the base model's
+SQNR plot lands beside the results (``keep_float_report.png``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from accuracy import CALIB, VAL, WEIGHTS
@@ -39,9 +41,9 @@ def evaluate(model: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def report(model: Path, plot: bool = False) -> dict:
+def report(model: Path, plot: Path | None = None) -> dict:
     out = model.with_suffix(".report.json")
-    extra = ["--plot", str(model.with_suffix(".report.png"))] if plot else []
+    extra = ["--plot", str(plot)] if plot else []
     subprocess.run([sys.executable, "-m", "vitq_onnx.cli", "report", str(model), "--weights", str(WEIGHTS["deit_t"]),
                     "--images", str(CALIB), "-q", "--json", str(out), *extra], check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
@@ -59,12 +61,15 @@ def main() -> None:
     for p in RUNS.glob("*"):
         p.unlink()
     base = export("w4a4", [])
-    base_report = report(base, plot=True)
+    start = time.time()
+    base_report = report(base, plot=args.output.with_name(args.output.stem + "_report.png"))
+    report_seconds = time.time() - start
     rows = base_report["tensors"]
     by_sqnr, by_quant = worst(rows, "sqnr_db", 3), worst(rows, "quant_sqnr_db", 3)
     choices = {"none": [], "worst by SQNR against FP": [by_sqnr[0]["keep_float"]],
                "worst by own quantizer SQNR": [by_quant[0]["keep_float"]],
-               "3 worst by own quantizer SQNR": list(dict.fromkeys(r["keep_float"] for r in by_quant))}
+               "3 worst by own quantizer SQNR": list(dict.fromkeys(r["keep_float"] for r in by_quant)),
+               "every block (a bound)": ["blocks.*"]}
     results = []
     for i, (label, keep) in enumerate(choices.items()):
         model = base if not keep else export(f"w4a4_keep{i}", keep)
@@ -78,7 +83,8 @@ def main() -> None:
     lines = [
         "# Keeping the worst layer float (DeiT-Ti, W4/A4 repq)", "",
         f"`python benchmarks/keep_float.py -o {args.output}`. The report ran on {base_report['images']} images of "
-        "the calibration folder; top-1 is on all val images (625), which chose nothing.", "",
+        f"the calibration folder ({report_seconds:.1f} s with its plot, process start included); top-1 is on all "
+        "val images (625), which chose nothing.", "",
         f"`vitq-onnx report` lists **{base_report['quantized_tensors']} quantized tensors**; output SQNR "
         f"{base_report['output']['sqnr_db']:.2f} dB. The three worst by each ranking:", "",
         "| ranking | module | tensor | kind | bits | SQNR vs FP dB | cosine | own quantizer SQNR dB | block SQNR dB |",

@@ -24,3 +24,4 @@ python benchmarks/accuracy.py -o benchmarks/results/ias_ablation.md --no-sim --c
     deit_t:4/4:ias-stage3 deit_t:6/6:repq deit_t:6/6:ias-stage3
 python benchmarks/sulq_eta.py --bits 3/3 4/4 -o benchmarks/results/sulq_eta.md
 python benchmarks/export_profile.py -o benchmarks/results/export_profile.md
+python benchmarks/keep_float.py -o benchmarks/results/keep_float.md

@@ -180,10 +180,11 @@ def _report(args) -> None:
                           progress=not args.quiet)
     rows = sorted_rows(report, args.sort)
     out = report["output"]
-    agreement = " ".join(f"{k.replace('_', ' ')} {v:.2%}" for k, v in out.items() if k.startswith("onnx"))
-    print(f"{report['model']}: {report['quantized_tensors']} quantized tensors, {report['float_layers']} layers kept "
-          f"float, {report['images']} images; output SQNR {out['sqnr_db']:.2f} dB, cosine {out['cosine']:.4f} "
-          f"({agreement})")
+    check = (f"top-1 agreement with onnxruntime {out['onnx_top1_agreement']:.2%}" if "onnx_top1_agreement" in out
+             else f"feature cosine to onnxruntime {out['onnx_feature_cosine']:.4f}")
+    print(f"{report['model']}: {report['quantized_tensors']} quantized tensors, {report['float_layers']} kept float, "
+          f"{report['images']} images; output against the FP model: SQNR {out['sqnr_db']:.2f} dB, cosine "
+          f"{out['cosine']:.4f} ({check})")
     print(table_text(rows[:args.top]))
     files = {args.json: lambda: json.dumps(report, indent=1).encode(), args.csv: lambda: csv_text(rows).encode(),
              args.plot: lambda: plot(report, args.plot.suffix.lower()[1:])}

@@ -192,8 +192,8 @@ def _rows(recipe: Recipe, inst) -> dict[str, Row]:
         kind = getattr(q, "kind", "weight")
         rows[key] = Row(module_of(key), tensor_label(node, index).rpartition("/")[2], kind, q.bits,
                         own=Error() if kind != "weight" else None)
-    for name in recipe.float_layers:
-        rows[name] = Row(name, "input", "float", None)
+    for name in recipe.float_layers:  # an attention matmul's inputs are not scored: no "input" to show
+        rows[name] = Row(name, "input" if name in inst.float_layers else "-", "float", None)
     return rows
 
 
