@@ -53,6 +53,12 @@ def worst(rows: list[dict], key: str, n: int) -> list[dict]:
     return sorted((r for r in rows if r[key] is not None), key=lambda r: r[key])[:n]
 
 
+def _names(names: list[str]) -> str:
+    if len(names) > 3:
+        return f"{len(names)} layers ({names[0]} … {names[-1]})"
+    return ", ".join(names) or "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-o", "--output", type=Path, required=True)
@@ -102,7 +108,7 @@ def main() -> None:
             f"| {label} | {' '.join(f'`{k}`' for k in keep) or '-'} | {100 * scores['top1']:.2f} | "
             f"{100 * (scores['top1'] - base_top1):+.2f} | {100 * scores['top5']:.2f} | "
             f"{scores['model_bytes'] / 2**20:.2f} | {kept['output']['sqnr_db']:.2f} | "
-            f"{', '.join(r['module'] for r in float_rows) or '-'} |")
+            f"{_names([r['module'] for r in float_rows])} |")
     args.output.write_text("\n".join(lines) + "\n")
     print(args.output.read_text())
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ class Row:
     kind: str  # the quantizer kind, "weight", or "float" (kept float)
     bits: int | None
     error: Error = field(default_factory=Error)  # against the FP model's tensor
-    own: Error | None = None  # the quantizer's output against its input (activations)
+    own: Error | None = None  # the quantizer's output against its input (a weight's is ``error``)
     depth: int = 0  # first use in the forward pass
 
     def keep_float_name(self) -> str:
@@ -108,8 +109,9 @@ def _num(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
-def read_recipe(model_path: Path) -> Recipe:
-    """The recipe written beside ``model_path`` by its export, checked against the model's metadata."""
+def read_model(model_path: Path) -> tuple[Recipe, dict]:
+    """The recipe written beside ``model_path`` by its export, checked against the model's
+    metadata; and that metadata (``vitq.*`` entries)."""
     path = recipe_path(model_path)
     if not model_path.is_file():
         raise VitqError(f"model not found: {model_path}")
@@ -117,20 +119,17 @@ def read_recipe(model_path: Path) -> Recipe:
         raise VitqError(f"no recipe beside {model_path}: expected {path} (vitq-onnx export writes it next to "
                         "the model; keep the two together)")
     recipe = Recipe.load(path)
-    meta = _metadata(model_path).get(runtime.META_RECIPE)
-    if meta is None or meta.get("tensor_bits") != recipe.tensor_bits() or meta.get("model") != recipe.model:
-        raise VitqError(f"{path} is not the recipe of {model_path}: their models or quantized tensors differ")
-    return recipe
-
-
-def _metadata(model_path: Path) -> dict:
-    import json
-
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:
         raise VitqError(f"cannot read {model_path} as ONNX: {str(exc).splitlines()[0][:160]}") from None
-    return {p.key: json.loads(p.value) for p in model.metadata_props if p.key.startswith("vitq.")}
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props if p.key.startswith("vitq.")}
+    summary = meta.get(runtime.META_RECIPE)
+    if summary is None or runtime.META_PREPROCESS not in meta:
+        raise VitqError(f"{model_path} has no vitq-onnx metadata: report reads models vitq-onnx exported")
+    if summary.get("tensor_bits") != recipe.tensor_bits() or summary.get("model") != recipe.model:
+        raise VitqError(f"{path} is not the recipe of {model_path}: their models or quantized tensors differ")
+    return recipe, meta
 
 
 @torch.no_grad()
@@ -139,8 +138,7 @@ def layer_report(model_path: str | Path, images_dir: str | Path, num_images: int
     """Every quantized tensor's error on ``num_images`` images of the folder (a fixed random
     subset), rows in forward order; with the model's output error and its check against onnxruntime."""
     model_path = Path(model_path)
-    recipe = read_recipe(model_path)
-    meta = _metadata(model_path)
+    recipe, meta = read_model(model_path)
     preprocess = Preprocess.from_dict(meta[runtime.META_PREPROCESS])
     paths = calibration_subset(list_images(images_dir), num_images, "--num-images")
     model = create_model(recipe.model, weights, random_weights, **recipe.info.get("model_args", {}))
@@ -190,8 +188,9 @@ def _rows(recipe: Recipe, inst) -> dict[str, Row]:
     for key, q in {**recipe.activations, **recipe.weights}.items():
         node, index = split_key(key)
         kind = getattr(q, "kind", "weight")
-        rows[key] = Row(module_of(key), tensor_label(node, index).rpartition("/")[2], kind, q.bits,
-                        own=Error() if kind != "weight" else None)
+        row = Row(module_of(key), tensor_label(node, index).rpartition("/")[2], kind, q.bits)
+        row.own = row.error if kind == "weight" else Error()  # the FP weight is the weight's own input
+        rows[key] = row
     for name in recipe.float_layers:  # an attention matmul's inputs are not scored: no "input" to show
         rows[name] = Row(name, "input" if name in inst.float_layers else "-", "float", None)
     return rows
