@@ -81,21 +81,21 @@ class Row:
     module: str
     tensor: str  # input / weight of a Linear or Conv; q / k / attn / v of an attention's matmuls
     kind: str  # the quantizer kind, "weight", or "float" (kept float)
-    bits: int | None
+    bits: int | None  # None: kept float
     error: Error = field(default_factory=Error)  # against the FP model's tensor
     own: Error | None = None  # the quantizer's output against its input (a weight's is ``error``)
     depth: int = 0  # first use in the forward pass
 
     def keep_float_name(self) -> str:
         """What ``--keep-float`` takes to leave this tensor float: its layer, or its attention matmul."""
-        if self.kind == "float":
+        if self.bits is None:
             return self.module
         matmul = {"q": QK, "k": QK, "attn": AV, "v": AV}.get(self.tensor)
         return f"{self.module}.{matmul}" if matmul else self.module
 
     def to_dict(self, blocks: dict[str, Error]) -> dict:
         block = block_of(self.module)
-        quantized = self.kind != "float"
+        quantized = self.bits is not None
         return {"depth": self.depth, "module": self.module, "tensor": self.tensor, "kind": self.kind,
                 "bits": self.bits, "keep_float": self.keep_float_name(),
                 "sqnr_db": _num(self.error.sqnr_db()) if self.error.ref2 else None,
@@ -161,10 +161,9 @@ def layer_report(model_path: str | Path, images_dir: str | Path, num_images: int
         onnx_out.append(runtime.run(sess, images[i:i + batch_size]))
         bar.update(len(batch))
     bar.close()
-    for key, row in rows.items():
-        if row.kind == "weight":  # never called: scored once, placed at its layer's input
-            row.error.add(fp_inst.weights[key].weight, sim_inst.weights[key].weight)
-            row.depth = rows[tensor_key(split_key(key)[0], 0)].depth
+    for key in recipe.weights:  # never called: scored once, placed at its layer's input
+        rows[key].error.add(fp_inst.weights[key].weight, sim_inst.weights[key].weight)
+        rows[key].depth = rows[tensor_key(split_key(key)[0], 0)].depth
     sim_out, onnx_out = np.concatenate(sim_out), np.concatenate(onnx_out)
     headless = bool(meta.get(runtime.META_RECIPE, {}).get("headless"))
     check = (feature_similarity(onnx_out, sim_out)["cosine_mean"] if headless
@@ -187,9 +186,8 @@ def _rows(recipe: Recipe, inst) -> dict[str, Row]:
     rows = {}
     for key, q in {**recipe.activations, **recipe.weights}.items():
         node, index = split_key(key)
-        kind = getattr(q, "kind", "weight")
-        row = Row(module_of(key), tensor_label(node, index).rpartition("/")[2], kind, q.bits)
-        row.own = row.error if kind == "weight" else Error()  # the FP weight is the weight's own input
+        row = Row(module_of(key), tensor_label(node, index).rpartition("/")[2], getattr(q, "kind", "weight"), q.bits)
+        row.own = row.error if key in recipe.weights else Error()  # the FP weight is the weight's own input
         rows[key] = row
     for name in recipe.float_layers:  # an attention matmul's inputs are not scored: no "input" to show
         rows[name] = Row(name, "input" if name in inst.float_layers else "-", "float", None)
