@@ -35,7 +35,7 @@ class Exported:
 def export(model: str | torch.nn.Module, bits: str = "8/8", calib: str | Path | np.ndarray | torch.Tensor |
            Iterable = None, *, output: str | Path | None = None, method: str = "repq", num_calib: int | None = None,
            validate_images: int = 8, layer_bits: tuple[str, ...] = (), keep_float: tuple[str, ...] = (),
-           format: str = "ort",
+           format: str = "ort", target_cpu: str = "portable",
            weights: str | Path | None = None, random_weights: bool = False, img_size: int | None = None,
            num_classes: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = False,
            strict: bool = False, min_agreement: float = 0.9) -> Exported:
@@ -50,7 +50,7 @@ def export(model: str | torch.nn.Module, bits: str = "8/8", calib: str | Path | 
                          calib=Path("."), weights=None if weights is None else Path(weights),
                          random_weights=random_weights, num_calib=num_calib, method=method,
                          layer_bits=tuple(layer_bits), keep_float=tuple(keep_float), seed=seed, device=device,
-                         format=format,
+                         format=format, target_cpu=target_cpu,
                          min_agreement=min_agreement, strict=strict, progress=progress,
                          validate_images=validate_images, img_size=img_size, num_classes=num_classes)
     method_ = check_options(opts)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .calibration.methods import METHODS
+from .cpu import TARGETS
 from .errors import VitqError
 from .layer_report import SORT_KEYS
 from .models import SHORT_NAMES
@@ -69,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                         "they would take longer (default: the method's iterations, deterministic)")
     e.add_argument("--format", default="ort", choices=FORMATS,
                    help="ort: 8-bit containers for onnxruntime's integer kernels; qdq: portable, int4 packed")
+    e.add_argument("--target-cpu", default="portable", choices=TARGETS,
+                   help="portable: exact on any x86-64 or Arm CPU (8-bit weights as u8 against 8-bit inputs); "
+                        "vnni: full-range s8 operands, faster on CPUs with AVX-VNNI, AVX512-VNNI or AMX and "
+                        "refused at load on others (default portable)")
     e.add_argument("--save-passes", type=Path, help="write the model after every pass to this folder")
     e.add_argument("--validate-images", type=int, default=8, metavar="N",
                    help="images of --calib on which the model is checked against the simulation and the FP "
@@ -129,7 +134,7 @@ def _export(args) -> None:
         recipe=args.recipe,
         layer_bits=tuple(args.layer_bits), keep_float=tuple(args.keep_float), seed=args.seed, device=args.device,
         time_budget=args.time_budget,
-        format=args.format, save_passes=args.save_passes, min_agreement=args.min_agreement,
+        format=args.format, target_cpu=args.target_cpu, save_passes=args.save_passes, min_agreement=args.min_agreement,
         validate_images=args.validate_images, img_size=args.img_size, num_classes=args.num_classes,
         strict=args.strict, progress=not args.quiet))
     print(json.dumps(report))

@@ -7,17 +7,16 @@ ratios. The CPU's int8 flags are reported because they pick onnxruntime's intege
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from . import runtime
+from .cpu import cpu_info, cpu_name
 from .progress import Progress
 
 WARMUP_RUNS = 3
@@ -25,14 +24,8 @@ INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # what 
 
 
 def machine_info(threads: int) -> dict:
-    info = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())  # the first core's
-    cpu = info.get("model name") or platform.processor() or "unknown"
-    flags = [f for f in INT8_FLAGS if f in info.get("flags", "").split()]
-    return {"cpu": cpu, "cpu_flags": flags, "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+    flags = [f for f in INT8_FLAGS if f in cpu_info().get("flags", "").split()]
+    return {"cpu": cpu_name(), "cpu_flags": flags, "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
             "amx": "amx_int8" in flags, "logical_cpus": os.cpu_count(), "onnxruntime": ort.__version__,
             "onnx": onnx.__version__, "python": platform.python_version(), "intra_op_threads": threads,
             "inter_op_threads": 1, "provider": "CPUExecutionProvider", "date": time.strftime("%Y-%m-%d %H:%M")}

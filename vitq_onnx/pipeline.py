@@ -24,6 +24,7 @@ from .calibration.bits import BitWidths
 from .calibration.calibrate import calibrate
 from .calibration.methods import get_method
 from .calibration.state import CalibOptions
+from .cpu import check_target
 from .errors import VitqError
 from .fp32 import export_fp32
 from .images import Preprocess, list_images, load_images
@@ -55,6 +56,7 @@ class ExportOptions:
     device: str = "cpu"
     time_budget: float | None = None  # minutes for the optimizing calibration stages
     format: str = "ort"
+    target_cpu: str = "portable"  # "vnni": full-range 8-bit s8 operands, exact only with VNNI/AMX (cpu.py)
     save_passes: Path | None = None
     min_agreement: float = 0.9
     validate_images: int = 8  # calibration-folder images onnxruntime is checked on
@@ -101,6 +103,7 @@ def check_options(opts: ExportOptions):
         raise VitqError("--time-budget must be a positive number of minutes")
     if opts.format not in FORMATS:
         raise VitqError(f"unknown --format '{opts.format}': use {' or '.join(FORMATS)}")
+    check_target(opts.target_cpu, "--target-cpu vnni")  # validated here: onnxruntime must run it exactly
     return method
 
 
@@ -139,7 +142,7 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     recipe.param_storage = {k: v for k, v in recipe.param_storage.items() if k in stored}
     runtime.set_metadata(fp32, runtime.META_PREPROCESS, preprocess.to_dict())
     with times("ONNX passes"):
-        qmodel = run_passes(fp32, pipeline(recipe, opts.format), PassContext(recipe, opts.format),
+        qmodel = run_passes(fp32, pipeline(recipe, opts.format), PassContext(recipe, opts.format, opts.target_cpu),
                             opts.save_passes, opts.progress)
 
     say(f"validating onnxruntime against the PyTorch simulation and the FP model on {len(val_images)} "
@@ -173,7 +176,7 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     runtime.set_metadata(qmodel, runtime.META_PREPROCESS, preprocess.to_dict())
     runtime.set_metadata(qmodel, runtime.META_RECIPE, {
         "model": timm_name, "method": recipe.method, "bits": recipe.info.get("bits", bits.to_dict()),
-        "format": opts.format, "headless": headless,
+        "format": opts.format, "target_cpu": opts.target_cpu, "headless": headless,
         "tensor_bits": recipe.tensor_bits(), "float_ops": recipe.float_ops,
         "keep_float": recipe.keep_float, "float_layers": recipe.float_layers})
     runtime.set_metadata(qmodel, runtime.META_VALIDATION, report)

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .cpu import check_target
 from .errors import VitqError
 
 META_PREPROCESS = "vitq.preprocess"
@@ -31,9 +32,12 @@ def session(model, threads: int | None = None, optimized_path: str | None = None
             raise VitqError(f"model not found: {model}")
         model = str(model)
     try:
-        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise VitqError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:200]}") from None
+    target = (get_metadata(sess, META_RECIPE) or {}).get("target_cpu", "portable")
+    check_target(target, str(model) if isinstance(model, str) else "this model")
+    return sess
 
 
 def run(sess: ort.InferenceSession, images: np.ndarray, batch_size: int = 32) -> np.ndarray:

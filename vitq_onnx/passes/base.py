@@ -22,6 +22,7 @@ class PassContext:
 
     recipe: Optional[Recipe] = None
     format: str = "ort"
+    target_cpu: str = "portable"  # "vnni": full-range s8 operands (cpu.py)
     notes: dict = field(default_factory=dict)
 
 

@@ -15,7 +15,7 @@ import torch
 from ..calibration.quantizers import weights as W
 from ..errors import VitqError
 from ..naming import tensor_label
-from ..recipe import split_key
+from ..recipe import split_key, tensor_key
 from .base import Pass, PassContext, node_index
 from .linear import add_to_bias
 
@@ -38,9 +38,11 @@ def _unsigned(codes: np.ndarray) -> np.ndarray:
     """The same grid as uint8 with zero point 128.
 
     onnxruntime's u8*s8 kernels on CPUs without VNNI add pairs of u8*s8 products in int16 and
-    saturate when 8-bit weight codes are large; u8*u8 kernels do not. Weights of 7 bits or fewer
-    cannot saturate (255 * 64 * 2 < 2^15) and stay int8. (Forbidding the saturating pairs
-    instead moves only 2 % of codes but cost DeiT-Ti 2.4 points of top-1 at W8/A8.)
+    saturate when 8-bit weight codes meet 8-bit activation codes; u8*u8 kernels do not. Weights
+    of 7 bits or fewer (255 * 64 * 2 < 2^15), and 8-bit weights whose input has 7 bits or fewer
+    (127 * 128 * 2 < 2^15), cannot saturate and stay int8, the fast path on VNNI CPUs.
+    (Forbidding the saturating pairs instead moves only 2 % of codes but cost DeiT-Ti 2.4 points
+    of top-1 at W8/A8.)
     """
     return (codes.astype(np.int16) + 128).astype(np.uint8)
 
@@ -73,7 +75,8 @@ class QuantizeWeights(Pass):
             label = tensor_label(node_name, index)
             dtype = packed_type(wq.bits, ctx.format, signed=True)
             codes, zero = _codes(key, w, wq, axis), np.zeros(scale.shape, np.int8)
-            if wq.bits == 8:
+            if wq.bits == 8 and ctx.recipe.activations[tensor_key(node_name, 0)].bits == 8 \
+                    and ctx.target_cpu == "portable":
                 codes, zero = _unsigned(codes), _unsigned(zero)
             if dtype is not None:
                 codes, zero = codes.astype(dtype), zero.astype(dtype)
