@@ -14,6 +14,8 @@ Writes the markdown table to -o, with the raw numbers in .json and a plot in .pn
                       weights, calibrated with MinMax and with Percentile on the same 32 images
                       vitq-onnx uses; the better of the two on val top-1 is kept (and named)
   vitq-wXaX-{ort,qdq} ``vitq-onnx export --bits X/X --format ort|qdq``, timed as a user runs it
+  vitq-w8a8-ort-vnni  the same with ``--target-cpu vnni`` (full-range s8 operands; on a CPU without
+                      VNNI/AMX the export refuses, and the row says so)
 
 Each model is scored on val (top-1, and top-1 agreement with FP32's predictions). Latency: one
 onnxruntime CPU session per model (intra-op threads --threads, inter-op 1, default graph
@@ -74,6 +76,7 @@ class Config:
     kind: str  # fp32 | ort | vitq
     bits: str = ""  # W/A
     fmt: str = ""  # vitq-onnx --format
+    target_cpu: str = "portable"  # vitq-onnx --target-cpu
 
 
 CONFIGS = {c.name: c for c in [
@@ -81,6 +84,7 @@ CONFIGS = {c.name: c for c in [
     Config("ort-w8a8", "ort", "8/8"),
     Config("ort-w4a4", "ort", "4/4"),
     *(Config(f"vitq-w{b}a{b}-{f}", "vitq", f"{b}/{b}", f) for b in (8, 6, 4) for f in ("ort", "qdq")),
+    Config("vitq-w8a8-ort-vnni", "vitq", "8/8", "ort", "vnni"),  # CPUs with VNNI/AMX only (below 8 bits: the same)
 ]}
 ORT_CALIBRATIONS = ("MinMax", "Percentile")
 
@@ -177,7 +181,7 @@ def build_ort(config: Config, calibration: str, fp32: Path, calib_images: np.nda
 def build_vitq(config: Config, out: Path) -> Build:
     """``vitq-onnx export``, timed as a user runs it (interpreter start and imports included)."""
     args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", "deit_t", "--bits", config.bits,
-            "--format", config.fmt, "--weights", str(WEIGHTS), "--calib", str(CALIB),
+            "--format", config.fmt, "--target-cpu", config.target_cpu, "--weights", str(WEIGHTS), "--calib", str(CALIB),
             "--num-calib", str(NUM_CALIB), "-o", str(out), "-q"]
     start = time.time()
     proc = subprocess.run(args, check=False, capture_output=True, text=True, cwd=REPO)

@@ -10,6 +10,7 @@ from .factor_scales import FactorScales
 from .fold_reparam import FoldReparam
 from .lower_integer import LowerInteger
 from .name_nodes import NameNodes
+from .pair_bounds import CheckPairBounds
 from .param_storage import RoundParams, StoreFloat16
 from .quantize_weights import QuantizeWeights
 from .unfused_norm import UnfusedNorm
@@ -27,7 +28,7 @@ def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:
         passes.append(RoundParams())
     for kind, keys in by_kind(recipe.activations):  # each quantizer kind deploys itself
         passes += kind.deploy_passes(keys)
-    passes += [LowerInteger() if fmt == "ort" else FactorScales(), StoreFloat16(), UnfusedNorm()]
+    passes += [LowerInteger() if fmt == "ort" else FactorScales(), StoreFloat16(), UnfusedNorm(), CheckPairBounds()]
     passes.append(CheckModel())
     return passes
 
