@@ -3,7 +3,12 @@
 # Run it alone: the speed benchmark times onnxruntime on a machine that should be otherwise idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python benchmarks/speed.py -o benchmarks/results/speed.md
+# speed and op profile: the CPU decides the file (speed.md: an AVX2 CPU without VNNI)
+if grep -qE 'avx512_vnni|avx_vnni|amx_int8' /proc/cpuinfo; then cpu=_vnni vnni=runs/speed/vitq-w8a8-ort-vnni.onnx
+else cpu= vnni=; fi
+python benchmarks/speed.py -o "benchmarks/results/speed$cpu.md"
+python benchmarks/op_profile.py runs/speed/fp32.onnx runs/speed/ort-w8a8-percentile.onnx \
+    runs/speed/vitq-w8a8-ort.onnx $vnni runs/speed/vitq-w4a4-ort.onnx -o "benchmarks/results/op_profile$cpu.md"
 python benchmarks/gemm_kernels.py -o benchmarks/results/gemm_kernels.md
 python benchmarks/accuracy.py -o benchmarks/results/accuracy.md \
     --configs deit_t:8/8:repq deit_t:8/8:repq:qdq deit_t:6/6:repq deit_t:6/6:repq:qdq \
