@@ -7,8 +7,11 @@ cd "$(dirname "$0")/.."
 if grep -qE 'avx512_vnni|avx_vnni|amx_int8' /proc/cpuinfo; then cpu=_vnni vnni=runs/speed/vitq-w8a8-ort-vnni.onnx
 else cpu= vnni=; fi
 python benchmarks/speed.py -o "benchmarks/results/speed$cpu.md"
-python benchmarks/op_profile.py runs/speed/fp32.onnx runs/speed/ort-w8a8-percentile.onnx \
-    runs/speed/vitq-w8a8-ort.onnx $vnni runs/speed/vitq-w4a4-ort.onnx -o "benchmarks/results/op_profile$cpu.md"
+for b in 1 8; do  # (ort-w8a8-minmax: the calibration speed.py kept on that run)
+    python benchmarks/op_profile.py runs/speed/fp32.onnx runs/speed/ort-w8a8-minmax.onnx runs/speed/vitq-w8a8-ort.onnx \
+        $vnni runs/speed/vitq-w4a4-ort.onnx --batch $b --runs $((b == 1 ? 100 : 20)) \
+        -o "benchmarks/results/op_profile${cpu}_b$b.md"
+done
 python benchmarks/gemm_kernels.py -o benchmarks/results/gemm_kernels.md
 python benchmarks/accuracy.py -o benchmarks/results/accuracy.md \
     --configs deit_t:8/8:repq deit_t:8/8:repq:qdq deit_t:6/6:repq deit_t:6/6:repq:qdq \

@@ -4,8 +4,10 @@
 
 The model carries its preprocessing (timm's eval transform) in the metadata entry
 ``vitq.preprocess``; nothing from vitq-onnx or PyTorch is needed at inference time. A model
-without that entry, or an image or labels file that cannot be read, ends with one
-``classify.py: error:`` line and exit code 1.
+exported with ``--target-cpu vnni`` says so in ``vitq.recipe`` and is refused on a CPU without
+VNNI/AMX (its full-range 8-bit products could saturate there). A model without the preprocessing
+entry, or an image or labels file that cannot be read, ends with one ``classify.py: error:``
+line and exit code 1.
 """
 
 import argparse
@@ -39,10 +41,24 @@ def load(model: str):
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise Failed(f"onnxruntime cannot load {model}: {str(exc).splitlines()[0][:160]}") from None
-    meta = session.get_modelmeta().custom_metadata_map.get("vitq.preprocess")
+    metadata = session.get_modelmeta().custom_metadata_map
+    meta = metadata.get("vitq.preprocess")
     if meta is None:
         raise Failed(f"{model} has no 'vitq.preprocess' metadata: it was not exported by vitq-onnx")
+    target = json.loads(metadata.get("vitq.recipe", "{}")).get("target_cpu", "portable")
+    if target == "vnni" and not has_int8_dot():
+        raise Failed(f"{model} was exported for CPUs with VNNI or AMX (--target-cpu vnni); this CPU has neither")
     return session, json.loads(meta)
+
+
+def has_int8_dot() -> bool:
+    """x86 VNNI/AMX or Arm dot-product instructions, from /proc/cpuinfo (Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    return bool(words & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
 
 
 def read(path: str, cfg: dict) -> np.ndarray:
