@@ -61,3 +61,33 @@ def test_vnni_model_is_refused_at_load_without_vnni(tiny, tiny_images, tiny_fp32
     monkeypatch.setattr(cpu, "has_int8_dot", lambda: False)
     with pytest.raises(VitqError, match="for CPUs with VNNI or AMX"):
         runtime.session(model)
+
+
+def test_classify_example_refuses_a_vnni_model_without_vnni(tiny_fp32_onnx, tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "classify.py"
+    spec = importlib.util.spec_from_file_location("classify_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = onnx.ModelProto.FromString(tiny_fp32_onnx.SerializeToString())
+    runtime.set_metadata(model, runtime.META_PREPROCESS, {"size": 32})
+    runtime.set_metadata(model, runtime.META_RECIPE, {"target_cpu": "vnni"})
+    onnx.save(model, tmp_path / "m.onnx")
+    monkeypatch.setattr(example, "has_int8_dot", lambda: False)
+    with pytest.raises(example.Failed, match="for CPUs with VNNI or AMX"):
+        example.load(str(tmp_path / "m.onnx"))
+    monkeypatch.setattr(example, "has_int8_dot", lambda: True)
+    assert example.load(str(tmp_path / "m.onnx"))[1] == {"size": 32}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu.has_int8_dot(), reason="a vnni model runs exactly only on a CPU with VNNI/AMX")
+def test_deit_w8a8_vnni_is_bit_exact_here(deit, calib_images, val_images, fp32_onnx):
+    recipe = calibrate(deit, calib_images, BitWidths(8, 8), get_method("repq"), "deit_tiny_patch16_224", QUIET)
+    ctx = PassContext(recipe, "ort", "vnni")
+    model = run_passes(fp32_onnx, pipeline(recipe, "ort"), ctx, progress=False)
+    assert ctx.notes["max_pair_sum"] > INT16_MAX
+    images = np.concatenate([calib_images, val_images])
+    assert (torch_logits(simulate(deit, recipe), images) == runtime.run(runtime.session(model), images)).all()
