@@ -15,6 +15,7 @@ from typing import Callable
 
 from ..errors import VitqError
 from .reconstruct import BlockReconstruction
+from .smooth_bias import SmoothBias
 from .stages import ChannelwiseReparam, FitActivations, FitWeights, Stage
 
 
@@ -120,3 +121,23 @@ def ias_stage3():
     """ablation: ias without its float-weight stage (SULQ + quantized block reconstruction only)"""
     return [ChannelwiseReparam(), FitWeights(), FitActivations(sulq), BlockReconstruction(iters=IAS_STAGE3_ITERS)]
 
+
+
+# MPTQ-ViT (Tai et al. 2024): SmoothQuant with bias instead of RepQ-ViT's channel-wise fold, and the
+# fc2 input ranged by fc2's output error (smooth_bias.py). Greedy mixed precision: not yet.
+@register_method
+def mptq():
+    """MPTQ-ViT: SmoothQuant with bias (alpha searched per norm) + OPT-m post-GELU ranges"""
+    return [SmoothBias(), FitWeights(), FitActivations(REPQ_SOFTMAX, opt_m=True)]
+
+
+@register_method
+def mptq_sqb():
+    """ablation: mptq without OPT-m (SmoothQuant with bias only)"""
+    return [SmoothBias(), FitWeights(), FitActivations(REPQ_SOFTMAX)]
+
+
+@register_method
+def repq_optm():
+    """ablation: repq + OPT-m post-GELU ranges"""
+    return [ChannelwiseReparam(), FitWeights(), FitActivations(REPQ_SOFTMAX, opt_m=True)]

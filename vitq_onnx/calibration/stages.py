@@ -14,10 +14,14 @@ import torch
 
 from ..recipe import ActQuant, split_key, tensor_key
 from .quantizers import get_kind, torch_params
-from .quantizers.uniform import channel_stats
+from .bits import module_of
+from .quantizers.uniform import channel_stats, fit_uniform_rows
 from .quantizers.weights import fit_weight
 from .reparam import channelwise_reparam, fold_into_torch
 from .state import CalibState
+
+
+OPT_M_ROWS = 1024  # calibration rows OPT-m scores each candidate range on
 
 
 class Stage:
@@ -111,11 +115,13 @@ class FitActivations(Stage):
 
     ``softmax_kind(bits)`` names the quantizer kind of post-Softmax tensors; every other
     activation is uniform. Quantizers a previous stage fitted (channel-wise ones) are kept. With
-    ``weights=False`` the weights stay float (I&S-ViT's first stage trains them so).
+    ``weights=False`` the weights stay float (I&S-ViT's first stage trains them so). With
+    ``opt_m`` the input of each MLP's fc2 is ranged by fc2's output error instead of its own.
     """
 
     softmax_kind: Callable[[int], str] = lambda bits: "uniform"
     weights: bool = True
+    opt_m: bool = False  # fc2 inputs (post-GELU) ranged by fc2's output error (MPTQ-ViT's OPT-m)
     name = "fit_activations"
 
     def describe(self, state):
@@ -136,7 +142,11 @@ class FitActivations(Stage):
             if point.key not in recipe.activations:
                 bits = state.bits.act(point.key, point.role)
                 kind = self.softmax_kind(bits) if point.role == "softmax" else "uniform"
-                set_activation(state, point.key, kind, bits, get_kind(kind).fit(x, bits, point))
+                if self.opt_m and point.role == "linear_input" and module_of(point.key).endswith("mlp.fc2"):
+                    params = self._opt_m(state, point.key, x, bits)
+                else:
+                    params = get_kind(kind).fit(x, bits, point)
+                set_activation(state, point.key, kind, bits, params)
             bar.update(1)
             quantize_as_recipe(state, point)
             xq = point.action(point, x)
@@ -147,3 +157,12 @@ class FitActivations(Stage):
         inst.set_action(fit_then_quantize)
         state.model(state.images)
         bar.close()
+
+    @staticmethod
+    def _opt_m(state: CalibState, key: str, x: torch.Tensor, bits: int) -> dict:
+        lo, hi, rows = channel_stats(x, OPT_M_ROWS)
+        weight = state.fp_weights.get(tensor_key(split_key(key)[0], 1))
+        if weight is None:  # weights not fitted yet: the layer's own
+            weight = state.inst.weights[tensor_key(split_key(key)[0], 1)].weight
+        scale, zero_point = fit_uniform_rows(rows.to(x.device), bits, weight.detach().float(), (lo.min(), hi.max()))
+        return {"scale": scale, "zero_point": zero_point}

@@ -79,6 +79,29 @@ def fit_uniform_per_channel(stats: tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return uniform_params(lo, hi, bits)
 
 
+def fit_uniform_rows(x: torch.Tensor, bits: int, weight: torch.Tensor | None = None, span=None):
+    """Per-tensor range of ``x`` (rows) by a joint clipping sweep, then each end in turn, scored by
+    the error of x itself or, with ``weight``, of the Linear output x @ weight^T (MPTQ-ViT's OPT-m).
+    ``span``: the tensor's (min, max) when ``x`` is a sample of its rows."""
+    lo0, hi0 = span if span is not None else (x.min(), x.max())
+    lo0, hi0 = torch.as_tensor(lo0).clamp(max=0), torch.as_tensor(hi0).clamp(min=0)
+    a = alphas(40, 0.05)
+    ref = x if weight is None else x @ weight.t()
+
+    def err(lo, hi):
+        scale, zp = uniform_params(lo, hi, bits)
+        q = fake_uniform(x, scale, zp, bits)
+        return float((((q if weight is None else q @ weight.t()) - ref) ** 2).mean())
+
+    best = min(range(len(a)), key=lambda k: err(lo0 * a[k], hi0 * a[k]))
+    lo, hi = lo0 * a[best], hi0 * a[best]
+    for _ in range(2):
+        hi = hi0 * a[min(range(len(a)), key=lambda k: err(lo, hi0 * a[k]))]
+        lo = lo0 * a[min(range(len(a)), key=lambda k: err(lo0 * a[k], hi))]
+    return uniform_params(lo, hi, bits)
+
+
+
 @register
 class Uniform(QuantizerKind):
     name = "uniform"
