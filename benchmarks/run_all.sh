@@ -33,3 +33,5 @@ python benchmarks/accuracy.py -o benchmarks/results/ias_ablation.md --no-sim --c
 python benchmarks/sulq_eta.py --bits 3/3 4/4 -o benchmarks/results/sulq_eta.md
 python benchmarks/export_profile.py -o benchmarks/results/export_profile.md
 python benchmarks/keep_float.py -o benchmarks/results/keep_float.md
+python benchmarks/accuracy.py -o benchmarks/results/mptq.md --configs deit_t:4/4:repq-optm deit_t:4/4:repq-optm:qdq \
+    deit_t:4/4:mptq deit_t:4/4:mptq-sqb deit_t:6/6:mptq deit_t:6/6:repq-optm
