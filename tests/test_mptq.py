@@ -1,8 +1,6 @@
 """MPTQ-ViT's SQ-b and OPT-m on a tiny ViT (fast tier): the fold is lossless, alpha comes from the
 grid, OPT-m lowers fc2's output error, and the export is bit-exact in both formats."""
 
-import copy
-
 import torch
 import pytest
 
@@ -10,23 +8,17 @@ from vitq_onnx import runtime
 from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import REPQ_SOFTMAX, get_method
-from vitq_onnx.calibration.quant_points import instrument
 from vitq_onnx.calibration.quantizers.uniform import fake_uniform, fit_uniform_rows
 from vitq_onnx.calibration.smooth_bias import SQB_ALPHAS, SmoothBias
 from vitq_onnx.calibration.stages import FitActivations, FitWeights
-from vitq_onnx.calibration.state import CalibOptions, CalibState
+from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.passes import PassContext, pipeline, run_passes
-from vitq_onnx.recipe import Recipe
 from vitq_onnx.simulation import simulate
 from vitq_onnx.validate import torch_logits
 
+from .test_stages import _state
+
 QUIET = CalibOptions(progress=False)
-
-
-def _state(model, images, bits=BitWidths(4, 4)) -> CalibState:
-    work = copy.deepcopy(model)
-    return CalibState(model, work, instrument(work), torch.from_numpy(images), bits,
-                      Recipe("tiny", "test", bits.w, bits.a), QUIET)
 
 
 def test_smooth_bias_alone_is_lossless_and_picks_alpha_from_the_grid(tiny, tiny_images):

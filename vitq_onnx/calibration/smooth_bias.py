@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from ..recipe import Reparam, tensor_key
-from .quantizers.uniform import channel_stats, fake_uniform, fit_uniform_rows
+from .quantizers.uniform import fake_uniform, fit_uniform_rows
 from .quantizers.weights import fake_weight, fit_weight
 from .reparam import fold_into_torch
-from .stages import Stage
+from .stages import Stage, post_norm_inputs
 from .state import CalibState
 
 SQB_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -59,17 +59,9 @@ class SmoothBias(Stage):
 
     @torch.no_grad()
     def run(self, state: CalibState) -> None:
-        inst, seen = state.inst, {}
-        keys = {tensor_key(lins[0], 0) for _, _, lins, _ in inst.post_norm}
-
-        def record(point, x):
-            seen[point.key] = channel_stats(x, SEARCH_ROWS)
-            return x
-
+        inst = state.inst
         bar = state.progress(len(inst.post_norm) + 1, f"calibration: {self.describe(state)}", unit="step")
-        inst.set_action(record, keys)
-        state.model(state.images)
-        inst.set_action(None)
+        seen = post_norm_inputs(state, SEARCH_ROWS)
         bar.update(1)
         chosen = []
         for norm_node, norm, lin_nodes, linears in inst.post_norm:

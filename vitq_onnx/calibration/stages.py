@@ -46,6 +46,21 @@ def quantize_as_recipe(state: CalibState, point) -> None:
     point.action = lambda p, t, kind=get_kind(q.kind): kind.fake(t, params, q.bits)
 
 
+@torch.no_grad()
+def post_norm_inputs(state: CalibState, max_rows: int = 2048) -> dict:
+    """One float pass: ``channel_stats`` of each post-LayerNorm Linear's input, by recipe key."""
+    inst, seen = state.inst, {}
+
+    def record(point, x):
+        seen[point.key] = channel_stats(x, max_rows)
+        return x
+
+    inst.set_action(record, {tensor_key(lins[0], 0) for _, _, lins, _ in inst.post_norm})
+    state.model(state.images)
+    inst.set_action(None)
+    return seen
+
+
 class ChannelwiseReparam(Stage):
     """RepQ-ViT: per-channel post-LayerNorm quantizers, folded into the LayerNorm and next Linear.
 
@@ -61,17 +76,9 @@ class ChannelwiseReparam(Stage):
 
     @torch.no_grad()
     def run(self, state: CalibState) -> None:
-        inst, seen = state.inst, {}
-        keys = {tensor_key(lins[0], 0) for _, _, lins, _ in inst.post_norm}
-
-        def record(point, x):
-            seen[point.key] = channel_stats(x)
-            return x
-
+        inst = state.inst
         bar = state.progress(len(inst.post_norm) + 1, f"calibration: {self.describe(state)}", unit="step")
-        inst.set_action(record, keys)
-        state.model(state.images)
-        inst.set_action(None)
+        seen = post_norm_inputs(state)
         bar.update(1)
         for norm_node, norm, lin_nodes, linears in inst.post_norm:
             key = tensor_key(lin_nodes[0], 0)
