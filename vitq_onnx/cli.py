@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=W/A",
                    help="bits for the layers whose timm module name matches the glob (repeatable, last "
                         "match wins), e.g. 'blocks.11.*=8/8'")
+    e.add_argument("--avg-bits", type=float, metavar="B",
+                   help="greedy mixed precision: each layer's width from {8,6,5,4,3} (at most --bits, default "
+                        "8/8) so that the average weight and activation widths are at most B, narrowing the "
+                        "layers whose output changes least (the map is printed and stored)")
     e.add_argument("--keep-float", "--exclude", action="append", default=[], metavar="PATTERN",
                    dest="keep_float",
                    help="keep the layers whose timm module name (or a parent's) matches the glob float in the "
@@ -124,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 def _export(args) -> None:
     from .pipeline import ExportOptions, export
 
-    if args.recipe is not None and (args.bits or args.method or args.layer_bits or args.keep_float
+    if args.recipe is not None and (args.bits or args.method or args.layer_bits or args.keep_float or args.avg_bits
                                     or args.time_budget):
         raise VitqError("--recipe already fixes the bits and the calibration: drop --bits, --layer-bits, "
                         "--keep-float, --method and --time-budget")
@@ -132,7 +136,8 @@ def _export(args) -> None:
         model=args.model, bits=args.bits or "8/8", output=args.output, calib=args.calib, weights=args.weights,
         random_weights=args.random_weights, num_calib=args.num_calib, method=args.method or "repq",
         recipe=args.recipe,
-        layer_bits=tuple(args.layer_bits), keep_float=tuple(args.keep_float), seed=args.seed, device=args.device,
+        layer_bits=tuple(args.layer_bits), keep_float=tuple(args.keep_float), avg_bits=args.avg_bits,
+        seed=args.seed, device=args.device,
         time_budget=args.time_budget,
         format=args.format, target_cpu=args.target_cpu, save_passes=args.save_passes, min_agreement=args.min_agreement,
         validate_images=args.validate_images, img_size=args.img_size, num_classes=args.num_classes,

@@ -22,7 +22,8 @@ import torch
 from . import runtime
 from .calibration.bits import BitWidths
 from .calibration.calibrate import calibrate
-from .calibration.methods import get_method
+from .calibration.methods import REPQ_SOFTMAX, get_method
+from .calibration.mixed_precision import WIDTHS, averages, bit_table, greedy, layer_rules, measure
 from .calibration.state import CalibOptions
 from .cpu import check_target
 from .errors import VitqError
@@ -52,6 +53,7 @@ class ExportOptions:
     method: str = "repq"
     layer_bits: tuple[str, ...] = ()
     keep_float: tuple[str, ...] = ()  # module globs left float (--keep-float/--exclude)
+    avg_bits: float | None = None  # greedy mixed precision within this average width (mixed_precision.py)
     seed: int = 0
     device: str = "cpu"
     time_budget: float | None = None  # minutes for the optimizing calibration stages
@@ -99,6 +101,10 @@ def check_options(opts: ExportOptions):
     """The options' own errors, before any work; the calibration method they name."""
     BitWidths.parse(opts.bits, opts.layer_bits, opts.keep_float)
     method = get_method(opts.method)  # with a recipe: unused, but a wrong name is still an error
+    if opts.avg_bits is not None and not WIDTHS[-1] <= opts.avg_bits <= WIDTHS[0]:
+        raise VitqError(f"--avg-bits must be between {WIDTHS[-1]} and {WIDTHS[0]}")
+    if opts.avg_bits is not None and opts.layer_bits:
+        raise VitqError("--avg-bits chooses every layer's width: drop --layer-bits")
     if opts.time_budget is not None and opts.time_budget <= 0:
         raise VitqError("--time-budget must be a positive number of minutes")
     if opts.format not in FORMATS:
@@ -124,13 +130,19 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     say = sayer(opts.progress)
     bits, method = BitWidths.parse(opts.bits, opts.layer_bits, opts.keep_float), get_method(opts.method)
     model_args = build_args(opts.img_size, opts.num_classes)
+    if given is None and opts.avg_bits is not None:
+        with times("mixed precision"):
+            bits, mixed = choose_widths(model, images, bits, opts.avg_bits, timm_name, say, opts.progress)
     if given is None:
-        say(f"calibrating {timm_name} at W{bits.w}/A{bits.a} ({method.name}) on {len(images)} images")
+        at = "the mixed-precision map" if opts.avg_bits is not None else f"W{bits.w}/A{bits.a}"
+        say(f"calibrating {timm_name} at {at} ({method.name}) on {len(images)} images")
         recipe = calibrate(model, images, bits, method, timm_name, CalibOptions(
             opts.seed, opts.device, None if opts.time_budget is None else 60 * opts.time_budget, opts.progress,
             times))
         if model_args:
             recipe.info["model_args"] = model_args
+        if opts.avg_bits is not None:
+            recipe.info["mixed_precision"] = mixed
     else:
         say(f"deploying the {given.method} recipe {opts.recipe} (no calibration)")
         recipe = given
@@ -174,7 +186,8 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
         print(f"vitq-onnx: warning: {useless} (--strict refuses such a model)", file=sys.stderr)
         report["warnings"] = [useless]
     runtime.set_metadata(qmodel, runtime.META_PREPROCESS, preprocess.to_dict())
-    runtime.set_metadata(qmodel, runtime.META_RECIPE, {
+    runtime.set_metadata(qmodel, runtime.META_RECIPE, {**({"mixed_precision": recipe.info["mixed_precision"]}
+                                                          if "mixed_precision" in recipe.info else {}),
         "model": timm_name, "method": recipe.method, "bits": recipe.info.get("bits", bits.to_dict()),
         "format": opts.format, "target_cpu": opts.target_cpu, "headless": headless,
         "tensor_bits": recipe.tensor_bits(), "float_ops": recipe.float_ops,
@@ -183,6 +196,27 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     qmodel.producer_name = "vitq-onnx"
     del qmodel.graph.value_info[:]  # intermediate shapes: in the --save-passes files, not the deliverable
     return qmodel, recipe, report
+
+
+SENSITIVITY_IMAGES = 16  # calibration images the per-layer sensitivities are measured on
+
+
+def choose_widths(model, images: np.ndarray, cap: BitWidths, avg_bits: float, timm_name: str, say, progress: bool):
+    """Greedy mixed precision at most ``avg_bits`` on average, widest ``cap`` (mixed_precision.py):
+    the bit widths to calibrate with, and what to record of the choice."""
+    widths = tuple(w for w in WIDTHS if w <= min(cap.w, cap.a))
+    say(f"mixed precision: sensitivities of every layer at widths {list(widths[1:])} on "
+        f"{min(SENSITIVITY_IMAGES, len(images))} images")
+    widest = calibrate(model, images, cap, get_method("repq"), timm_name, CalibOptions(progress=False))
+    layers = measure(model, widest, torch.from_numpy(images[:SENSITIVITY_IMAGES]), REPQ_SOFTMAX, widths, progress)
+    width = greedy(layers, avg_bits, widths)
+    w_avg, a_avg = averages(layers, width)
+    say(f"mixed precision: average weight width {w_avg:.3f}, activation width {a_avg:.3f} (budget {avg_bits})\n"
+        + bit_table(layers, width))
+    rules = layer_rules(layers, width, cap.w)
+    return BitWidths.parse(f"{cap.w}/{cap.a}", rules), {
+        "avg_bits": avg_bits, "weight_avg": round(w_avg, 4), "activation_avg": round(a_avg, 4),
+        "widths": width, "sensitivity_images": min(SENSITIVITY_IMAGES, len(images))}
 
 
 def export(opts: ExportOptions) -> dict:

@@ -1,0 +1,149 @@
+"""Greedy mixed precision (MPTQ-ViT): which layers can go narrower for the least change in the output.
+
+Sensitivity: on calibration images, the KL divergence of the model's predictions from the FP
+model's when one layer alone (a Linear or Conv: its weight and its input; an attention: its four
+matmul inputs) drops from the widest width to each narrower one, every other tensor quantized at
+the widest width as the ``repq`` recipe there has it (weights refit per output channel, inputs
+refit per tensor on what reaches them). Greedy: from all at the widest width, lower the layer
+whose next width costs the least KL per saved bit, until the parameter-weighted average weight
+width and the element-weighted average activation width are both within the budget. The result
+is a ``--layer-bits`` map; the method then calibrates with it like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import VitqError
+from ..progress import Progress
+from ..recipe import Recipe
+from .bits import module_of
+from .quantizers import fake, get_kind
+from .quantizers.weights import fake_weight, fit_weight
+
+WIDTHS = (8, 6, 5, 4, 3)
+
+
+@dataclass
+class Layer:
+    name: str  # the module a --layer-bits rule names
+    weight: str | None  # its weight's recipe key (None: an attention's matmuls)
+    inputs: list[str]  # its activations' recipe keys (the image input of the stem stays 8-bit)
+    params: int = 0
+    elements: int = 0  # activation elements per image
+    kl: dict[int, float] = field(default_factory=dict)  # width -> KL to FP32 with this layer alone there
+
+
+def layers_of(recipe: Recipe, inst, elements: dict[str, int]) -> list[Layer]:
+    """The recipe's tensors grouped into layers, in the recipe's order."""
+    layers: dict[str, Layer] = {}
+    for key in list(recipe.activations) + list(recipe.weights):
+        name = module_of(key)
+        layer = layers.setdefault(name, Layer(name, None, []))
+        if key in recipe.weights:
+            layer.weight, layer.params = key, inst.weights[key].weight.numel()
+        elif inst.points[key].role != "conv_input":  # the image input stays 8-bit
+            layer.inputs.append(key)
+            layer.elements += elements[key]
+    return list(layers.values())
+
+
+def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    return float(torch.nn.functional.kl_div(torch.log_softmax(logits, 1), torch.log_softmax(reference, 1),
+                                            log_target=True, reduction="batchmean"))
+
+
+@torch.no_grad()
+def measure(model: torch.nn.Module, recipe: Recipe, images: torch.Tensor, softmax_kind, widths=WIDTHS,
+            progress: bool = True) -> list[Layer]:
+    """Every layer's KL at each narrower width (module docstring); ``recipe`` is the widest one's."""
+    from ..simulation import folded, quantized_weight
+
+    reference = model(images)
+    qmodel, inst = folded(model, recipe)
+    fp_weights = {k: m.weight.detach().clone() for k, m in inst.weights.items()}
+    for key, mod in inst.weights.items():
+        mod.weight.copy_(quantized_weight(fp_weights[key], recipe.weights[key]))
+    elements: dict[str, int] = {}
+
+    def widest(point, x):
+        elements.setdefault(point.key, x.numel() // len(images))
+        return fake(recipe.activations[point.key], x)
+
+    inst.set_action(widest)
+    base = _kl(reference, qmodel(images))
+    layers = layers_of(recipe, inst, elements)
+    bar = Progress(len(layers) * (len(widths) - 1), "mixed precision: sensitivities", progress, unit="run")
+    for layer in layers:
+        layer.kl[widths[0]] = base
+        for bits in widths[1:]:
+            if layer.weight is not None:
+                w = fp_weights[layer.weight]
+                inst.weights[layer.weight].weight.copy_(fake_weight(w, fit_weight(w, bits), bits))
+
+            def narrow(point, x, bits=bits):
+                kind = softmax_kind(bits) if point.role == "softmax" else "uniform"
+                return get_kind(kind).fake(x, get_kind(kind).fit(x, bits, point), bits)
+
+            inst.set_action(narrow, set(layer.inputs))
+            layer.kl[bits] = _kl(reference, qmodel(images))
+            inst.set_action(widest, set(layer.inputs))
+            bar.update(1)
+        if layer.weight is not None:
+            inst.weights[layer.weight].weight.copy_(quantized_weight(fp_weights[layer.weight],
+                                                                     recipe.weights[layer.weight]))
+    bar.close()
+    return layers
+
+
+def averages(layers: list[Layer], width: dict[str, int]) -> tuple[float, float]:
+    """(parameter-weighted average weight width, element-weighted average activation width)."""
+    params = sum(layer.params for layer in layers) or 1
+    elements = sum(layer.elements for layer in layers) or 1
+    return (sum(layer.params * width[layer.name] for layer in layers) / params,
+            sum(layer.elements * width[layer.name] for layer in layers) / elements)
+
+
+def greedy(layers: list[Layer], avg_bits: float, widths=WIDTHS) -> dict[str, int]:
+    """Each layer's width: lowered by least KL per saved (budget-normalized) bit until both
+    averages are at most ``avg_bits``."""
+    width = {layer.name: widths[0] for layer in layers}
+    params = sum(layer.params for layer in layers) or 1
+    elements = sum(layer.elements for layer in layers) or 1
+    while True:
+        w_avg, a_avg = averages(layers, width)
+        if w_avg <= avg_bits + 1e-9 and a_avg <= avg_bits + 1e-9:
+            return width
+        best, best_cost = None, None
+        for layer in layers:
+            current = widths.index(width[layer.name])
+            if current + 1 == len(widths):
+                continue
+            step = width[layer.name] - widths[current + 1]
+            saved = step * ((layer.params / params if w_avg > avg_bits else 0)
+                            + (layer.elements / elements if a_avg > avg_bits else 0))
+            if saved <= 0:
+                continue
+            cost = (layer.kl[widths[current + 1]] - layer.kl[widths[current]]) / saved
+            if best_cost is None or cost < best_cost:
+                best, best_cost = layer, cost
+        if best is None:
+            raise VitqError(f"--avg-bits {avg_bits}: the narrowest width {widths[-1]} everywhere is still above it")
+        width[best.name] = widths[widths.index(width[best.name]) + 1]
+
+
+def layer_rules(layers: list[Layer], width: dict[str, int], w_cap: int) -> list[str]:
+    """``--layer-bits`` rules for the chosen widths (an attention's weightless layer keeps ``w_cap``)."""
+    return [f"{layer.name}={width[layer.name] if layer.weight else w_cap}/{width[layer.name]}"
+            for layer in layers]
+
+
+def bit_table(layers: list[Layer], width: dict[str, int]) -> str:
+    """The chosen map, one line per layer: width, parameters, activation elements, KL there."""
+    lines = [f"{'layer':28} {'bits':>4} {'params':>9} {'act/img':>9} {'KL at bits':>10}"]
+    for layer in layers:
+        lines.append(f"{layer.name:28} {width[layer.name]:>4} {layer.params:>9} {layer.elements:>9} "
+                     f"{layer.kl[width[layer.name]]:>10.4f}")
+    return "\n".join(lines)
