@@ -35,3 +35,4 @@ python benchmarks/export_profile.py -o benchmarks/results/export_profile.md
 python benchmarks/keep_float.py -o benchmarks/results/keep_float.md
 python benchmarks/accuracy.py -o benchmarks/results/mptq.md --configs deit_t:4/4:repq-optm deit_t:4/4:repq-optm:qdq \
     deit_t:4/4:mptq deit_t:4/4:mptq-sqb deit_t:6/6:mptq deit_t:6/6:repq-optm
+python benchmarks/mixed_precision.py --avg-bits 5 4 -o benchmarks/results/mixed_precision.md

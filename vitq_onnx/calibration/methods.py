@@ -124,7 +124,8 @@ def ias_stage3():
 
 
 # MPTQ-ViT (Tai et al. 2024): SmoothQuant with bias instead of RepQ-ViT's channel-wise fold, and the
-# fc2 input ranged by fc2's output error (smooth_bias.py). Greedy mixed precision: not yet.
+# fc2 input ranged by fc2's output error (smooth_bias.py). Its greedy mixed precision works with any
+# method: --avg-bits (mixed_precision.py).
 @register_method
 def mptq():
     """MPTQ-ViT: SmoothQuant with bias (alpha searched per norm) + OPT-m post-GELU ranges"""
