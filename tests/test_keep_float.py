@@ -12,13 +12,12 @@ from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import get_method
 from vitq_onnx.calibration.state import CalibOptions
-from vitq_onnx.cli import main
 from vitq_onnx.passes import PassContext, pipeline, run_passes
 from vitq_onnx.recipe import Recipe, split_key
 from vitq_onnx.simulation import simulate
 from vitq_onnx.validate import torch_logits
 
-from .conftest import TINY
+from .test_tiny_export import _export
 
 QUIET = CalibOptions(progress=False)
 
@@ -67,13 +66,6 @@ def test_recipe_keeps_its_float_layers_through_save_and_load(tiny, tiny_images, 
     assert again.keep_float == ["head"] and again.float_layers == ["head"]
     sim_a, sim_b = (torch_logits(simulate(tiny, r), tiny_images) for r in (recipe, again))
     assert (sim_a == sim_b).all()
-
-
-def _export(tmp_path, calib, *extra):
-    out = tmp_path / "tiny.onnx"
-    code = main(["export", "--model", TINY, "--random-weights", "--calib", str(calib), "--num-calib", "8",
-                 "-q", "-o", str(out), *extra])
-    return code, out
 
 
 def test_cli_exclude_is_keep_float_and_lands_in_the_metadata(tmp_path, tiny_calib_dir):

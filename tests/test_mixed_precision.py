@@ -7,10 +7,9 @@ import onnx
 import pytest
 
 from vitq_onnx.calibration.mixed_precision import Layer, averages, greedy, layer_rules
-from vitq_onnx.cli import main
 from vitq_onnx.errors import VitqError
 
-from .conftest import TINY
+from .test_tiny_export import _export
 
 
 def _layers():
@@ -37,13 +36,6 @@ def test_greedy_meets_the_budget_narrowing_what_costs_least():
 def test_greedy_says_when_the_budget_cannot_be_met():
     with pytest.raises(VitqError, match="narrowest width"):
         greedy(_layers(), 3.5, widths=(8, 6, 4))
-
-
-def _export(tmp_path, calib, *extra):
-    out = tmp_path / "tiny.onnx"
-    code = main(["export", "--model", TINY, "--random-weights", "--calib", str(calib), "--num-calib", "8",
-                 "-q", "-o", str(out), *extra])
-    return code, out
 
 
 def test_cli_avg_bits_exports_a_mixed_map_bit_exact(tmp_path, tiny_calib_dir):
