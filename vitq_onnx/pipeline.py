@@ -22,8 +22,8 @@ import torch
 from . import runtime
 from .calibration.bits import BitWidths
 from .calibration.calibrate import calibrate
-from .calibration.methods import REPQ_SOFTMAX, get_method
-from .calibration.mixed_precision import WIDTHS, averages, bit_table, greedy, layer_rules, measure
+from .calibration.methods import get_method
+from .calibration.mixed_precision import WIDTHS, choose_widths
 from .calibration.state import CalibOptions
 from .cpu import check_target
 from .errors import VitqError
@@ -196,27 +196,6 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     qmodel.producer_name = "vitq-onnx"
     del qmodel.graph.value_info[:]  # intermediate shapes: in the --save-passes files, not the deliverable
     return qmodel, recipe, report
-
-
-SENSITIVITY_IMAGES = 16  # calibration images the per-layer sensitivities are measured on
-
-
-def choose_widths(model, images: np.ndarray, cap: BitWidths, avg_bits: float, timm_name: str, say, progress: bool):
-    """Greedy mixed precision at most ``avg_bits`` on average, widest ``cap`` (mixed_precision.py):
-    the bit widths to calibrate with, and what to record of the choice."""
-    widths = tuple(w for w in WIDTHS if w <= min(cap.w, cap.a))
-    say(f"mixed precision: sensitivities of every layer at widths {list(widths[1:])} on "
-        f"{min(SENSITIVITY_IMAGES, len(images))} images")
-    widest = calibrate(model, images, cap, get_method("repq"), timm_name, CalibOptions(progress=False))
-    layers = measure(model, widest, torch.from_numpy(images[:SENSITIVITY_IMAGES]), REPQ_SOFTMAX, widths, progress)
-    width = greedy(layers, avg_bits, widths)
-    w_avg, a_avg = averages(layers, width)
-    say(f"mixed precision: average weight width {w_avg:.3f}, activation width {a_avg:.3f} (budget {avg_bits})\n"
-        + bit_table(layers, width))
-    rules = layer_rules(layers, width, cap.w)
-    return BitWidths.parse(f"{cap.w}/{cap.a}", rules), {
-        "avg_bits": avg_bits, "weight_avg": round(w_avg, 4), "activation_avg": round(a_avg, 4),
-        "widths": width, "sensitivity_images": min(SENSITIVITY_IMAGES, len(images))}
 
 
 def export(opts: ExportOptions) -> dict:

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import VitqError
 from ..progress import Progress
 from ..recipe import Recipe
-from .bits import module_of
+from ..simulation import folded, quantized_weight
+from .bits import BitWidths, module_of
+from .calibrate import calibrate
+from .methods import REPQ_SOFTMAX, get_method
+from .state import CalibOptions
 from .quantizers import fake, get_kind
 from .quantizers.weights import fake_weight, fit_weight
 
@@ -59,8 +64,6 @@ def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
 def measure(model: torch.nn.Module, recipe: Recipe, images: torch.Tensor, softmax_kind, widths=WIDTHS,
             progress: bool = True) -> list[Layer]:
     """Every layer's KL at each narrower width (module docstring); ``recipe`` is the widest one's."""
-    from ..simulation import folded, quantized_weight
-
     reference = model(images)
     qmodel, inst = folded(model, recipe)
     fp_weights = {k: m.weight.detach().clone() for k, m in inst.weights.items()}
@@ -147,3 +150,24 @@ def bit_table(layers: list[Layer], width: dict[str, int]) -> str:
         lines.append(f"{layer.name:28} {width[layer.name]:>4} {layer.params:>9} {layer.elements:>9} "
                      f"{layer.kl[width[layer.name]]:>10.4f}")
     return "\n".join(lines)
+
+
+SENSITIVITY_IMAGES = 16  # calibration images the per-layer sensitivities are measured on
+
+
+def choose_widths(model, images: np.ndarray, cap: BitWidths, avg_bits: float, timm_name: str, say, progress: bool):
+    """Greedy mixed precision at most ``avg_bits`` on average, widest ``cap``: the bit widths to
+    calibrate with, and what to record of the choice."""
+    widths = tuple(w for w in WIDTHS if w <= min(cap.w, cap.a))
+    say(f"mixed precision: sensitivities of every layer at widths {list(widths[1:])} on "
+        f"{min(SENSITIVITY_IMAGES, len(images))} images")
+    widest = calibrate(model, images, cap, get_method("repq"), timm_name, CalibOptions(progress=False))
+    layers = measure(model, widest, torch.from_numpy(images[:SENSITIVITY_IMAGES]), REPQ_SOFTMAX, widths, progress)
+    width = greedy(layers, avg_bits, widths)
+    w_avg, a_avg = averages(layers, width)
+    say(f"mixed precision: average weight width {w_avg:.3f}, activation width {a_avg:.3f} (budget {avg_bits})\n"
+        + bit_table(layers, width))
+    rules = layer_rules(layers, width, cap.w)
+    return BitWidths.parse(f"{cap.w}/{cap.a}", rules), {
+        "avg_bits": avg_bits, "weight_avg": round(w_avg, 4), "activation_avg": round(a_avg, 4),
+        "widths": width, "sensitivity_images": min(SENSITIVITY_IMAGES, len(images))}

@@ -23,7 +23,7 @@ from ..recipe import Reparam, tensor_key
 from .quantizers.uniform import fake_uniform, fit_uniform_rows
 from .quantizers.weights import fake_weight, fit_weight
 from .reparam import fold_into_torch
-from .stages import Stage, post_norm_inputs
+from .stages import Stage, post_norm_pairs
 from .state import CalibState
 
 SQB_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -59,25 +59,18 @@ class SmoothBias(Stage):
 
     @torch.no_grad()
     def run(self, state: CalibState) -> None:
-        inst = state.inst
-        bar = state.progress(len(inst.post_norm) + 1, f"calibration: {self.describe(state)}", unit="step")
-        seen = post_norm_inputs(state, SEARCH_ROWS)
-        bar.update(1)
-        chosen = []
-        for norm_node, norm, lin_nodes, linears in inst.post_norm:
-            lo, hi, rows = seen.pop(tensor_key(lin_nodes[0], 0))
+        chosen = {}
+        for norm_node, norm, lin_nodes, linears, (lo, hi, rows) in post_norm_pairs(state, self, SEARCH_ROWS):
             weight = torch.cat([lin.weight.detach().float().cpu() for lin in linears])
             mu = rows.mean(0)
-            x_absmax = torch.maximum((lo - mu).abs(), (hi - mu).abs())
+            x_absmax, w_absmax = torch.maximum((lo - mu).abs(), (hi - mu).abs()), weight.abs().amax(0)
             w_bits = state.bits.weight(tensor_key(lin_nodes[0], 1))
             a_bits = state.bits.act(tensor_key(lin_nodes[0], 0), "linear_input")
             alpha = min(self.alphas, key=lambda al: output_error(
-                rows, weight, smooth_factors(x_absmax, weight.abs().amax(0), al), mu, w_bits, a_bits))
-            eps = smooth_factors(x_absmax, weight.abs().amax(0), alpha)
+                rows, weight, smooth_factors(x_absmax, w_absmax, al), mu, w_bits, a_bits))
+            eps = smooth_factors(x_absmax, w_absmax, alpha)
             rep = Reparam(norm_node, lin_nodes, eps.numpy().astype(np.float32), (-mu).numpy().astype(np.float32))
             fold_into_torch(norm, linears, rep)
             state.recipe.reparams.append(rep)
-            chosen.append(alpha)
-            bar.update(1)
-        bar.close()
-        state.recipe.info["sqb_alpha"] = {r.norm: a for r, a in zip(state.recipe.reparams[-len(chosen):], chosen)}
+            chosen[norm_node] = alpha
+        state.recipe.info["sqb_alpha"] = chosen

@@ -47,18 +47,25 @@ def quantize_as_recipe(state: CalibState, point) -> None:
 
 
 @torch.no_grad()
-def post_norm_inputs(state: CalibState, max_rows: int = 2048) -> dict:
-    """One float pass: ``channel_stats`` of each post-LayerNorm Linear's input, by recipe key."""
+def post_norm_pairs(state: CalibState, stage: "Stage", max_rows: int = 2048):
+    """Each LayerNorm -> Linear pair (norm node, norm, Linear nodes, Linears) with the
+    ``channel_stats`` of the Linear's input, all recorded in one float pass first; a progress step
+    for that pass and for each pair the caller has handled."""
     inst, seen = state.inst, {}
 
     def record(point, x):
         seen[point.key] = channel_stats(x, max_rows)
         return x
 
+    bar = state.progress(len(inst.post_norm) + 1, f"calibration: {stage.describe(state)}", unit="step")
     inst.set_action(record, {tensor_key(lins[0], 0) for _, _, lins, _ in inst.post_norm})
     state.model(state.images)
     inst.set_action(None)
-    return seen
+    bar.update(1)
+    for norm_node, norm, lin_nodes, linears in inst.post_norm:
+        yield norm_node, norm, lin_nodes, linears, seen.pop(tensor_key(lin_nodes[0], 0))
+        bar.update(1)
+    bar.close()
 
 
 class ChannelwiseReparam(Stage):
@@ -76,21 +83,14 @@ class ChannelwiseReparam(Stage):
 
     @torch.no_grad()
     def run(self, state: CalibState) -> None:
-        inst = state.inst
-        bar = state.progress(len(inst.post_norm) + 1, f"calibration: {self.describe(state)}", unit="step")
-        seen = post_norm_inputs(state)
-        bar.update(1)
-        for norm_node, norm, lin_nodes, linears in inst.post_norm:
-            key = tensor_key(lin_nodes[0], 0)
-            bits = state.bits.act(key, "linear_input")
-            rep, scale, zp = channelwise_reparam(seen.pop(key), bits, norm_node, lin_nodes)
+        for norm_node, norm, lin_nodes, linears, stats in post_norm_pairs(state, self):
+            bits = state.bits.act(tensor_key(lin_nodes[0], 0), "linear_input")
+            rep, scale, zp = channelwise_reparam(stats, bits, norm_node, lin_nodes)
             fold_into_torch(norm, linears, rep)
             state.recipe.reparams.append(rep)
             for lin in lin_nodes:
                 set_activation(state, tensor_key(lin, 0), "uniform", state.bits.act(tensor_key(lin, 0), "linear_input"),
                                {"scale": scale, "zero_point": zp})
-            bar.update(1)
-        bar.close()
 
 
 class FitWeights(Stage):
