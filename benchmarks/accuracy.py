@@ -46,15 +46,16 @@ VAL = SHARED / "data" / "imagenet-sample" / "val"
 
 
 def export(model: str, bits: str, method: str, random: bool, fmt: str, out: Path, num_calib: int | None,
-           recipe: Path | None = None) -> float:
+           recipe: Path | None = None, extra: tuple[str, ...] = ()) -> tuple[float, dict]:
+    """Seconds of ``vitq-onnx export`` and the report it prints (validation, stage seconds)."""
     args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", model, "--format", fmt,
             "--calib", str(CALIB), "-o", str(out)]
     args += ["--recipe", str(recipe)] if recipe else ["--bits", bits, "--method", method]
     args += ["--num-calib", str(num_calib)] if num_calib else []
     args += ["--random-weights"] if random else ["--weights", str(WEIGHTS[model])]
     start = time.time()
-    subprocess.run(args, check=True)
-    return time.time() - start
+    done = subprocess.run(args + list(extra), check=True, stdout=subprocess.PIPE, text=True)
+    return time.time() - start, json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -87,7 +88,7 @@ def main() -> None:
         fp, images, labels, fp_logits, fp32_onnx = cache[model_name]
         out = args.work / f"{model_name}_w{bits.replace('/', 'a')}_{method}{'_qdq' if fmt == 'qdq' else ''}.onnx"
         ort_recipe = out.with_name(out.stem.removesuffix("_qdq") + ".recipe.json")
-        seconds = export(model_name, bits, method, random, fmt, out, args.num_calib,
+        seconds, _ = export(model_name, bits, method, random, fmt, out, args.num_calib,
                          ort_recipe if "reuse" in rest else None)
         print(f"{config}: exported in {seconds:.1f} s; scoring", file=sys.stderr)
         ort_logits = runtime.run(runtime.session(out), images)

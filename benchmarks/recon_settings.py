@@ -3,6 +3,7 @@ score on the rest.
 
     python benchmarks/recon_settings.py "iters=180,batch_size=16,lr_weights=3e-4,lr_scales=3e-3"
     python benchmarks/recon_settings.py "method='ias',bits='3/3',float_iters=100,iters=200"
+    python benchmarks/recon_settings.py "method='repq',search=dict(mutation=0.02,fitness='mse')"
 
 Calibrates DeiT-Ti (W4/A4 unless ``bits``) with ``repq`` + BlockReconstruction(**settings) on 93
 calib images and reports, on the 32 held-out calib images (a fixed shuffle, seed 1), the
@@ -27,6 +28,7 @@ import torch
 
 from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
+from vitq_onnx.calibration.evol_search import EvolSearch
 from vitq_onnx.calibration.methods import Method, get_method
 from vitq_onnx.calibration.reconstruct import BlockReconstruction
 from vitq_onnx.calibration.state import CalibOptions
@@ -53,12 +55,15 @@ def main() -> None:
     labels = np.array([label_of(p, CALIB, load_synsets()) for p in kept])
     fp = torch_logits(model, held)
     method = settings.pop("method", None)
+    search = settings.pop("search", None)
     if method is None:
         stages = get_method("repq").stages
         if settings.get("iters", 1):
             stages += (BlockReconstruction(**settings),)
     else:
         stages = _with_settings(get_method(method).stages, settings)
+    if search is not None:
+        stages += (EvolSearch(**search),)
     start = time.time()
     recipe = calibrate(model, train, BitWidths.parse(bits), Method("trial", "", stages), "deit_tiny_patch16_224",
                        CalibOptions())
@@ -68,7 +73,8 @@ def main() -> None:
                                     log_target=True, reduction="batchmean").item()
     print(json.dumps({"settings": sys.argv[1:], "calibration_s": round(seconds), "held_out_top1": float((q.argmax(1) == labels).mean()),
                       "fp_top1": float((fp.argmax(1) == labels).mean()),
-                      "agreement_with_fp": float((q.argmax(1) == fp.argmax(1)).mean()), "kl_to_fp": round(kl, 4)}))
+                      "agreement_with_fp": float((q.argmax(1) == fp.argmax(1)).mean()), "kl_to_fp": round(kl, 4),
+                      **({"search": recipe.info["search"]} if "search" in recipe.info else {})}))
 
 
 def _with_settings(stages, settings: dict) -> tuple:

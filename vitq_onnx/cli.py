@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .calibration.methods import METHODS
+from .calibration.methods import FITNESSES, METHODS, SEARCH_IMAGES, SEARCHES
 from .cpu import TARGETS
 from .errors import VitqError
 from .layer_report import SORT_KEYS
@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                    + ", ".join(f"{m.name} {m.num_calib}" for m in METHODS.values()) + ")")
     e.add_argument("--recipe", type=Path,
                    help="deploy this .recipe.json (from an earlier export) instead of calibrating: the same "
-                        "calibration in another --format; the images of --calib only validate")
+                        "calibration in another --format (the images of --calib only validate), or refined "
+                        "with --search")
     e.add_argument("--method", choices=list(METHODS), metavar="METHOD",
                    help="calibration method (default repq):\n" + "\n".join(
                        f"  {m.name}: {m.description}" for m in METHODS.values()))
@@ -72,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--time-budget", type=float, metavar="MIN",
                    help="minutes for optimizing stages (block reconstruction): fewer iterations when "
                         "they would take longer (default: the method's iterations, deterministic)")
+    e.add_argument("--search", choices=list(SEARCHES),
+                   help="end the calibration (or refine a --recipe) with a search: evol = Evol-Q's evolutionary "
+                        f"search of the scales (default images: {SEARCH_IMAGES}, 32 of them held out to stop it)")
+    e.add_argument("--search-budget", type=float, metavar="MIN",
+                   help="minutes the search may take; it keeps the best found when they are spent (default 10)")
+    e.add_argument("--search-fitness", default="infonce", choices=FITNESSES,
+                   help="what the search minimizes against the FP logits (default infonce; mse: the ablation)")
     e.add_argument("--format", default="ort", choices=FORMATS,
                    help="ort: 8-bit containers for onnxruntime's integer kernels; qdq: portable, int4 packed")
     e.add_argument("--target-cpu", default="portable", choices=TARGETS,
@@ -138,7 +146,8 @@ def _export(args) -> None:
         recipe=args.recipe,
         layer_bits=tuple(args.layer_bits), keep_float=tuple(args.keep_float), avg_bits=args.avg_bits,
         seed=args.seed, device=args.device,
-        time_budget=args.time_budget,
+        time_budget=args.time_budget, search=args.search, search_budget=args.search_budget,
+        search_fitness=args.search_fitness,
         format=args.format, target_cpu=args.target_cpu, save_passes=args.save_passes, min_agreement=args.min_agreement,
         validate_images=args.validate_images, img_size=args.img_size, num_classes=args.num_classes,
         strict=args.strict, progress=not args.quiet))

@@ -21,8 +21,8 @@ import torch
 
 from . import runtime
 from .calibration.bits import BitWidths
-from .calibration.calibrate import calibrate
-from .calibration.methods import get_method
+from .calibration.calibrate import calibrate, refine
+from .calibration.methods import SEARCH_IMAGES, Method, get_method, search_stage
 from .calibration.mixed_precision import WIDTHS, choose_widths
 from .calibration.state import CalibOptions
 from .cpu import check_target
@@ -57,6 +57,9 @@ class ExportOptions:
     seed: int = 0
     device: str = "cpu"
     time_budget: float | None = None  # minutes for the optimizing calibration stages
+    search: str | None = None  # a search the calibration ends with ("evol": evol_search.py)
+    search_budget: float | None = None  # minutes the search may take (None: its own cap)
+    search_fitness: str = "infonce"
     format: str = "ort"
     target_cpu: str = "portable"  # "vnni": full-range 8-bit s8 operands, exact only with VNNI/AMX (cpu.py)
     save_passes: Path | None = None
@@ -110,6 +113,10 @@ def check_options(opts: ExportOptions):
     if opts.format not in FORMATS:
         raise VitqError(f"unknown --format '{opts.format}': use {' or '.join(FORMATS)}")
     check_target(opts.target_cpu, "--target-cpu vnni")  # validated here: onnxruntime must run it exactly
+    if opts.search is not None:
+        search_stage(opts.search, opts.search_budget, opts.search_fitness)
+    elif opts.search_budget is not None or opts.search_fitness != "infonce":
+        raise VitqError("--search-budget and --search-fitness set up a search: add --search evol")
     return method
 
 
@@ -133,16 +140,22 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     if given is None and opts.avg_bits is not None:
         with times("mixed precision"):
             bits, mixed = choose_widths(model, images, bits, opts.avg_bits, timm_name, say, opts.progress)
+    options = CalibOptions(opts.seed, opts.device, None if opts.time_budget is None else 60 * opts.time_budget,
+                           opts.progress, times)
+    search = () if opts.search is None else (search_stage(opts.search, opts.search_budget, opts.search_fitness),)
     if given is None:
         at = "the mixed-precision map" if opts.avg_bits is not None else f"W{bits.w}/A{bits.a}"
-        say(f"calibrating {timm_name} at {at} ({method.name}) on {len(images)} images")
-        recipe = calibrate(model, images, bits, method, timm_name, CalibOptions(
-            opts.seed, opts.device, None if opts.time_budget is None else 60 * opts.time_budget, opts.progress,
-            times))
+        say(f"calibrating {timm_name} at {at} ({method.name}{' + ' + opts.search if search else ''}) "
+            f"on {len(images)} images")
+        recipe = calibrate(model, images, bits, Method(method.name, method.description, method.stages + search),
+                           timm_name, options)
         if model_args:
             recipe.info["model_args"] = model_args
         if opts.avg_bits is not None:
             recipe.info["mixed_precision"] = mixed
+    elif search:
+        say(f"refining the {given.method} recipe {opts.recipe} with the {opts.search} search on {len(images)} images")
+        recipe = refine(model, given, images, search, options)
     else:
         say(f"deploying the {given.method} recipe {opts.recipe} (no calibration)")
         recipe = given
@@ -188,6 +201,7 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     runtime.set_metadata(qmodel, runtime.META_PREPROCESS, preprocess.to_dict())
     runtime.set_metadata(qmodel, runtime.META_RECIPE, {**({"mixed_precision": recipe.info["mixed_precision"]}
                                                           if "mixed_precision" in recipe.info else {}),
+        **({"search": _search_summary(recipe.info["search"])} if "search" in recipe.info else {}),
         "model": timm_name, "method": recipe.method, "bits": recipe.info.get("bits", bits.to_dict()),
         "format": opts.format, "target_cpu": opts.target_cpu, "headless": headless,
         "tensor_bits": recipe.tensor_bits(), "float_ops": recipe.float_ops,
@@ -196,6 +210,12 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     qmodel.producer_name = "vitq-onnx"
     del qmodel.graph.value_info[:]  # intermediate shapes: in the --save-passes files, not the deliverable
     return qmodel, recipe, report
+
+
+def _search_summary(info: dict) -> dict:
+    """What the model's metadata says of the search (the recipe has every pass)."""
+    return {k: info[k] for k in ("kind", "fitness", "evaluations", "fitness_before", "fitness_after",
+                                 "held_out_kl_before", "held_out_kl_after", "stopped")}
 
 
 def export(opts: ExportOptions) -> dict:
@@ -217,14 +237,15 @@ def export(opts: ExportOptions) -> dict:
     if given is not None and given.info.get("model_args", {}) != model_args:
         raise VitqError(f"recipe {opts.recipe} was calibrated for a model built with "
                         f"{build_args_text(given.info.get('model_args'))}, not {build_args_text(model_args)}")
-    calib_paths = calibration_subset(calib_all, method.num_calib if opts.num_calib is None else opts.num_calib)
+    default_count = method.num_calib if opts.search is None else max(method.num_calib, SEARCH_IMAGES)
+    calib_paths = calibration_subset(calib_all, default_count if opts.num_calib is None else opts.num_calib)
     val_paths = calibration_subset(calib_all, opts.validate_images, "--validate-images")
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset, containers)
 
     with times("load model and images"):
         model = create_model(opts.model, opts.weights, opts.random_weights, **model_args)
         preprocess = Preprocess.from_model(model)
-        images = load_images(calib_paths, preprocess)[0] if given is None else None
+        images = load_images(calib_paths, preprocess)[0] if given is None or opts.search else None
         val_images, _ = load_images(val_paths, preprocess)
     qmodel, recipe, report = quantize(model, timm_name, preprocess, images, val_images, opts, given, times)
     with times("write"):

@@ -14,10 +14,12 @@ import torch
 
 from ..errors import VitqError
 from ..progress import StageTimes
-from ..recipe import Recipe
+from ..recipe import Recipe, tensor_key
+from ..simulation import folded, quantized_weight
 from .bits import BitWidths
 from .methods import Method
 from .quant_points import instrument, keeps_float
+from .stages import Stage, quantize_as_recipe
 from .state import CalibOptions, CalibState
 
 FLOAT_OPS = [
@@ -48,18 +50,46 @@ def calibrate(model: torch.nn.Module, images: np.ndarray, bits: BitWidths, metho
                     float_ops=list(FLOAT_OPS), info={"num_calib": int(len(images)), "bits": bits.to_dict(),
                                                      "seed": options.seed})
     state = CalibState(model, work, inst, torch.from_numpy(images).to(device), bits, recipe, options)
-    times = options.times if options.times is not None else StageTimes()
-    for i, stage in enumerate(method.stages, 1):
-        step = f"calibration {i}/{len(method.stages)}"
-        state.say(f"{step}: {stage.describe(state)}")
-        with times(f"{step}: {stage.name}"):
-            stage.run(state)
-        state.say(f"{step}: {stage.name} done in {times[f'{step}: {stage.name}']:.1f} s")
+    _run_stages(state, method.stages)
     missing = set(inst.points) - set(recipe.activations)
     if missing:
         raise RuntimeError(f"quant points never reached during calibration: {sorted(missing)[:3]}")
     recipe.param_storage = param_storage(work, inst)
     return recipe
+
+
+def refine(model: torch.nn.Module, recipe: Recipe, images: np.ndarray, stages: tuple[Stage, ...],
+           options: CalibOptions = CalibOptions()) -> Recipe:
+    """Run ``stages`` (e.g. a search) on the quantized model an earlier recipe describes, without
+    calibrating again: the state is rebuilt from the recipe (its folds, weights, bias corrections
+    and quantizers), so the model computes what the recipe's calibration left. A new recipe."""
+    torch.manual_seed(options.seed)
+    recipe = copy.deepcopy(recipe)
+    work, inst = folded(model, recipe)
+    work.to(_device(options.device))
+    bits = recipe.info.get("bits", {"w": recipe.w_bits, "a": recipe.a_bits})
+    bits = BitWidths.parse(f"{bits['w']}/{bits['a']}", bits.get("layers", ()), recipe.keep_float)
+    state = CalibState(model, work, inst, torch.from_numpy(images).to(_device(options.device)), bits, recipe, options)
+    state.keep_float_reference()  # the folded float weights and biases, as calibration recorded them
+    with torch.no_grad():
+        for key, mod in inst.weights.items():
+            mod.weight.copy_(quantized_weight(mod.weight, recipe.weights[key]))
+        for node, delta in recipe.bias_corrections.items():
+            inst.weights[tensor_key(node, 1)].bias.add_(torch.from_numpy(delta).to(mod.weight.device))
+    for point in inst.points.values():
+        quantize_as_recipe(state, point)
+    _run_stages(state, stages)
+    return recipe
+
+
+def _run_stages(state: CalibState, stages: tuple[Stage, ...]) -> None:
+    times = state.options.times if state.options.times is not None else StageTimes()
+    for i, stage in enumerate(stages, 1):
+        step = f"calibration {i}/{len(stages)}"
+        state.say(f"{step}: {stage.describe(state)}")
+        with times(f"{step}: {stage.name}"):
+            stage.run(state)
+        state.say(f"{step}: {stage.name} done in {times[f'{step}: {stage.name}']:.1f} s")
 
 
 def _device(name: str) -> torch.device:

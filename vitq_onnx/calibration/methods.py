@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import VitqError
+from .evol_search import FITNESS, EvolSearch
 from .reconstruct import BlockReconstruction
 from .smooth_bias import SmoothBias
 from .stages import ChannelwiseReparam, FitActivations, FitWeights, Stage
@@ -142,3 +143,21 @@ def mptq_sqb():
 def repq_optm():
     """ablation: repq + OPT-m post-GELU ranges"""
     return [ChannelwiseReparam(), FitWeights(), FitActivations(REPQ_SOFTMAX, opt_m=True)]
+
+
+# Searches: refinements any method can end with (``--search``), or an earlier export's recipe.
+SEARCH_IMAGES = 96  # calibration images a search wants (32 of them held out), when --num-calib is not given
+SEARCHES = {"evol": EvolSearch}
+FITNESSES = tuple(FITNESS)
+
+
+def search_stage(name: str, budget_min: float | None = None, fitness: str = "infonce") -> Stage:
+    """The named search as a stage; ``budget_min`` caps its minutes (default: its own cap)."""
+    if name not in SEARCHES:
+        raise VitqError(f"unknown --search '{name}': use one of {', '.join(SEARCHES)}")
+    if fitness not in FITNESS:
+        raise VitqError(f"unknown --search-fitness '{fitness}': use one of {', '.join(FITNESS)}")
+    if budget_min is not None and budget_min <= 0:
+        raise VitqError("--search-budget must be a positive number of minutes")
+    extra = {} if budget_min is None else {"budget": 60 * budget_min}
+    return SEARCHES[name](fitness=fitness, **extra)
