@@ -1,12 +1,18 @@
-"""Greedy mixed precision (--avg-bits): the greedy meets the budget by the least KL per saved bit,
-and the tiny ViT exports with a mixed map, bit-exact (fast tier)."""
+"""Greedy mixed precision (--avg-bits, --max-drop): the greedy meets the budget by the least KL per
+saved bit, the drop target takes the furthest map within it, and the tiny ViT exports with a mixed
+map, bit-exact (fast tier)."""
 
 import json
 
+import numpy as np
 import onnx
 import pytest
+import torch
+from PIL import Image
 
-from vitq_onnx.calibration.mixed_precision import Layer, averages, greedy, layer_rules
+from vitq_onnx.calibration.bits import BitWidths
+from vitq_onnx.calibration.mixed_precision import (Layer, averages, greedy, greedy_path, layer_rules, longest_within,
+                                                   widths_for_drop)
 from vitq_onnx.errors import VitqError
 
 from .test_tiny_export import _export
@@ -38,6 +44,39 @@ def test_greedy_says_when_the_budget_cannot_be_met():
         greedy(_layers(), 3.5, widths=(8, 6, 4))
 
 
+def test_greedy_path_lowers_one_layer_one_width_at_a_time_to_the_narrowest():
+    layers = _layers()
+    path = greedy_path(layers)
+    assert path[0] == {"robust": 8, "fragile": 8, "attn": 8} and path[-1] == {"robust": 3, "fragile": 3, "attn": 3}
+    for a, b in zip(path, path[1:]):
+        assert sum(a[k] != b[k] for k in a) == 1 and all(b[k] <= a[k] for k in a)
+    assert path.index(next(p for p in path if p["fragile"] < 8)) > path.index(next(p for p in path if p["robust"] == 3))
+
+
+def test_longest_within_bisects_to_the_last_step_inside_the_drop():
+    calls = []
+
+    def drop(step):
+        calls.append(step)
+        return 0.25 * step
+
+    step, seen = longest_within(list(range(100)), drop, 4.0)
+    assert step == 16 and seen[16] <= 4.0 < seen[min(k for k in seen if k > 16)]
+    assert len(calls) <= 9  # log2(100) + the widest map
+
+
+def test_max_drop_keeps_the_widest_map_when_nothing_narrower_fits(tiny, tiny_images):
+    labels = torch.no_grad()(tiny)(torch.from_numpy(tiny_images[8:])).argmax(1).numpy()  # FP top-1 is 100 %
+    loose, info = widths_for_drop(tiny, tiny_images[:8], (tiny_images[8:], labels), BitWidths(8, 8), 100.0,
+                                  "tiny", lambda m: None, False)
+    assert info["weight_avg"] == 3 and info["held_out_fp_top1"] == 100.0  # any drop fits: all at 3 bits
+    strict, info = widths_for_drop(tiny, tiny_images[:8], (tiny_images[8:], labels), BitWidths(8, 8), 1e-9,
+                                   "tiny", lambda m: None, False)
+    assert info["held_out_drop"] <= 1e-9 or info["weight_avg"] == 8
+    assert all(t["held_out_drop"] > 1e-9 for t in info["tried"] if t["step"] > info["tried"][0]["step"]
+               and t["weight_avg"] < info["weight_avg"])
+
+
 def test_cli_avg_bits_exports_a_mixed_map_bit_exact(tmp_path, tiny_calib_dir):
     code, out = _export(tmp_path, tiny_calib_dir, "--avg-bits", "5")
     assert code == 0
@@ -51,9 +90,22 @@ def test_cli_avg_bits_exports_a_mixed_map_bit_exact(tmp_path, tiny_calib_dir):
 @pytest.mark.parametrize("extra, match", [
     (["--avg-bits", "2.5"], "--avg-bits must be between 3 and 8"),
     (["--avg-bits", "5", "--layer-bits", "head=8/8"], "drop --layer-bits"),
+    (["--max-drop", "1", "--avg-bits", "5"], "give one"),
+    (["--max-drop", "0"], "--max-drop must be a positive"),
+    (["--max-drop", "1", "--num-calib", "4"], "only 4 are left"),
 ])
 def test_cli_bad_avg_bits_is_one_line_error(tmp_path, tiny_calib_dir, capsys, extra, match):
     code, out = _export(tmp_path, tiny_calib_dir, *extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("vitq-onnx: error:") and match in err[-1]
     assert not out.exists()
+
+
+def test_cli_max_drop_needs_labelled_calibration_images(tmp_path, capsys):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray(np.full((8, 8, 3), 6 * i, np.uint8)).save(folder / f"img{i}.png")
+    code, out = _export(tmp_path, folder, "--max-drop", "1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "--max-drop needs labelled calibration images" in err[-1] and not out.exists()

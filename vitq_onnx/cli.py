@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="greedy mixed precision: each layer's width from {8,6,5,4,3} (at most --bits, default "
                         "8/8) so that the average weight and activation widths are at most B, narrowing the "
                         "layers whose output changes least (the map is printed and stored)")
+    e.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="greedy mixed precision by accuracy: the narrowest map along the same greedy path whose "
+                        "top-1 on the calibration images that do not calibrate (labelled by synset) is at most "
+                        "POINTS below the FP model's there")
     e.add_argument("--keep-float", "--exclude", action="append", default=[], metavar="PATTERN",
                    dest="keep_float",
                    help="keep the layers whose timm module name (or a parent's) matches the glob float in the "
@@ -137,14 +141,15 @@ def _export(args) -> None:
     from .pipeline import ExportOptions, export
 
     if args.recipe is not None and (args.bits or args.method or args.layer_bits or args.keep_float or args.avg_bits
+                                    or args.max_drop is not None
                                     or args.time_budget):
         raise VitqError("--recipe already fixes the bits and the calibration: drop --bits, --layer-bits, "
-                        "--keep-float, --method and --time-budget")
+                        "--keep-float, --method, --avg-bits, --max-drop and --time-budget")
     report = export(ExportOptions(
         model=args.model, bits=args.bits or "8/8", output=args.output, calib=args.calib, weights=args.weights,
         random_weights=args.random_weights, num_calib=args.num_calib, method=args.method or "repq",
         recipe=args.recipe,
-        layer_bits=tuple(args.layer_bits), keep_float=tuple(args.keep_float), avg_bits=args.avg_bits,
+        layer_bits=tuple(args.layer_bits), keep_float=tuple(args.keep_float), avg_bits=args.avg_bits, max_drop=args.max_drop,
         seed=args.seed, device=args.device,
         time_budget=args.time_budget, search=args.search, search_budget=args.search_budget,
         search_fitness=args.search_fitness,

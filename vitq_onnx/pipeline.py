@@ -23,12 +23,12 @@ from . import runtime
 from .calibration.bits import BitWidths
 from .calibration.calibrate import calibrate, refine
 from .calibration.methods import SEARCH_IMAGES, Method, get_method, search_stage
-from .calibration.mixed_precision import WIDTHS, choose_widths
+from .calibration.mixed_precision import WIDTHS, choose_widths, widths_for_drop
 from .calibration.state import CalibOptions
 from .cpu import check_target
 from .errors import VitqError
 from .fp32 import export_fp32
-from .images import Preprocess, list_images, load_images
+from .images import Preprocess, label_of, list_images, load_images, load_synsets
 from .models import build_args, build_args_text, create_model, resolve_name
 from .outputs import check_outputs, staged
 from .progress import StageTimes, sayer
@@ -54,6 +54,7 @@ class ExportOptions:
     layer_bits: tuple[str, ...] = ()
     keep_float: tuple[str, ...] = ()  # module globs left float (--keep-float/--exclude)
     avg_bits: float | None = None  # greedy mixed precision within this average width (mixed_precision.py)
+    max_drop: float | None = None  # greedy mixed precision within this top-1 drop on held-out calibration images
     seed: int = 0
     device: str = "cpu"
     time_budget: float | None = None  # minutes for the optimizing calibration stages
@@ -106,8 +107,13 @@ def check_options(opts: ExportOptions):
     method = get_method(opts.method)  # with a recipe: unused, but a wrong name is still an error
     if opts.avg_bits is not None and not WIDTHS[-1] <= opts.avg_bits <= WIDTHS[0]:
         raise VitqError(f"--avg-bits must be between {WIDTHS[-1]} and {WIDTHS[0]}")
-    if opts.avg_bits is not None and opts.layer_bits:
-        raise VitqError("--avg-bits chooses every layer's width: drop --layer-bits")
+    if opts.avg_bits is not None and opts.max_drop is not None:
+        raise VitqError("--avg-bits and --max-drop each choose the bit map: give one")
+    if opts.max_drop is not None and not opts.max_drop > 0:
+        raise VitqError("--max-drop must be a positive number of top-1 points")
+    for option, value in (("--avg-bits", opts.avg_bits), ("--max-drop", opts.max_drop)):
+        if value is not None and opts.layer_bits:
+            raise VitqError(f"{option} chooses every layer's width: drop --layer-bits")
     if opts.time_budget is not None and opts.time_budget <= 0:
         raise VitqError("--time-budget must be a positive number of minutes")
     if opts.format not in FORMATS:
@@ -129,10 +135,12 @@ def write(qmodel: onnx.ModelProto, recipe: Recipe, output: Path) -> None:
 
 def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, images: np.ndarray | None,
              val_images: np.ndarray, opts: ExportOptions, given: Recipe | None = None,
-             times: StageTimes | None = None) -> tuple[onnx.ModelProto, Recipe, dict]:
+             times: StageTimes | None = None, held: tuple[np.ndarray, np.ndarray] | None = None,
+             ) -> tuple[onnx.ModelProto, Recipe, dict]:
     """Calibrate ``model`` on ``images`` (or deploy ``given``), rewrite its FP32 graph and validate it
     on ``val_images``: the quantized ONNX model (with its metadata), its recipe and the validation
-    report. Nothing is read or written here: ``export`` (the CLI) and ``api.export`` share it."""
+    report. ``held`` (images, labels): calibration-folder images that do not calibrate, for
+    ``--max-drop``. Nothing is read or written here: ``export`` (the CLI) and ``api.export`` share it."""
     times = StageTimes() if times is None else times
     say = sayer(opts.progress)
     bits, method = BitWidths.parse(opts.bits, opts.layer_bits, opts.keep_float), get_method(opts.method)
@@ -140,18 +148,21 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     if given is None and opts.avg_bits is not None:
         with times("mixed precision"):
             bits, mixed = choose_widths(model, images, bits, opts.avg_bits, timm_name, say, opts.progress)
+    if given is None and opts.max_drop is not None:
+        with times("mixed precision"):
+            bits, mixed = widths_for_drop(model, images, held, bits, opts.max_drop, timm_name, say, opts.progress)
     options = CalibOptions(opts.seed, opts.device, None if opts.time_budget is None else 60 * opts.time_budget,
                            opts.progress, times)
     search = () if opts.search is None else (search_stage(opts.search, opts.search_budget, opts.search_fitness),)
     if given is None:
-        at = "the mixed-precision map" if opts.avg_bits is not None else f"W{bits.w}/A{bits.a}"
+        at = "the mixed-precision map" if bits.rules and not opts.layer_bits else f"W{bits.w}/A{bits.a}"
         say(f"calibrating {timm_name} at {at} ({method.name}{' + ' + opts.search if search else ''}) "
             f"on {len(images)} images")
         recipe = calibrate(model, images, bits, Method(method.name, method.description, method.stages + search),
                            timm_name, options)
         if model_args:
             recipe.info["model_args"] = model_args
-        if opts.avg_bits is not None:
+        if opts.avg_bits is not None or opts.max_drop is not None:
             recipe.info["mixed_precision"] = mixed
     elif search:
         say(f"refining the {given.method} recipe {opts.recipe} with the {opts.search} search on {len(images)} images")
@@ -212,6 +223,23 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     return qmodel, recipe, report
 
 
+MIN_HELD_OUT = 32  # labelled calibration images --max-drop needs beyond those that calibrate
+
+
+def held_out(calib_all: list[Path], calib_paths: list[Path], root: Path, preprocess: Preprocess):
+    """The calibration folder's images that do not calibrate, with their labels (synset names)."""
+    rest = [p for p in calib_all if p not in set(calib_paths)]
+    if len(rest) < MIN_HELD_OUT:
+        raise VitqError(f"--max-drop measures top-1 on calibration images that do not calibrate: only {len(rest)} "
+                        f"are left, it needs {MIN_HELD_OUT} (add images to --calib or lower --num-calib)")
+    try:
+        labels = {p: label_of(p, root, load_synsets()) for p in rest}
+    except VitqError as e:
+        raise VitqError(f"--max-drop needs labelled calibration images: {e}") from None
+    images, kept = load_images(rest, preprocess)
+    return images, np.array([labels[p] for p in kept])
+
+
 def _search_summary(info: dict) -> dict:
     """What the model's metadata says of the search (the recipe has every pass)."""
     return {k: info[k] for k in ("kind", "fitness", "evaluations", "fitness_before", "fitness_after",
@@ -247,7 +275,9 @@ def export(opts: ExportOptions) -> dict:
         preprocess = Preprocess.from_model(model)
         images = load_images(calib_paths, preprocess)[0] if given is None or opts.search else None
         val_images, _ = load_images(val_paths, preprocess)
-    qmodel, recipe, report = quantize(model, timm_name, preprocess, images, val_images, opts, given, times)
+        held = None if opts.max_drop is None or given is not None else held_out(calib_all, calib_paths, opts.calib,
+                                                                                 preprocess)
+    qmodel, recipe, report = quantize(model, timm_name, preprocess, images, val_images, opts, given, times, held)
     with times("write"):
         write(qmodel, recipe, opts.output)
     seconds = round(time.time() - start, 1)

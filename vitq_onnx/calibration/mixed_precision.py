@@ -13,6 +13,7 @@ is a ``--layer-bits`` map; the method then calibrates with it like any other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ import torch
 from ..errors import VitqError
 from ..progress import Progress
 from ..recipe import Recipe
-from ..simulation import folded, quantized_weight
+from ..simulation import folded, quantized_weight, simulate
+from ..validate import torch_logits
 from .bits import BitWidths, module_of
 from .calibrate import calibrate
 from .methods import REPQ_SOFTMAX, get_method
@@ -109,32 +111,60 @@ def averages(layers: list[Layer], width: dict[str, int]) -> tuple[float, float]:
             sum(layer.elements * width[layer.name] for layer in layers) / elements)
 
 
+def _cheapest(layers: list[Layer], width: dict[str, int], widths, weights: bool, activations: bool) -> Layer | None:
+    """The layer whose next narrower width costs the least KL per saved bit (bits of the averages
+    still to lower: the weights', the activations' or both); None when none can go narrower."""
+    params = sum(layer.params for layer in layers) or 1
+    elements = sum(layer.elements for layer in layers) or 1
+    best, best_cost = None, None
+    for layer in layers:
+        current = widths.index(width[layer.name])
+        if current + 1 == len(widths):
+            continue
+        saved = (width[layer.name] - widths[current + 1]) * ((layer.params / params if weights else 0)
+                                                             + (layer.elements / elements if activations else 0))
+        if saved <= 0:
+            continue
+        cost = (layer.kl[widths[current + 1]] - layer.kl[widths[current]]) / saved
+        if best_cost is None or cost < best_cost:
+            best, best_cost = layer, cost
+    return best
+
+
 def greedy(layers: list[Layer], avg_bits: float, widths=WIDTHS) -> dict[str, int]:
     """Each layer's width: lowered by least KL per saved (budget-normalized) bit until both
     averages are at most ``avg_bits``."""
     width = {layer.name: widths[0] for layer in layers}
-    params = sum(layer.params for layer in layers) or 1
-    elements = sum(layer.elements for layer in layers) or 1
     while True:
         w_avg, a_avg = averages(layers, width)
         if w_avg <= avg_bits + 1e-9 and a_avg <= avg_bits + 1e-9:
             return width
-        best, best_cost = None, None
-        for layer in layers:
-            current = widths.index(width[layer.name])
-            if current + 1 == len(widths):
-                continue
-            step = width[layer.name] - widths[current + 1]
-            saved = step * ((layer.params / params if w_avg > avg_bits else 0)
-                            + (layer.elements / elements if a_avg > avg_bits else 0))
-            if saved <= 0:
-                continue
-            cost = (layer.kl[widths[current + 1]] - layer.kl[widths[current]]) / saved
-            if best_cost is None or cost < best_cost:
-                best, best_cost = layer, cost
+        best = _cheapest(layers, width, widths, w_avg > avg_bits, a_avg > avg_bits)
         if best is None:
             raise VitqError(f"--avg-bits {avg_bits}: the narrowest width {widths[-1]} everywhere is still above it")
         width[best.name] = widths[widths.index(width[best.name]) + 1]
+
+
+def greedy_path(layers: list[Layer], widths=WIDTHS) -> list[dict[str, int]]:
+    """Every map the greedy passes through, from all widest to all narrowest (both averages lowered)."""
+    width = {layer.name: widths[0] for layer in layers}
+    path = [dict(width)]
+    while (best := _cheapest(layers, width, widths, True, True)) is not None:
+        width[best.name] = widths[widths.index(width[best.name]) + 1]
+        path.append(dict(width))
+    return path
+
+
+def longest_within(path: list, drop: Callable[[int], float], max_drop: float) -> tuple[int, dict[int, float]]:
+    """The furthest step of ``path`` whose ``drop`` is at most ``max_drop``, by bisection (the drop
+    grows along the path, up to noise), and every drop measured on the way."""
+    seen = {0: drop(0)}
+    lo, hi = 0, len(path) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        seen[mid] = drop(mid)
+        lo, hi = (mid, hi) if seen[mid] <= max_drop else (lo, mid - 1)
+    return lo, seen
 
 
 def layer_rules(layers: list[Layer], width: dict[str, int], w_cap: int) -> list[str]:
@@ -155,19 +185,58 @@ def bit_table(layers: list[Layer], width: dict[str, int]) -> str:
 SENSITIVITY_IMAGES = 16  # calibration images the per-layer sensitivities are measured on
 
 
-def choose_widths(model, images: np.ndarray, cap: BitWidths, avg_bits: float, timm_name: str, say, progress: bool):
-    """Greedy mixed precision at most ``avg_bits`` on average, widest ``cap``: the bit widths to
-    calibrate with, and what to record of the choice."""
+def _sensitivities(model, images: np.ndarray, cap: BitWidths, timm_name: str, say, progress: bool):
     widths = tuple(w for w in WIDTHS if w <= min(cap.w, cap.a))
     say(f"mixed precision: sensitivities of every layer at widths {list(widths[1:])} on "
         f"{min(SENSITIVITY_IMAGES, len(images))} images")
     widest = calibrate(model, images, cap, get_method("repq"), timm_name, CalibOptions(progress=False))
-    layers = measure(model, widest, torch.from_numpy(images[:SENSITIVITY_IMAGES]), REPQ_SOFTMAX, widths, progress)
-    width = greedy(layers, avg_bits, widths)
+    return measure(model, widest, torch.from_numpy(images[:SENSITIVITY_IMAGES]), REPQ_SOFTMAX, widths, progress), widths
+
+
+def _chosen(layers: list[Layer], width: dict[str, int], cap: BitWidths, say, info: dict):
+    """The map as bit widths to calibrate with, and what the recipe records of it."""
     w_avg, a_avg = averages(layers, width)
-    say(f"mixed precision: average weight width {w_avg:.3f}, activation width {a_avg:.3f} (budget {avg_bits})\n"
-        + bit_table(layers, width))
-    rules = layer_rules(layers, width, cap.w)
-    return BitWidths.parse(f"{cap.w}/{cap.a}", rules), {
-        "avg_bits": avg_bits, "weight_avg": round(w_avg, 4), "activation_avg": round(a_avg, 4),
-        "widths": width, "sensitivity_images": min(SENSITIVITY_IMAGES, len(images))}
+    say(f"mixed precision: average weight width {w_avg:.3f}, activation width {a_avg:.3f}\n" + bit_table(layers, width))
+    return BitWidths.parse(f"{cap.w}/{cap.a}", layer_rules(layers, width, cap.w)), {
+        **info, "weight_avg": round(w_avg, 4), "activation_avg": round(a_avg, 4), "widths": width}
+
+
+def choose_widths(model, images: np.ndarray, cap: BitWidths, avg_bits: float, timm_name: str, say, progress: bool):
+    """Greedy mixed precision at most ``avg_bits`` on average, widest ``cap``: the bit widths to
+    calibrate with, and what to record of the choice."""
+    layers, widths = _sensitivities(model, images, cap, timm_name, say, progress)
+    return _chosen(layers, greedy(layers, avg_bits, widths), cap, say,
+                   {"avg_bits": avg_bits, "sensitivity_images": min(SENSITIVITY_IMAGES, len(images))})
+
+
+@torch.no_grad()
+def widths_for_drop(model, images: np.ndarray, held: tuple[np.ndarray, np.ndarray], cap: BitWidths, max_drop: float,
+                    timm_name: str, say, progress: bool):
+    """The narrowest map along the greedy path whose top-1 on held-out labelled calibration images
+    (``held``: images, labels; none of them calibrates) is at most ``max_drop`` points below the FP
+    model's there. Each map tried is calibrated with ``repq`` and scored in the exact simulation."""
+    layers, widths = _sensitivities(model, images, cap, timm_name, say, progress)
+    path = greedy_path(layers, widths)
+    held_images, labels = held
+    fp_top1 = 100 * float((torch_logits(model, held_images).argmax(1) == labels).mean())
+    bar = Progress(int(np.ceil(np.log2(len(path)))) + 1, "mixed precision: held-out top-1 along the greedy path",
+                   progress, unit="map")
+
+    def drop(step: int) -> float:
+        bits = BitWidths.parse(f"{cap.w}/{cap.a}", layer_rules(layers, path[step], cap.w))
+        recipe = calibrate(model, images, bits, get_method("repq"), timm_name, CalibOptions(progress=False))
+        top1 = 100 * float((torch_logits(simulate(model, recipe), held_images).argmax(1) == labels).mean())
+        bar.update(1, step=f"{step}/{len(path) - 1}", drop=fp_top1 - top1)
+        return fp_top1 - top1
+
+    step, seen = longest_within(path, drop, max_drop)
+    bar.close()
+    if seen[step] > max_drop:
+        say(f"vitq-onnx: warning: even the widest map loses {seen[0]:.2f} points on the held-out images "
+            f"(--max-drop {max_drop}); it is kept")
+    tried = [{"step": k, **dict(zip(("weight_avg", "activation_avg"), map(lambda v: round(v, 4),
+                                                                        averages(layers, path[k])))),
+              "held_out_drop": round(d, 3)} for k, d in sorted(seen.items())]
+    return _chosen(layers, path[step], cap, say, {
+        "max_drop": max_drop, "sensitivity_images": min(SENSITIVITY_IMAGES, len(images)), "held_out_images": int(len(labels)), "held_out_fp_top1": round(fp_top1, 3),
+        "held_out_drop": round(seen[step], 3), "path_steps": len(path) - 1, "tried": tried})
