@@ -1,10 +1,14 @@
-"""Greedy mixed precision on DeiT-Ti: ``vitq-onnx export --avg-bits B`` scored on val.
+"""Greedy mixed precision on DeiT-Ti against uniform widths: top-1 against average bits (file size).
 
-    python benchmarks/mixed_precision.py --avg-bits 5 4 -o benchmarks/results/mixed_precision.md
+    python benchmarks/mixed_precision.py -o benchmarks/results/mixed_precision.md \
+        --run "repq 8/8=--bits 8/8" "repq 4/4=--bits 4/4" "max-drop 1=--max-drop 1" \
+        "avg 5, repq-recon=--avg-bits 5 --method repq-recon"
 
-Each budget is exported through the CLI (``repq`` at the chosen map, widest 8/8, calibrated and
-sensitivities measured on ../shared calib only) and scored with ``vitq-onnx eval`` on all of val;
-the table gives the averages the greedy reached, the export time and the map's widths.
+Each run (``label=export arguments``) is exported through the CLI (calibrated, and the bit map
+chosen, on ../shared calib only) and scored with ``vitq-onnx eval`` on all of val; a run with
+``--avg-bits`` or ``--max-drop`` is mixed, the others uniform. The table gives the averages
+reached, the file size, the export time and the map's widths; the plot (``.png`` beside the
+table) top-1 against the average weight width for both kinds.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -24,21 +29,18 @@ RUNS = Path("runs/mixed_precision")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--avg-bits", nargs="+", type=float, required=True)
+    ap.add_argument("--run", nargs="+", required=True, metavar="LABEL=ARGS")
     ap.add_argument("-o", "--output", type=Path, required=True)
     args = ap.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
-    lines = ["# Greedy mixed precision on DeiT-Ti (`repq`, widest 8/8)", "",
-             f"`python benchmarks/mixed_precision.py --avg-bits {' '.join(map(str, args.avg_bits))} -o {args.output}`; "
-             "val top-1 on all 625 images.", "",
-             "| --avg-bits | weight avg | activation avg | val top-1 % | val top-5 % | export s | layers per width |",
-             "|---|---|---|---|---|---|---|"]
-    for avg in args.avg_bits:
-        out = RUNS / f"avg{avg:g}.onnx"
-        for p in RUNS.glob(f"avg{avg:g}.*"):
+    rows = []
+    for i, run in enumerate(args.run):
+        label, _, extra = run.partition("=")
+        out = RUNS / f"run{i}.onnx"
+        for p in RUNS.glob(f"run{i}.*"):
             p.unlink()
         start = time.time()
-        subprocess.run([sys.executable, "-m", "vitq_onnx.cli", "export", "--model", "deit_t", "--avg-bits", str(avg),
+        subprocess.run([sys.executable, "-m", "vitq_onnx.cli", "export", "--model", "deit_t", *shlex.split(extra),
                         "--weights", str(WEIGHTS["deit_t"]), "--calib", str(CALIB), "-q", "-o", str(out)],
                        check=True, stdout=subprocess.DEVNULL)
         seconds = time.time() - start
@@ -46,14 +48,57 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "vitq_onnx.cli", "eval", str(out), "--images", str(VAL), "--no-latency",
                         "-q", "--json", str(scores)], check=True, stdout=subprocess.DEVNULL)
         result = json.loads(scores.read_text())
-        mixed = json.loads(out.with_name(out.stem + ".recipe.json").read_text())["info"]["mixed_precision"]
-        counts = collections.Counter(mixed["widths"].values())
-        lines.append(f"| {avg:g} | {mixed['weight_avg']:.3f} | {mixed['activation_avg']:.3f} | "
-                     f"{100 * result['top1']:.2f} | {100 * result['top5']:.2f} | {seconds:.0f} | "
-                     + ", ".join(f"{w}: {counts[w]}" for w in sorted(counts, reverse=True)) + " |")
-        print(lines[-1], file=sys.stderr)
-    args.output.write_text("\n".join(lines) + "\n")
-    print(args.output.read_text())
+        recipe = json.loads(out.with_name(out.stem + ".recipe.json").read_text())
+        mixed = recipe["info"].get("mixed_precision")
+        widths = mixed["widths"].values() if mixed else [recipe["w_bits"]]
+        rows.append({"label": label, "args": extra, "mixed": mixed is not None, "method": recipe["method"],
+                     "weight_avg": mixed["weight_avg"] if mixed else recipe["w_bits"],
+                     "activation_avg": mixed["activation_avg"] if mixed else recipe["a_bits"],
+                     "top1": result["top1"], "top5": result["top5"], "model_bytes": result["model_bytes"],
+                     "export_s": round(seconds), "widths": dict(collections.Counter(widths)),
+                     **({"held_out": {k: mixed[k] for k in ("held_out_images", "held_out_fp_top1", "held_out_drop")}}
+                        if mixed and "max_drop" in mixed else {}), "map": mixed["widths"] if mixed else None})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "map"}), file=sys.stderr)
+        write(rows, args.output)
+    plot(rows, args.output.with_suffix(".png"))
+
+
+def write(rows: list[dict], output: Path) -> None:
+    output.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    lines = ["# Greedy mixed precision against uniform widths on DeiT-Ti", "",
+             "`python benchmarks/mixed_precision.py` (arguments in the table); val top-1 on all 625 images; "
+             "FP32 79.52 %.", "",
+             "| run | export arguments | method | weight avg | activation avg | file MB | val top-1 % | val top-5 % "
+             "| export s | layers per width |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        counts = ", ".join(f"{w}: {n}" for w, n in sorted(r["widths"].items(), key=lambda x: -int(x[0])))
+        lines.append(f"| {r['label']} | `{r['args']}` | {r['method']} | {r['weight_avg']:.3f} | {r['activation_avg']:.3f} "
+                     f"| {r['model_bytes'] / 1e6:.2f} | {100 * r['top1']:.2f} | {100 * r['top5']:.2f} | {r['export_s']} "
+                     f"| {counts if r['mixed'] else 'uniform'} |")
+    output.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for mixed, style in ((False, "o"), (True, "s")):
+        pts = [r for r in rows if r["mixed"] == mixed]
+        ax.scatter([r["weight_avg"] for r in pts], [100 * r["top1"] for r in pts], marker=style,
+                   label="mixed precision" if mixed else "uniform W/A")
+        for r in pts:
+            ax.annotate(f"{r['label']} ({r['model_bytes'] / 1e6:.1f} MB)", (r["weight_avg"], 100 * r["top1"]),
+                        fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.axhline(79.52, color="gray", ls="--", lw=0.8, label="FP32")
+    ax.set_xlabel("average weight bits (parameter-weighted)")
+    ax.set_ylabel("val top-1 % (625 images)")
+    ax.set_title("DeiT-Ti: top-1 against average bits")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
 
 
 if __name__ == "__main__":
