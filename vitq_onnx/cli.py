@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                         "they would take longer (default: the method's iterations, deterministic)")
     e.add_argument("--search", choices=list(SEARCHES),
                    help="end the calibration (or refine a --recipe) with a search: evol = Evol-Q's evolutionary "
-                        f"search of the scales (default images: {SEARCH_IMAGES}, 32 of them held out to stop it)")
+                        f"search of the scales (default images: {SEARCH_IMAGES}, a quarter of them held out to stop it)")
     e.add_argument("--search-budget", type=float, metavar="MIN",
                    help="minutes the search may take; it keeps the best found when they are spent (default 10)")
     e.add_argument("--search-fitness", default="infonce", choices=FITNESSES,
