@@ -12,9 +12,11 @@ report``), so they are searched too. Zero points, bit widths and trained weight 
 
 How: regularized evolution as in Evol-Q. A candidate is a log-offset of each searched scale from
 the block's current one; the population starts as the current scales and mutants of them; each
-cycle samples ``sample`` members, mutates the fittest (every value at once, uniform in
-±``mutation`` in log scale: a relative step, the same for a weight scale of 0.01 and an
-activation scale of 1), scores the child and drops the least fit; the block keeps the fittest.
+cycle samples ``sample`` members, mutates the fittest (each scale tensor by one offset, uniform in
+±``mutation``·2^(4 − bits) in log scale: a relative step, the same for a weight scale of 0.01
+and an activation scale of 1, and about the same fraction of a quantization step at every
+width, as Evol-Q's ten times smaller noise at 8 bits), scores the child and drops the least fit;
+the block keeps the fittest.
 
 Fitness: InfoNCE between the quantized and the float model's logits on the search images (the same
 image's float logits are the positive, the other images' the negatives; cosine similarity over the
@@ -23,8 +25,9 @@ input is computed once per visit, so each evaluation runs only the blocks from i
 
 No selection on test data: the last ``held_out`` calibration images (at most a quarter) are never
 scored by the search. A block keeps its fittest scales only if the KL divergence of the quantized
-predictions from the float ones on those images falls (on 61 scored DeiT-Ti images, InfoNCE alone
-improved while that KL rose: the search fits its images); a pass that keeps no block ends it.
+predictions from the float ones on those images falls by more than twice its standard error
+(paired over the images): on 61 scored DeiT-Ti images InfoNCE alone improved while that KL rose,
+and at W8/A8 a gate on any fall kept noise. A pass that keeps no block ends the search.
 """
 
 from __future__ import annotations
@@ -59,9 +62,18 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = TEMPERATURE)
 FITNESS = {"infonce": info_nce, "mse": F.mse_loss}
 
 
-def kl_to_float(q: torch.Tensor, k: torch.Tensor) -> float:
-    """KL(float || quantized) of the predicted class distributions, per image."""
-    return F.kl_div(q.log_softmax(1), k.log_softmax(1), log_target=True, reduction="batchmean").item()
+def kl_per_image(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """KL(float || quantized) of each image's predicted class distribution."""
+    return F.kl_div(q.log_softmax(1), k.log_softmax(1), log_target=True, reduction="none").sum(1)
+
+
+SIGNIFICANCE = 2.0  # standard errors the held-out KL must fall by for a block to keep its new scales
+
+
+def significantly_lower(new: torch.Tensor, old: torch.Tensor) -> bool:
+    """Is the mean of ``new`` below that of ``old`` by more than SIGNIFICANCE paired standard errors?"""
+    d = (new - old).double()
+    return bool(d.mean() < -SIGNIFICANCE * d.std() / len(d) ** 0.5)
 
 
 class _BlockScales:
@@ -80,6 +92,8 @@ class _BlockScales:
             self.sources[key] = state.fp_weights[key].cpu() if q.codes is None else \
                 weight_values(torch.from_numpy(q.codes.astype(np.float32)), scale)
         self.base = self._current()
+        self.bits = [recipe.weights[k].bits for k in self.weights] + [
+            recipe.activations[p.key].bits for p in self.points for _ in get_kind(recipe.activations[p.key].kind).learnable]
 
     def _current(self) -> list[torch.Tensor]:
         recipe = self.state.recipe
@@ -141,7 +155,7 @@ class EvolSearch(Stage):
     population: int = 6
     cycles: int = 8
     sample: int = 3
-    mutation: float = 0.05  # largest log-offset a mutation adds to each scale
+    mutation: float = 0.05  # largest log-offset a mutation adds to a 4-bit scale (2^(4 - bits) times it)
     per_channel: bool = False  # True: every channel its own offset (Evol-Q); False: one per scale tensor
     fitness: str = "infonce"
     held_out: int = 32  # calibration images kept out of the search for its early stop (at most a quarter)
@@ -174,11 +188,13 @@ class EvolSearch(Stage):
         bar = state.progress(self.passes * len(blocks) * (self.population + self.cycles), "search: Evol-Q",
                              unit="eval")
         fit = first = fitness(_run(state.model, train), fp_train).item()
-        kl = kl_to_float(_run(state.model, held), fp_held)
+        kl = kl_per_image(_run(state.model, held), fp_held)
+        kl_before = kl.mean().item()
         report = {"fitness": self.fitness, "temperature": TEMPERATURE if self.fitness == "infonce" else None,
                   "mutation": self.mutation, "per_channel": self.per_channel, "population": self.population,
                   "cycles": self.cycles, "images": len(train), "held_out": held_out, "fitness_before": round(first, 6),
-                  "held_out_kl_before": round(kl, 6), "passes": [], "stopped": "passes"}
+                  "held_out_kl_before": round(kl_before, 6), "significance": SIGNIFICANCE, "passes": [],
+                  "stopped": "passes"}
         for _ in range(self.passes):
             kept = []
             for i in reversed(range(len(blocks))):
@@ -201,10 +217,10 @@ class EvolSearch(Stage):
                     bar.update(1, block=name, fitness=f"{fit:.5f}")
                     return fitness(on_train(), fp_train).item()
 
-                best_fit, best = self._evolve(scales.zero(), score, gen, start)
+                best_fit, best = self._evolve(scales, score, gen, start)
                 scales.apply(best)
-                new_kl = kl_to_float(on_held(), fp_held)
-                if new_kl < kl:  # better on images the search never scored: keep it
+                new_kl = kl_per_image(on_held(), fp_held)
+                if significantly_lower(new_kl, kl):  # better on images the search never scored: keep it
                     scales.apply(best, commit=True)
                     fit, kl = best_fit, new_kl
                     kept.append(name)
@@ -212,7 +228,8 @@ class EvolSearch(Stage):
                     scales.apply(scales.zero())
                 if self._spent(start):
                     break
-            report["passes"].append({"blocks_kept": kept, "fitness": round(fit, 6), "held_out_kl": round(kl, 6)})
+            report["passes"].append({"blocks_kept": kept, "fitness": round(fit, 6),
+                                     "held_out_kl": round(kl.mean().item(), 6)})
             if self._spent(start):
                 report["stopped"] = "budget"
                 break
@@ -220,17 +237,18 @@ class EvolSearch(Stage):
                 report["stopped"] = "held-out KL"
                 break
         bar.close()
-        report.update(evaluations=evals, fitness_after=round(fit, 6), held_out_kl_after=round(kl, 6))
+        report.update(evaluations=evals, fitness_after=round(fit, 6), held_out_kl_after=round(kl.mean().item(), 6))
         state.recipe.info["search"] = {"kind": "evol", **report}
         state.say(f"  search: fitness {first:.4f} -> {fit:.4f}, held-out KL {report['held_out_kl_before']:.4f}"
-                  f" -> {kl:.4f} ({evals} evaluations, stopped by {report['stopped']})")
+                  f" -> {report['held_out_kl_after']:.4f} ({evals} evaluations, stopped by {report['stopped']})")
 
-    def _evolve(self, zero, score, gen: torch.Generator, start: float):
-        """Regularized evolution from the current scales (offsets ``zero``): (fitness, offsets) of the fittest."""
+    def _evolve(self, scales: _BlockScales, score, gen: torch.Generator, start: float):
+        """Regularized evolution from the block's current scales: (fitness, offsets) of the fittest."""
         def mutate(offsets):
-            return [o + (torch.rand(o.shape if self.per_channel else (), generator=gen) * 2 - 1) * self.mutation
-                    for o in offsets]
+            return [o + (torch.rand(o.shape if self.per_channel else (), generator=gen) * 2 - 1)
+                    * self.mutation * 2.0 ** (4 - bits) for o, bits in zip(offsets, scales.bits)]
 
+        zero = scales.zero()
         pop = [(score(zero), zero)]
         while len(pop) < self.population and not self._spent(start):
             child = mutate(zero)
