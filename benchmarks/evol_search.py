@@ -78,14 +78,14 @@ def write(rows: list[dict], output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = ["| method | W/A | fitness | top-1 without | top-1 with | Δ | ONNX vs sim agreement | search s "
-             "| evaluations | passes kept | stopped by | held-out KL before → after |",
+             "| evaluations | passes that kept a block | stopped by | held-out KL before → after |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, (method, bits) = r["search"], r["config"].split(":")
         lines.append(f"| {method} | {bits} | {r['fitness']} | {100 * r['top1_without']:.2f} | {100 * r['top1_with']:.2f} "
                      f"| {100 * (r['top1_with'] - r['top1_without']):+.2f} | {100 * r['sim_agreement']:.2f} "
                      f"| {r['search_s']} | {s['evaluations']} "
-                     f"| {len(s['passes']) - (s['stopped'] == 'held-out KL')} | {s['stopped']} "
+                     f"| {sum(bool(p['blocks_kept']) for p in s['passes'])} | {s['stopped']} "
                      f"| {s['held_out_kl_before']:.4f} → {s['held_out_kl_after']:.4f} |")
     output.write_text("\n".join(lines) + "\n")
 

@@ -50,10 +50,10 @@ def main() -> None:
         result = json.loads(scores.read_text())
         recipe = json.loads(out.with_name(out.stem + ".recipe.json").read_text())
         mixed = recipe["info"].get("mixed_precision")
-        widths = mixed["widths"].values() if mixed else [recipe["w_bits"]]
+        widths = mixed["widths"].values() if mixed else [recipe["info"]["bits"]["w"]]
         rows.append({"label": label, "args": extra, "mixed": mixed is not None, "method": recipe["method"],
-                     "weight_avg": mixed["weight_avg"] if mixed else recipe["w_bits"],
-                     "activation_avg": mixed["activation_avg"] if mixed else recipe["a_bits"],
+                     "weight_avg": mixed["weight_avg"] if mixed else recipe["info"]["bits"]["w"],
+                     "activation_avg": mixed["activation_avg"] if mixed else recipe["info"]["bits"]["a"],
                      "top1": result["top1"], "top5": result["top5"], "model_bytes": result["model_bytes"],
                      "export_s": round(seconds), "widths": dict(collections.Counter(widths)),
                      **({"held_out": {k: mixed[k] for k in ("held_out_images", "held_out_fp_top1", "held_out_drop")}}
