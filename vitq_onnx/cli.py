@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="end the calibration (or refine a --recipe) with a search: evol = Evol-Q's evolutionary "
                         f"search of the scales (default images: {SEARCH_IMAGES}, a quarter of them held out to stop it)")
     e.add_argument("--search-budget", type=float, metavar="MIN",
-                   help="minutes the search may take; it keeps the best found when they are spent (default 10)")
+                   help="minutes the search may take; it keeps the best found when they are spent (default 9.5)")
     e.add_argument("--search-fitness", default="infonce", choices=FITNESSES,
                    help="what the search minimizes against the FP logits (default infonce; mse: the ablation)")
     e.add_argument("--format", default="ort", choices=FORMATS,
