@@ -35,7 +35,7 @@ from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.images import Preprocess, label_of, list_images, load_images, load_synsets
 from vitq_onnx.models import create_model
 from vitq_onnx.simulation import simulate
-from vitq_onnx.validate import torch_logits
+from vitq_onnx.validate import kl_per_image, torch_logits
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CALIB = SHARED / "data" / "imagenet-sample" / "calib"
@@ -69,8 +69,7 @@ def main() -> None:
                        CalibOptions())
     seconds = time.time() - start
     q = torch_logits(simulate(model, recipe), held)
-    kl = torch.nn.functional.kl_div(torch.log_softmax(torch.from_numpy(q), 1), torch.log_softmax(torch.from_numpy(fp), 1),
-                                    log_target=True, reduction="batchmean").item()
+    kl = kl_per_image(torch.from_numpy(q), torch.from_numpy(fp)).mean().item()
     print(json.dumps({"settings": sys.argv[1:], "calibration_s": round(seconds), "held_out_top1": float((q.argmax(1) == labels).mean()),
                       "fp_top1": float((fp.argmax(1) == labels).mean()),
                       "agreement_with_fp": float((q.argmax(1) == fp.argmax(1)).mean()), "kl_to_fp": round(kl, 4),

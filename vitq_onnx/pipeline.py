@@ -228,12 +228,14 @@ MIN_HELD_OUT = 32  # labelled calibration images --max-drop needs beyond those t
 
 def held_out(calib_all: list[Path], calib_paths: list[Path], root: Path, preprocess: Preprocess):
     """The calibration folder's images that do not calibrate, with their labels (synset names)."""
-    rest = [p for p in calib_all if p not in set(calib_paths)]
+    calibrating = set(calib_paths)
+    rest = [p for p in calib_all if p not in calibrating]
     if len(rest) < MIN_HELD_OUT:
         raise VitqError(f"--max-drop measures top-1 on calibration images that do not calibrate: only {len(rest)} "
                         f"are left, it needs {MIN_HELD_OUT} (add images to --calib or lower --num-calib)")
+    synsets = load_synsets()
     try:
-        labels = {p: label_of(p, root, load_synsets()) for p in rest}
+        labels = {p: label_of(p, root, synsets) for p in rest}
     except VitqError as e:
         raise VitqError(f"--max-drop needs labelled calibration images: {e}") from None
     images, kept = load_images(rest, preprocess)

@@ -74,6 +74,16 @@ def folded(model: torch.nn.Module, recipe: Recipe):
 
 
 @torch.no_grad()
+def load_quantized(inst, recipe: Recipe) -> None:
+    """The recipe's dequantized weights and bias corrections into the (folded) model's layers."""
+    for key, mod in inst.weights.items():
+        mod.weight.copy_(quantized_weight(mod.weight, recipe.weights[key]))
+    for node, delta in recipe.bias_corrections.items():
+        bias = inst.weights[tensor_key(node, 1)].bias
+        bias.add_(torch.from_numpy(delta).to(bias.device))
+
+
+@torch.no_grad()
 def simulate(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     """A copy of the FP model with the recipe's reparameterizations and integer arithmetic."""
     return simulated(model, recipe)[0]
@@ -89,13 +99,11 @@ def simulated(model: torch.nn.Module, recipe: Recipe, exact_attention: bool = Tr
         q = recipe.weights[key]
         if q.scale.size != mod.weight.shape[0] or (q.codes is not None and q.codes.shape != mod.weight.shape):
             raise VitqError(f"recipe does not fit this model: {key} has another shape")
-        mod.weight.copy_(quantized_weight(mod.weight, q))
         xq = recipe.activations[tensor_key(split_key(key)[0], 0)]
         s_x = get_kind(xq.kind).step(torch_params(xq))
         exact = _exact_conv if isinstance(mod, torch.nn.Conv2d) else _exact_linear
         mod.forward = types.MethodType(exact(s_x, torch.from_numpy(q.scale.astype("float32"))), mod)
-    for node, delta in recipe.bias_corrections.items():
-        inst.weights[tensor_key(node, 1)].bias.add_(torch.from_numpy(delta))
+    load_quantized(inst, recipe)
     inst.set_action(lambda point, x: fake(recipe.activations[point.key], x))
     softmax_kernels = {}
     for mm in inst.matmuls if exact_attention else ():

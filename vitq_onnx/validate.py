@@ -25,6 +25,12 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
     }
 
 
+def kl_per_image(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """KL(reference || logits) of each image's predicted class distribution (e.g. FP against quantized)."""
+    return torch.nn.functional.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True,
+                                      reduction="none").sum(1)
+
+
 @torch.no_grad()
 def torch_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     return np.concatenate([model(torch.from_numpy(images[i:i + batch_size])).numpy()

@@ -14,8 +14,8 @@ import torch
 
 from ..errors import VitqError
 from ..progress import StageTimes
-from ..recipe import Recipe, tensor_key
-from ..simulation import folded, quantized_weight
+from ..recipe import Recipe
+from ..simulation import folded, load_quantized
 from .bits import BitWidths
 from .methods import Method
 from .quant_points import instrument, keeps_float
@@ -64,18 +64,15 @@ def refine(model: torch.nn.Module, recipe: Recipe, images: np.ndarray, stages: t
     calibrating again: the state is rebuilt from the recipe (its folds, weights, bias corrections
     and quantizers), so the model computes what the recipe's calibration left. A new recipe."""
     torch.manual_seed(options.seed)
+    device = _device(options.device)
     recipe = copy.deepcopy(recipe)
     work, inst = folded(model, recipe)
-    work.to(_device(options.device))
+    work.to(device)
     bits = recipe.info.get("bits", {"w": recipe.w_bits, "a": recipe.a_bits})
     bits = BitWidths.parse(f"{bits['w']}/{bits['a']}", bits.get("layers", ()), recipe.keep_float)
-    state = CalibState(model, work, inst, torch.from_numpy(images).to(_device(options.device)), bits, recipe, options)
+    state = CalibState(model, work, inst, torch.from_numpy(images).to(device), bits, recipe, options)
     state.keep_float_reference()  # the folded float weights and biases, as calibration recorded them
-    with torch.no_grad():
-        for key, mod in inst.weights.items():
-            mod.weight.copy_(quantized_weight(mod.weight, recipe.weights[key]))
-        for node, delta in recipe.bias_corrections.items():
-            inst.weights[tensor_key(node, 1)].bias.add_(torch.from_numpy(delta).to(mod.weight.device))
+    load_quantized(inst, recipe)
     for point in inst.points.values():
         quantize_as_recipe(state, point)
     _run_stages(state, stages)

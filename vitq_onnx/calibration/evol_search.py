@@ -44,9 +44,10 @@ from torch import nn
 
 from ..errors import VitqError
 from ..recipe import WeightQuant
+from ..validate import kl_per_image
 from .quantizers import get_kind, torch_params
 from .quantizers.weights import fake_weight, float16_values, weight_values
-from .reconstruct import _run, block_inputs, transformer_blocks
+from .reconstruct import block_inputs, run_chunked, transformer_blocks
 from .stages import Stage, quantize_as_recipe, set_activation
 from .state import CalibState
 
@@ -60,11 +61,6 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = TEMPERATURE)
 
 
 FITNESS = {"infonce": info_nce, "mse": F.mse_loss}
-
-
-def kl_per_image(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """KL(float || quantized) of each image's predicted class distribution."""
-    return F.kl_div(q.log_softmax(1), k.log_softmax(1), log_target=True, reduction="none").sum(1)
 
 
 SIGNIFICANCE = 2.0  # standard errors the held-out KL must fall by for a block to keep its new scales
@@ -181,14 +177,14 @@ class EvolSearch(Stage):
         fitness = FITNESS[self.fitness]
         train, held = state.images[:-held_out], state.images[-held_out:]
         fp = copy.deepcopy(state.fp_model).eval().to(state.images.device)
-        fp_train, fp_held = _run(fp, train), _run(fp, held)
+        fp_train, fp_held = run_chunked(fp, train), run_chunked(fp, held)
         del fp
         gen = torch.Generator().manual_seed(state.options.seed)
         start, evals = time.time(), 0
         bar = state.progress(self.passes * len(blocks) * (self.population + self.cycles), "search: Evol-Q",
                              unit="eval")
-        fit = first = fitness(_run(state.model, train), fp_train).item()
-        kl = kl_per_image(_run(state.model, held), fp_held)
+        fit = first = fitness(run_chunked(state.model, train), fp_train).item()
+        kl = kl_per_image(run_chunked(state.model, held), fp_held)
         kl_before = kl.mean().item()
         report = {"fitness": self.fitness, "temperature": TEMPERATURE if self.fitness == "infonce" else None,
                   "mutation": self.mutation, "per_channel": self.per_channel, "population": self.population,
@@ -203,9 +199,9 @@ class EvolSearch(Stage):
 
                 def outputs(images):  # the logits, running from this block's input where the layout allows
                     if tail is None:
-                        return lambda: _run(state.model, images)
+                        return lambda: run_chunked(state.model, images)
                     x = block_inputs(state.model, block, images)
-                    return lambda: _run(tail, x)
+                    return lambda: run_chunked(tail, x)
 
                 on_train, on_held = outputs(train), outputs(held)
                 scales = _BlockScales(state, name + ".")

@@ -146,7 +146,7 @@ def repq_optm():
 
 
 # Searches: refinements any method can end with (``--search``), or an earlier export's recipe.
-SEARCH_IMAGES = 96  # calibration images a search wants (32 of them held out), when --num-calib is not given
+SEARCH_IMAGES = 96  # calibration images a search wants (a quarter held out), when --num-calib is not given
 SEARCHES = {"evol": EvolSearch}
 FITNESSES = tuple(FITNESS)
 

@@ -22,7 +22,7 @@ from ..errors import VitqError
 from ..progress import Progress
 from ..recipe import Recipe
 from ..simulation import folded, quantized_weight, simulate
-from ..validate import torch_logits
+from ..validate import kl_per_image, torch_logits
 from .bits import BitWidths, module_of
 from .calibrate import calibrate
 from .methods import REPQ_SOFTMAX, get_method
@@ -58,8 +58,7 @@ def layers_of(recipe: Recipe, inst, elements: dict[str, int]) -> list[Layer]:
 
 
 def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    return float(torch.nn.functional.kl_div(torch.log_softmax(logits, 1), torch.log_softmax(reference, 1),
-                                            log_target=True, reduction="batchmean"))
+    return float(kl_per_image(logits, reference).mean())
 
 
 @torch.no_grad()
@@ -234,9 +233,12 @@ def widths_for_drop(model, images: np.ndarray, held: tuple[np.ndarray, np.ndarra
     if seen[step] > max_drop:
         say(f"vitq-onnx: warning: even the widest map loses {seen[0]:.2f} points on the held-out images "
             f"(--max-drop {max_drop}); it is kept")
-    tried = [{"step": k, **dict(zip(("weight_avg", "activation_avg"), map(lambda v: round(v, 4),
-                                                                        averages(layers, path[k])))),
-              "held_out_drop": round(d, 3)} for k, d in sorted(seen.items())]
+    tried = []
+    for k, d in sorted(seen.items()):
+        w_avg, a_avg = averages(layers, path[k])
+        tried.append({"step": k, "weight_avg": round(w_avg, 4), "activation_avg": round(a_avg, 4),
+                      "held_out_drop": round(d, 3)})
     return _chosen(layers, path[step], cap, say, {
-        "max_drop": max_drop, "sensitivity_images": min(SENSITIVITY_IMAGES, len(images)), "held_out_images": int(len(labels)), "held_out_fp_top1": round(fp_top1, 3),
+        "max_drop": max_drop, "sensitivity_images": min(SENSITIVITY_IMAGES, len(images)),
+        "held_out_images": int(len(labels)), "held_out_fp_top1": round(fp_top1, 3),
         "held_out_drop": round(seen[step], 3), "path_steps": len(path) - 1, "tried": tried})

@@ -91,7 +91,8 @@ def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor) -> d
 
 
 @torch.no_grad()
-def _run(forward: Callable, x: torch.Tensor) -> torch.Tensor:
+def run_chunked(forward: Callable, x: torch.Tensor) -> torch.Tensor:
+    """``forward`` on ``x`` in chunks of CHUNK images, without gradients."""
     return torch.cat([forward(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])
 
 
@@ -256,7 +257,7 @@ class BlockReconstruction(Stage):
                 iters[0] = max(1, min(self.iters, int(budget / len(units) / self._step_seconds(unit.forward, x, y, opt))))
                 bar.set_total(sum(iters))
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters[i], eta_min=0.0)
-            report["loss_before"].append(round(F.mse_loss(_run(unit.forward, x), y).item(), 6))
+            report["loss_before"].append(round(F.mse_loss(run_chunked(unit.forward, x), y).item(), 6))
             for _ in range(iters[i]):
                 idx = torch.randint(0, len(x), (min(self.batch_size, len(x)),), generator=gen).to(x.device)
                 loss = F.mse_loss(unit.forward(x[idx]), y[idx])
@@ -266,7 +267,7 @@ class BlockReconstruction(Stage):
                 schedule.step()
                 bar.update(1, unit=f"{i + 1}/{len(units)}", loss=loss.item())
             trainable.write_back()
-            x_next = _run(unit.forward, x)
+            x_next = run_chunked(unit.forward, x)
             report["iters"].append(iters[i])
             report["loss_after"].append(round(F.mse_loss(x_next, y).item(), 6))
             x = x_next
