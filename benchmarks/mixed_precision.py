@@ -8,7 +8,8 @@ Each run (``label=export arguments``) is exported through the CLI (calibrated, a
 chosen, on ../shared calib only) and scored with ``vitq-onnx eval`` on all of val; a run with
 ``--avg-bits`` or ``--max-drop`` is mixed, the others uniform. The table gives the averages
 reached, the file size, the export time and the map's widths; the plot (``.png`` beside the
-table) top-1 against the average weight width for both kinds (``--format ort`` files keep codes in
+table) top-1 against the average weight width for both kinds. ``--update`` keeps the rows of an
+earlier table and replaces (or adds) only the runs given, for runs whose code did not change (``--format ort`` files keep codes in
 8-bit containers, so their size hardly moves with the width; ``qdq`` packs 4-bit weights).
 """
 
@@ -32,9 +33,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", nargs="+", required=True, metavar="LABEL=ARGS")
     ap.add_argument("-o", "--output", type=Path, required=True)
+    ap.add_argument("--update", action="store_true", help="keep the earlier rows of --output not run again")
     args = ap.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
-    rows = []
+    earlier = json.loads(args.output.with_suffix(".json").read_text()) if args.update else []
+    runs = [run.partition("=")[0] for run in args.run]
+    rows = [r for r in earlier if r["label"] not in runs]
     for i, run in enumerate(args.run):
         label, _, extra = run.partition("=")
         out = RUNS / f"run{i}.onnx"
