@@ -52,9 +52,11 @@ def log2_up_to(max_bits: int) -> Callable[[int], str]:
     return lambda bits: "log2" if bits <= max_bits else "uniform"
 
 
-# At W4/A4 the log2 softmax wins by over 20 points, at W6/A6 by about one (README ablation),
-# where onnxruntime runs the uniform one much faster; ``repq-log2`` keeps log2 at every width.
-REPQ_SOFTMAX = log2_up_to(4)
+# Which post-Softmax quantizer at which width, by KL to the float model on 32 held-out calibration
+# images (benchmarks/recon_settings.py, repq vs repq-log2, DeiT-Ti): log2 0.205 against uniform
+# 0.478 at 5 bits, 0.073 against 0.102 at 6, but 0.042 against 0.029 at 7; at 4 bits log2 wins by
+# over 20 points of top-1. Uniform at 7-8 bits is also what onnxruntime runs fastest.
+REPQ_SOFTMAX = log2_up_to(6)
 
 
 @register_method
@@ -97,10 +99,10 @@ IAS_STAGE3_ITERS = 200
 
 
 def sulq(bits: int) -> str:
-    """SULQ up to 4 bits; uniform above. SULQ's levels are powers of two (minus eta), at most
-    j + 2 distinct ones for eta = 2^-j (j <= 10): 16 codes use them, 32 or 64 cannot, and a
-    uniform 6-bit grid has 64 levels (measured at W6/A6: README)."""
-    return "sulq" if bits <= 4 else "uniform"
+    """SULQ up to 4 bits; RepQ-ViT's log2 above, as ``repq`` (uniform from 7 bits). SULQ's levels
+    are powers of two (minus eta), at most j + 2 distinct ones for eta = 2^-j (j <= 10): 16 codes
+    use them, 32 or 64 cannot (measured at W6/A6: README)."""
+    return "sulq" if bits <= 4 else REPQ_SOFTMAX(bits)
 
 
 @register_method(num_calib=128)
