@@ -2,17 +2,12 @@
 
 Sensitivity: on calibration images, the KL divergence of the model's predictions from the FP
 model's when one layer alone (a Linear or Conv: its weight and its input; an attention: its four
-matmul inputs) moves from a base width to each other one, every other tensor quantized at the
-base width as the ``repq`` recipe there has it (weights refit per output channel, inputs refit per
-tensor on what reaches them). Greedy: from all at the widest width, lower the layer whose next
-width costs the least KL per saved bit, until the parameter-weighted average weight width and the
-element-weighted average activation width are both within the budget. The result is a
-``--layer-bits`` map; the method then calibrates with it like any other.
-
-Which base: from the widest width a layer's error meets nearly lossless neighbours, at the
-budget's width it meets the noise it will really meet; they rank layers differently. For
-``--avg-bits`` both maps are built and the one whose ``repq`` calibration is nearer the FP model
-(KL on calibration images the sensitivities were not measured on) is kept.
+matmul inputs) drops from the widest width to each narrower one, every other tensor quantized at
+the widest width as the ``repq`` recipe there has it (weights refit per output channel, inputs
+refit per tensor on what reaches them). Greedy: from all at the widest width, lower the layer
+whose next width costs the least KL per saved bit, until the parameter-weighted average weight
+width and the element-weighted average activation width are both within the budget. The result
+is a ``--layer-bits`` map; the method then calibrates with it like any other.
 """
 
 from __future__ import annotations
@@ -68,9 +63,8 @@ def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
 
 @torch.no_grad()
 def measure(model: torch.nn.Module, recipe: Recipe, images: torch.Tensor, softmax_kind, widths=WIDTHS,
-            progress: bool = True, base: int | None = None) -> list[Layer]:
-    """Every layer's KL at each width (module docstring); ``recipe`` is the base width's (default: the widest)."""
-    base_bits = widths[0] if base is None else base
+            progress: bool = True) -> list[Layer]:
+    """Every layer's KL at each narrower width (module docstring); ``recipe`` is the widest one's."""
     reference = model(images)
     qmodel, inst = folded(model, recipe)
     fp_weights = {k: m.weight.detach().clone() for k, m in inst.weights.items()}
@@ -78,19 +72,17 @@ def measure(model: torch.nn.Module, recipe: Recipe, images: torch.Tensor, softma
         mod.weight.copy_(quantized_weight(fp_weights[key], recipe.weights[key]))
     elements: dict[str, int] = {}
 
-    def at_base(point, x):
+    def widest(point, x):
         elements.setdefault(point.key, x.numel() // len(images))
         return fake(recipe.activations[point.key], x)
 
-    inst.set_action(at_base)
-    base_kl = _kl(reference, qmodel(images))
+    inst.set_action(widest)
+    base = _kl(reference, qmodel(images))
     layers = layers_of(recipe, inst, elements)
-    others = [w for w in widths if w != base_bits]
-    bar = Progress(len(layers) * len(others), f"mixed precision: sensitivities from {base_bits} bits", progress,
-                   unit="run")
+    bar = Progress(len(layers) * (len(widths) - 1), "mixed precision: sensitivities", progress, unit="run")
     for layer in layers:
-        layer.kl[base_bits] = base_kl
-        for bits in others:
+        layer.kl[widths[0]] = base
+        for bits in widths[1:]:
             if layer.weight is not None:
                 w = fp_weights[layer.weight]
                 inst.weights[layer.weight].weight.copy_(fake_weight(w, fit_weight(w, bits), bits))
@@ -101,7 +93,7 @@ def measure(model: torch.nn.Module, recipe: Recipe, images: torch.Tensor, softma
 
             inst.set_action(narrow, set(layer.inputs))
             layer.kl[bits] = _kl(reference, qmodel(images))
-            inst.set_action(at_base, set(layer.inputs))
+            inst.set_action(widest, set(layer.inputs))
             bar.update(1)
         if layer.weight is not None:
             inst.weights[layer.weight].weight.copy_(quantized_weight(fp_weights[layer.weight],
@@ -190,23 +182,14 @@ def bit_table(layers: list[Layer], width: dict[str, int]) -> str:
 
 
 SENSITIVITY_IMAGES = 16  # calibration images the per-layer sensitivities are measured on
-SCORE_IMAGES = 64  # further calibration images on which the --avg-bits candidate maps are compared
 
 
-def _widths(cap: BitWidths) -> tuple[int, ...]:
-    return tuple(w for w in WIDTHS if w <= min(cap.w, cap.a))
-
-
-def _sensitivities(model, images: np.ndarray, cap: BitWidths, timm_name: str, say, progress: bool,
-                   base: int | None = None):
-    widths = _widths(cap)
-    base = widths[0] if base is None else base
-    say(f"mixed precision: sensitivities of every layer at widths {[w for w in widths if w != base]} from {base} "
-        f"bits on {min(SENSITIVITY_IMAGES, len(images))} images")
-    at_base = calibrate(model, images, cap if base == widths[0] else BitWidths.parse(f"{base}/{base}"),
-                        get_method("repq"), timm_name, CalibOptions(progress=False))
-    return measure(model, at_base, torch.from_numpy(images[:SENSITIVITY_IMAGES]), REPQ_SOFTMAX, widths, progress,
-                   base)
+def _sensitivities(model, images: np.ndarray, cap: BitWidths, timm_name: str, say, progress: bool):
+    widths = tuple(w for w in WIDTHS if w <= min(cap.w, cap.a))
+    say(f"mixed precision: sensitivities of every layer at widths {list(widths[1:])} on "
+        f"{min(SENSITIVITY_IMAGES, len(images))} images")
+    widest = calibrate(model, images, cap, get_method("repq"), timm_name, CalibOptions(progress=False))
+    return measure(model, widest, torch.from_numpy(images[:SENSITIVITY_IMAGES]), REPQ_SOFTMAX, widths, progress), widths
 
 
 def _chosen(layers: list[Layer], width: dict[str, int], cap: BitWidths, say, info: dict):
@@ -220,29 +203,9 @@ def _chosen(layers: list[Layer], width: dict[str, int], cap: BitWidths, say, inf
 def choose_widths(model, images: np.ndarray, cap: BitWidths, avg_bits: float, timm_name: str, say, progress: bool):
     """Greedy mixed precision at most ``avg_bits`` on average, widest ``cap``: the bit widths to
     calibrate with, and what to record of the choice."""
-    widths = _widths(cap)
-    bases = sorted({widths[0], max((w for w in widths if w <= avg_bits), default=widths[-1])}, reverse=True)
-    scored = images[SENSITIVITY_IMAGES:SENSITIVITY_IMAGES + SCORE_IMAGES]
-    if len(bases) > 1 and len(scored) < 8:
-        bases = bases[:1]  # too few images to compare maps on: the widest base alone
-    reference = torch.from_numpy(torch_logits(model, scored)) if len(bases) > 1 else None
-    candidates = []
-    for base in bases:
-        layers = _sensitivities(model, images, cap, timm_name, say, progress, base)
-        width = greedy(layers, avg_bits, widths)
-        kl = None
-        if reference is not None:
-            bits = BitWidths.parse(f"{cap.w}/{cap.a}", layer_rules(layers, width, cap.w))
-            recipe = calibrate(model, images, bits, get_method("repq"), timm_name, CalibOptions(progress=False))
-            kl = _kl(reference, torch.from_numpy(torch_logits(simulate(model, recipe), scored)))
-            say(f"mixed precision: the map from {base}-bit sensitivities, calibrated with repq: KL {kl:.4f} "
-                f"on {len(scored)} calibration images")
-        candidates.append((kl, base, layers, width))
-    kl, base, layers, width = min(candidates, key=lambda c: c[0] if c[0] is not None else 0.0)
-    return _chosen(layers, width, cap, say, {
-        "avg_bits": avg_bits, "sensitivity_images": min(SENSITIVITY_IMAGES, len(images)), "sensitivity_base": base,
-        "candidates": [{"sensitivity_base": b, "score_kl": None if k is None else round(k, 5)}
-                       for k, b, _, _ in candidates], "score_images": len(scored) if reference is not None else 0})
+    layers, widths = _sensitivities(model, images, cap, timm_name, say, progress)
+    return _chosen(layers, greedy(layers, avg_bits, widths), cap, say,
+                   {"avg_bits": avg_bits, "sensitivity_images": min(SENSITIVITY_IMAGES, len(images))})
 
 
 @torch.no_grad()
@@ -251,8 +214,7 @@ def widths_for_drop(model, images: np.ndarray, held: tuple[np.ndarray, np.ndarra
     """The narrowest map along the greedy path whose top-1 on held-out labelled calibration images
     (``held``: images, labels; none of them calibrates) is at most ``max_drop`` points below the FP
     model's there. Each map tried is calibrated with ``repq`` and scored in the exact simulation."""
-    widths = _widths(cap)
-    layers = _sensitivities(model, images, cap, timm_name, say, progress)
+    layers, widths = _sensitivities(model, images, cap, timm_name, say, progress)
     path = greedy_path(layers, widths)
     held_images, labels = held
     fp_top1 = 100 * float((torch_logits(model, held_images).argmax(1) == labels).mean())
