@@ -8,9 +8,10 @@ Each run (``label=export arguments``) is exported through the CLI (calibrated, a
 chosen, on ../shared calib only) and scored with ``vitq-onnx eval`` on all of val; a run with
 ``--avg-bits`` or ``--max-drop`` is mixed, the others uniform. The table gives the averages
 reached, the file size, the export time and the map's widths; the plot (``.png`` beside the
-table) top-1 against the average weight width for both kinds. ``--update`` keeps the rows of an
-earlier table and replaces (or adds) only the runs given, for runs whose code did not change (``--format ort`` files keep codes in
+table) top-1 against the average weight width for both kinds (``--format ort`` files keep codes in
 8-bit containers, so their size hardly moves with the width; ``qdq`` packs 4-bit weights).
+``--update`` keeps an earlier table's rows, in place, and replaces (or adds) only the runs given:
+for rows whose code did not change; a run stopped half-way leaves the earlier rows as they were.
 """
 
 from __future__ import annotations
@@ -36,9 +37,7 @@ def main() -> None:
     ap.add_argument("--update", action="store_true", help="keep the earlier rows of --output not run again")
     args = ap.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
-    earlier = json.loads(args.output.with_suffix(".json").read_text()) if args.update else []
-    runs = [run.partition("=")[0] for run in args.run]
-    rows = [r for r in earlier if r["label"] not in runs]
+    rows = json.loads(args.output.with_suffix(".json").read_text()) if args.update else []
     for i, run in enumerate(args.run):
         label, _, extra = run.partition("=")
         out = RUNS / f"run{i}.onnx"
@@ -56,14 +55,19 @@ def main() -> None:
         recipe = json.loads(out.with_name(out.stem + ".recipe.json").read_text())
         mixed = recipe["info"].get("mixed_precision")
         widths = mixed["widths"].values() if mixed else [recipe["info"]["bits"]["w"]]
-        rows.append({"label": label, "args": extra, "mixed": mixed is not None, "method": recipe["method"],
-                     "weight_avg": mixed["weight_avg"] if mixed else recipe["info"]["bits"]["w"],
-                     "activation_avg": mixed["activation_avg"] if mixed else recipe["info"]["bits"]["a"],
-                     "top1": result["top1"], "top5": result["top5"], "model_bytes": result["model_bytes"],
-                     "export_s": round(seconds), "widths": dict(collections.Counter(widths)),
-                     **({"held_out": {k: mixed[k] for k in ("held_out_images", "held_out_fp_top1", "held_out_drop")}}
-                        if mixed and "max_drop" in mixed else {}), "map": mixed["widths"] if mixed else None})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "map"}), file=sys.stderr)
+        row = {"label": label, "args": extra, "mixed": mixed is not None, "method": recipe["method"],
+               "weight_avg": mixed["weight_avg"] if mixed else recipe["info"]["bits"]["w"],
+               "activation_avg": mixed["activation_avg"] if mixed else recipe["info"]["bits"]["a"],
+               "top1": result["top1"], "top5": result["top5"], "model_bytes": result["model_bytes"],
+               "export_s": round(seconds), "widths": dict(collections.Counter(widths)),
+               **({"held_out": {k: mixed[k] for k in ("held_out_images", "held_out_fp_top1", "held_out_drop")}}
+                  if mixed and "max_drop" in mixed else {}), "map": mixed["widths"] if mixed else None}
+        labels = [r["label"] for r in rows]
+        if label in labels:
+            rows[labels.index(label)] = row
+        else:
+            rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "map"}), file=sys.stderr)
         write(rows, args.output)
     plot(rows, args.output.with_suffix(".png"))
 
