@@ -10,7 +10,7 @@ from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import REPQ_SOFTMAX, Method, sulq
 from vitq_onnx.calibration.quant_points import instrument
-from vitq_onnx.calibration.reconstruct import BlockReconstruction, transformer_blocks
+from vitq_onnx.calibration.reconstruct import BlockReconstruction, block_fisher, transformer_blocks
 from vitq_onnx.calibration.stages import ChannelwiseReparam, FitActivations, FitWeights, quantize_as_recipe
 from vitq_onnx.calibration.state import CalibOptions, CalibState
 from vitq_onnx.errors import VitqError
@@ -94,6 +94,31 @@ def test_time_budget_cuts_iterations(tiny, tiny_images):
     recipe = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=100000), "tiny",
                        CalibOptions(time_budget=1.0, progress=False))
     assert sum(recipe.info["reconstruction"]["iters"]) < 2 * 100000
+
+
+def test_fisher_weights_are_the_squared_gradient_of_the_float_models_own_prediction(tiny, tiny_images):
+    """Against autograd on one image at a time: the weights are 1 + g^2 / mean(g^2), g the gradient
+    of the cross-entropy of the float model's prediction at each block's output."""
+    x = torch.from_numpy(tiny_images[:5])
+    weights = block_fisher(copy.deepcopy(tiny), ["blocks.0", "blocks.1"], x)
+    for name in ("blocks.0", "blocks.1"):
+        grads = []
+        for image in x:
+            out = {}
+            handle = tiny.get_submodule(name).register_forward_hook(lambda _m, _a, o: out.setdefault("y", o))
+            logits = tiny(image[None])
+            handle.remove()
+            grads.append(torch.autograd.grad(torch.nn.functional.cross_entropy(logits, logits.argmax(1)), out["y"])[0])
+        g2 = torch.cat(grads).pow(2)
+        assert weights[name].shape == g2.shape and weights[name].min() >= 1
+        torch.testing.assert_close(weights[name], 1 + g2 / g2.mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_fisher_weighted_reconstruction_lowers_its_loss(tiny, tiny_images):
+    recipe = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=30, fisher=True), "tiny", QUIET)
+    rec = recipe.info["reconstruction"]
+    assert rec["loss"] == "fisher"
+    assert all(after < before for before, after in zip(rec["loss_before"], rec["loss_after"])), rec
 
 
 def test_transformer_blocks_are_found_in_forward_order(tiny):

@@ -109,7 +109,8 @@ def sulq(bits: int) -> str:
 def ias():
     """I&S-ViT: SULQ post-Softmax + smooth optimization (float-weight, then quantized block reconstruction)"""
     return [ChannelwiseReparam(), FitActivations(sulq, weights=False),
-            BlockReconstruction(iters=IAS_STAGE1_ITERS, learn=("weights", "biases"), quantized_weights=False),
+            BlockReconstruction(iters=IAS_STAGE1_ITERS, learn=("weights", "biases"), quantized_weights=False,
+                                fisher=False),
             FitWeights(), BlockReconstruction(iters=IAS_STAGE3_ITERS)]
 
 

@@ -90,6 +90,34 @@ def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor) -> d
     return {n: torch.cat(v) for n, v in seen.items()}
 
 
+def block_fisher(model: nn.Module, names: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each named block's output weights for the reconstruction loss: 1 + g^2 / mean(g^2), with g the
+    gradient of the float model's cross-entropy against its own prediction at that output (the
+    diagonal of the empirical Fisher, as BRECQ's loss): errors where the prediction is sensitive
+    count more; the 1 keeps every element's plain squared error in the loss."""
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def keep(n):
+        def hook(_m, _a, out):
+            out.register_hook(lambda g: grads[n].append(g.detach().pow(2)))
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    try:
+        for i in range(0, len(images), CHUNK):
+            with torch.enable_grad():
+                logits = model(images[i:i + CHUNK])
+                F.cross_entropy(logits, logits.argmax(1), reduction="sum").backward()
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, chunks in grads.items():
+        g2 = torch.cat(chunks)
+        out[n] = 1 + g2 / g2.mean().clamp_min(1e-30)
+    return out
+
+
 @torch.no_grad()
 def run_chunked(forward: Callable, x: torch.Tensor) -> torch.Tensor:
     """``forward`` on ``x`` in chunks of CHUNK images, without gradients."""
@@ -215,6 +243,9 @@ class BlockReconstruction(Stage):
     drop: float = 0.0  # QDrop probability of keeping an activation float while training
     head: bool = False  # also train the head (final norm, classifier) against the float logits
     quantized_weights: bool = True  # False: weights train in float (I&S-ViT's first stage)
+    # weight each block output's squared error by the float model's Fisher diagonal (block_fisher):
+    # on held-out calibration images it lowered the KL to the float model by 13-14 % (README)
+    fisher: bool = True
     name = "block_reconstruction"
 
     def describe(self, state):
@@ -230,7 +261,9 @@ class BlockReconstruction(Stage):
             return
         state.keep_float_reference()
         fp = copy.deepcopy(state.fp_model).eval().to(state.images.device)
-        targets = block_outputs(fp, [u.name for u in units if u.name != HEAD], state.images)
+        names = [u.name for u in units if u.name != HEAD]
+        targets = block_outputs(fp, names, state.images)
+        weights = block_fisher(fp, names, state.images) if self.fisher else {}
         del fp
         lrs = {"weights": self.lr_weights, "weight_scales": self.lr_scales, "act_scales": self.lr_scales,
                "biases": self.lr_biases}
@@ -245,7 +278,11 @@ class BlockReconstruction(Stage):
         for i, unit in enumerate(units):
             if x is None or not (unit.name == HEAD or _follows(units[i - 1].name, unit.name)):
                 x = block_inputs(state.model, unit.forward, state.images)
-            y = targets.pop(unit.name)
+            y, w = targets.pop(unit.name), weights.pop(unit.name, None)
+
+            def loss_of(out, idx=slice(None)):
+                return F.mse_loss(out, y[idx]) if w is None else (w[idx] * (out - y[idx]).pow(2)).mean()
+
             trainable = _Trainable(state, unit, self.learn, self.drop, self.quantized_weights)
             opt = torch.optim.Adam([{"params": p, "lr": lrs[g]} for g, p in trainable.groups.items() if p])
             if budget is not None and i > 0:  # share what is left of the budget among the units left
@@ -257,10 +294,10 @@ class BlockReconstruction(Stage):
                 iters[0] = max(1, min(self.iters, int(budget / len(units) / self._step_seconds(unit.forward, x, y, opt))))
                 bar.set_total(sum(iters))
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters[i], eta_min=0.0)
-            report["loss_before"].append(round(F.mse_loss(run_chunked(unit.forward, x), y).item(), 6))
+            report["loss_before"].append(round(loss_of(run_chunked(unit.forward, x)).item(), 6))
             for _ in range(iters[i]):
                 idx = torch.randint(0, len(x), (min(self.batch_size, len(x)),), generator=gen).to(x.device)
-                loss = F.mse_loss(unit.forward(x[idx]), y[idx])
+                loss = loss_of(unit.forward(x[idx]), idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -269,12 +306,12 @@ class BlockReconstruction(Stage):
             trainable.write_back()
             x_next = run_chunked(unit.forward, x)
             report["iters"].append(iters[i])
-            report["loss_after"].append(round(F.mse_loss(x_next, y).item(), 6))
+            report["loss_after"].append(round(loss_of(x_next).item(), 6))
             x = x_next
         bar.close()
         stage = "reconstruction" if self.quantized_weights else "float_weight_reconstruction"
         state.recipe.info[stage] = {"batch_size": self.batch_size, "images": len(state.images),
-                                    "drop": self.drop, **report}
+                                    "drop": self.drop, "loss": "fisher" if self.fisher else "mse", **report}
 
     def _step_seconds(self, forward, x, y, opt) -> float:
         """Time of one training step (forward and backward, Adam's step on top), to size the
