@@ -96,18 +96,17 @@ def block_fisher(model: nn.Module, names: list[str], images: torch.Tensor) -> di
     diagonal of the empirical Fisher, as BRECQ's loss): errors where the prediction is sensitive
     count more; the 1 keeps every element's plain squared error in the loss."""
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-
-    def keep(n):
-        def hook(_m, _a, out):
-            out.register_hook(lambda g: grads[n].append(g.detach().pow(2)))
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    outs: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
+               for n in names]
     try:
         for i in range(0, len(images), CHUNK):
             with torch.enable_grad():
                 logits = model(images[i:i + CHUNK])
-                F.cross_entropy(logits, logits.argmax(1), reduction="sum").backward()
+                loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
+                # autograd.grad, not tensor hooks: no Python runs inside backward, so Ctrl-C stays a clean stop
+                for n, g in zip(names, torch.autograd.grad(loss, [outs[n] for n in names])):
+                    grads[n].append(g.pow(2))
     finally:
         for h in handles:
             h.remove()
