@@ -206,7 +206,10 @@ def test_stages_report_progress_off_a_terminal(work, capsys):
 
 def test_ctrl_c_stops_cleanly_and_leaves_nothing(work):
     tmp, base, out = work
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import tests.conftest; "
+    # Ctrl-C reaches a foreground export; a test suite started in the background of a shell inherits
+    # SIGINT ignored, so the child restores Python's default handler, as a terminal would have it
+    code = (f"import signal, sys; sys.path.insert(0, {str(ROOT)!r}); import tests.conftest; "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
             "from vitq_onnx.cli import main; sys.exit(main(sys.argv[1:]))")
     args = [a for a in base if a != "-q"] + ["--method", "repq-recon", "-o", str(out / "m.onnx")]
     before = _state(tmp)
