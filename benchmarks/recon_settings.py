@@ -4,6 +4,7 @@ score on the rest.
     python benchmarks/recon_settings.py "iters=180,batch_size=16,lr_weights=3e-4,lr_scales=3e-3"
     python benchmarks/recon_settings.py "method='ias',bits='3/3',float_iters=100,iters=200"
     python benchmarks/recon_settings.py "method='repq',search=dict(mutation=0.02,fitness='mse')"
+    python benchmarks/recon_settings.py "method='repq-recon',avg_bits=5"
 
 Calibrates DeiT-Ti (W4/A4 unless ``bits``) with ``repq`` + BlockReconstruction(**settings) on 93
 calib images and reports, on the 32 held-out calib images (a fixed shuffle, seed 1), the
@@ -11,6 +12,8 @@ simulation's top-1, its top-1 agreement with the float model and its KL divergen
 model's predictions (the least noisy of the three on 32 images). ``iters=0`` is plain ``repq``.
 With ``method``, that method's own reconstruction stages take the settings instead: ``float_*``
 ones its float-weight stage (``float_iters=0`` drops it), the others its quantized-weight stage.
+``avg_bits`` calibrates the greedy mixed-precision map chosen on the 93 images (widest ``bits``, 8/8
+unless given), as ``--avg-bits``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.evol_search import EvolSearch
 from vitq_onnx.calibration.methods import Method, get_method
+from vitq_onnx.calibration.mixed_precision import choose_widths
 from vitq_onnx.calibration.reconstruct import BlockReconstruction
 from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.images import Preprocess, label_of, list_images, load_images, load_synsets
@@ -44,7 +48,8 @@ HELD_OUT = 32
 
 def main() -> None:
     settings = eval(f"dict({sys.argv[1] if len(sys.argv) > 1 else ''})")  # noqa: S307 (a local benchmark)
-    bits = settings.pop("bits", "4/4")
+    avg_bits = settings.pop("avg_bits", None)
+    bits = BitWidths.parse(settings.pop("bits", "4/4" if avg_bits is None else "8/8"))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # 1 to run two trials side by side
     model = create_model("deit_t", SHARED / "models" / "deit_tiny_patch16_224.safetensors")
     pre = Preprocess.from_model(model)
@@ -65,7 +70,10 @@ def main() -> None:
     if search is not None:
         stages += (EvolSearch(**search),)
     start = time.time()
-    recipe = calibrate(model, train, BitWidths.parse(bits), Method("trial", "", stages), "deit_tiny_patch16_224",
+    if avg_bits is not None:
+        bits = choose_widths(model, train, bits, avg_bits, "deit_tiny_patch16_224",
+                             lambda m: print(m, file=sys.stderr), progress=False)[0]
+    recipe = calibrate(model, train, bits, Method("trial", "", stages), "deit_tiny_patch16_224",
                        CalibOptions())
     seconds = time.time() - start
     q = torch_logits(simulate(model, recipe), held)
