@@ -54,12 +54,13 @@ def main() -> None:
         result = json.loads(scores.read_text())
         recipe = json.loads(out.with_name(out.stem + ".recipe.json").read_text())
         mixed = recipe["info"].get("mixed_precision")
-        widths = mixed["widths"].values() if mixed else [recipe["info"]["bits"]["w"]]
         row = {"label": label, "args": extra, "mixed": mixed is not None, "method": recipe["method"],
                "weight_avg": mixed["weight_avg"] if mixed else recipe["info"]["bits"]["w"],
                "activation_avg": mixed["activation_avg"] if mixed else recipe["info"]["bits"]["a"],
                "top1": result["top1"], "top5": result["top5"], "model_bytes": result["model_bytes"],
-               "export_s": round(seconds), "widths": dict(collections.Counter(widths)),
+               "export_s": round(seconds),
+               "widths": {part: dict(collections.Counter(w for k, w in (mixed["widths"] if mixed else {}).items()
+                                                         if k.endswith(":" + part))) for part in "wa"},
                **({"held_out": {k: mixed[k] for k in ("held_out_images", "held_out_fp_top1", "held_out_drop")}}
                   if mixed and "max_drop" in mixed else {}), "map": mixed["widths"] if mixed else None}
         labels = [r["label"] for r in rows]
@@ -78,9 +79,10 @@ def write(rows: list[dict], output: Path) -> None:
              "`python benchmarks/mixed_precision.py` (arguments in the table); val top-1 on all 625 images; "
              "FP32 79.52 %.", "",
              "| run | export arguments | method | weight avg | activation avg | file MB | val top-1 % | val top-5 % "
-             "| export s | layers per width |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| export s | modules per width (weights · activations) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        counts = ", ".join(f"{w}: {n}" for w, n in sorted(r["widths"].items(), key=lambda x: -int(x[0])))
+        counts = " · ".join(f"{part.upper()} " + ", ".join(f"{w}: {n}" for w, n in sorted(c.items(), key=lambda x: -int(x[0])))
+                            for part, c in r["widths"].items())
         lines.append(f"| {r['label']} | `{r['args']}` | {r['method']} | {r['weight_avg']:.3f} | {r['activation_avg']:.3f} "
                      f"| {r['model_bytes'] / 1e6:.2f} | {100 * r['top1']:.2f} | {100 * r['top5']:.2f} | {r['export_s']} "
                      f"| {counts if r['mixed'] else 'uniform'} |")

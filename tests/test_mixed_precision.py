@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitq_onnx.calibration.bits import BitWidths
+from vitq_onnx.calibration.bits import STEM_BITS, BitWidths
 from vitq_onnx.calibration.mixed_precision import (Layer, averages, greedy, greedy_path, layer_rules, longest_within,
                                                    widths_for_drop)
 from vitq_onnx.errors import VitqError
@@ -19,13 +19,14 @@ from .test_tiny_export import _export
 
 
 def _layers():
-    robust = Layer("robust", "robust/MatMul:1", ["robust/MatMul:0"], params=100, elements=10,
-                   kl={8: 0.0, 6: 0.0, 5: 0.01, 4: 0.02, 3: 0.05})
-    fragile = Layer("fragile", "fragile/MatMul:1", ["fragile/MatMul:0"], params=100, elements=10,
-                    kl={8: 0.0, 6: 0.5, 5: 1.0, 4: 2.0, 3: 4.0})
-    attention = Layer("attn", None, ["attn/matmul_qk:0"], params=0, elements=20,
-                      kl={8: 0.0, 6: 0.0, 5: 0.0, 4: 0.1, 3: 0.3})
-    return [robust, fragile, attention]
+    """Knobs of two Linears and an attention: the "robust" Linear's weight tolerates narrow widths
+    but its input does not, the "fragile" one the reverse."""
+    cheap, dear = {8: 0.0, 6: 0.0, 5: 0.01, 4: 0.02, 3: 0.05}, {8: 0.0, 6: 0.5, 5: 1.0, 4: 2.0, 3: 4.0}
+    return [Layer("robust", "robust/MatMul:1", [], params=100, kl=cheap),
+            Layer("robust", None, ["robust/MatMul:0"], elements=10, kl=dear),
+            Layer("fragile", "fragile/MatMul:1", [], params=100, kl=dear),
+            Layer("fragile", None, ["fragile/MatMul:0"], elements=10, kl=cheap),
+            Layer("attn", None, ["attn/matmul_qk:0"], elements=20, kl={8: 0.0, 6: 0.0, 5: 0.0, 4: 0.1, 3: 0.3})]
 
 
 def test_greedy_meets_the_budget_narrowing_what_costs_least():
@@ -33,10 +34,12 @@ def test_greedy_meets_the_budget_narrowing_what_costs_least():
     width = greedy(layers, 6.0)
     w_avg, a_avg = averages(layers, width)
     assert w_avg <= 6.0 and a_avg <= 6.0
-    assert width["fragile"] == 8 and width["robust"] <= 4  # the robust layer pays for both
-    assert layer_rules(layers, width, 8) == [f"robust={width['robust']}/{width['robust']}", "fragile=8/8",
-                                             f"attn=8/{width['attn']}"]
-    assert greedy(layers, 8.0) == {"robust": 8, "fragile": 8, "attn": 8}  # nothing to save
+    # weights and inputs are lowered apart: each budget is paid by its cheap knobs
+    assert width["fragile:w"] == 8 and width["robust:w"] <= 4
+    assert width["robust:a"] == 8 and width["fragile:a"] < 8
+    assert layer_rules(layers, width, 8) == [f"robust={width['robust:w']}/8", f"fragile=8/{width['fragile:a']}",
+                                             f"attn=8/{width['attn:a']}"]
+    assert set(greedy(layers, 8.0).values()) == {8}  # nothing to save
 
 
 def test_greedy_says_when_the_budget_cannot_be_met():
@@ -44,13 +47,18 @@ def test_greedy_says_when_the_budget_cannot_be_met():
         greedy(_layers(), 3.5, widths=(8, 6, 4))
 
 
-def test_greedy_path_lowers_one_layer_one_width_at_a_time_to_the_narrowest():
+def test_greedy_path_lowers_one_knob_one_width_at_a_time_to_the_narrowest():
     layers = _layers()
     path = greedy_path(layers)
-    assert path[0] == {"robust": 8, "fragile": 8, "attn": 8} and path[-1] == {"robust": 3, "fragile": 3, "attn": 3}
+    assert set(path[0].values()) == {8} and set(path[-1].values()) == {3}
     for a, b in zip(path, path[1:]):
         assert sum(a[k] != b[k] for k in a) == 1 and all(b[k] <= a[k] for k in a)
-    assert path.index(next(p for p in path if p["fragile"] < 8)) > path.index(next(p for p in path if p["robust"] == 3))
+    assert path.index(next(p for p in path if p["fragile:w"] < 8)) > path.index(next(p for p in path if p["robust:w"] == 3))
+
+
+def test_layer_rules_keep_the_stem_input_at_its_width():
+    stem = [Layer("patch_embed.proj", "patch_embed.proj/Conv:1", [], params=10, kl={8: 0.0, 4: 0.1})]
+    assert layer_rules(stem, {"patch_embed.proj:w": 4}, 8) == [f"patch_embed.proj=4/{STEM_BITS}"]
 
 
 def test_longest_within_bisects_to_the_last_step_inside_the_drop():

@@ -1,13 +1,16 @@
 """Greedy mixed precision (MPTQ-ViT): which layers can go narrower for the least change in the output.
 
-Sensitivity: on calibration images, the KL divergence of the model's predictions from the FP
-model's when one layer alone (a Linear or Conv: its weight and its input; an attention: its four
+A layer's weight and its inputs are two knobs with widths of their own: the two budgets (weight
+bits per parameter, activation bits per element) are separate, and a layer often tolerates narrow
+weights but not narrow inputs or the reverse; tying the two made the greedy pay for one with the
+other. Sensitivity: on calibration images, the KL divergence of the model's predictions from the
+FP model's when one knob alone (a Linear's or Conv's weight; a Linear's input; an attention's four
 matmul inputs) drops from the widest width to each narrower one, every other tensor quantized at
 the widest width as the ``repq`` recipe there has it (weights refit per output channel, inputs
-refit per tensor on what reaches them). Greedy: from all at the widest width, lower the layer
-whose next width costs the least KL per saved bit, until the parameter-weighted average weight
-width and the element-weighted average activation width are both within the budget. The result
-is a ``--layer-bits`` map; the method then calibrates with it like any other.
+refit per tensor on what reaches them). Greedy: from all at the widest width, lower the knob whose
+next width costs the least KL per saved bit, until the parameter-weighted average weight width and
+the element-weighted average activation width are both within the budget. The result is a
+``--layer-bits`` map; the method then calibrates with it like any other.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ..progress import Progress
 from ..recipe import Recipe
 from ..simulation import folded, quantized_weight, simulate
 from ..validate import kl_per_image, torch_logits
-from .bits import BitWidths, module_of
+from .bits import STEM_BITS, BitWidths, module_of
 from .calibrate import calibrate
 from .methods import REPQ_SOFTMAX, get_method
 from .state import CalibOptions
@@ -35,26 +38,33 @@ WIDTHS = (8, 6, 5, 4, 3)
 
 @dataclass
 class Layer:
-    name: str  # the module a --layer-bits rule names
-    weight: str | None  # its weight's recipe key (None: an attention's matmuls)
-    inputs: list[str]  # its activations' recipe keys (the image input of the stem stays 8-bit)
+    """One knob of the map: a module's weight (``weight`` set) or its inputs (``inputs`` set)."""
+    module: str  # the module a --layer-bits rule names
+    weight: str | None  # the weight's recipe key
+    inputs: list[str]  # the activations' recipe keys (the image input of the stem stays 8-bit)
     params: int = 0
     elements: int = 0  # activation elements per image
-    kl: dict[int, float] = field(default_factory=dict)  # width -> KL to FP32 with this layer alone there
+    kl: dict[int, float] = field(default_factory=dict)  # width -> KL to FP32 with this knob alone there
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}:{'w' if self.weight else 'a'}"
 
 
 def layers_of(recipe: Recipe, inst, elements: dict[str, int]) -> list[Layer]:
-    """The recipe's tensors grouped into layers, in the recipe's order."""
-    layers: dict[str, Layer] = {}
+    """The recipe's tensors as knobs (each module's weight, then its inputs), in the recipe's order."""
+    weights: dict[str, Layer] = {}
+    inputs: dict[str, Layer] = {}
     for key in list(recipe.activations) + list(recipe.weights):
         name = module_of(key)
-        layer = layers.setdefault(name, Layer(name, None, []))
         if key in recipe.weights:
-            layer.weight, layer.params = key, inst.weights[key].weight.numel()
+            weights[name] = Layer(name, key, [], params=inst.weights[key].weight.numel())
         elif inst.points[key].role != "conv_input":  # the image input stays 8-bit
+            layer = inputs.setdefault(name, Layer(name, None, []))
             layer.inputs.append(key)
             layer.elements += elements[key]
-    return list(layers.values())
+    modules = dict.fromkeys(module_of(k) for k in list(recipe.activations) + list(recipe.weights))
+    return [k for m in modules for k in (weights.get(m), inputs.get(m)) if k is not None]
 
 
 def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
@@ -166,17 +176,26 @@ def longest_within(path: list, drop: Callable[[int], float], max_drop: float) ->
     return lo, seen
 
 
+def module_widths(layers: list[Layer], width: dict[str, int], w_cap: int) -> dict[str, tuple[int, int]]:
+    """Each module's (weight, activation) width; a module without a weight (an attention) keeps
+    ``w_cap``, one without quantized inputs (the stem) its image input's ``STEM_BITS``."""
+    out: dict[str, list[int]] = {}
+    for layer in layers:
+        pair = out.setdefault(layer.module, [w_cap, STEM_BITS])
+        pair[0 if layer.weight else 1] = width[layer.name]
+    return {m: (w, a) for m, (w, a) in out.items()}
+
+
 def layer_rules(layers: list[Layer], width: dict[str, int], w_cap: int) -> list[str]:
-    """``--layer-bits`` rules for the chosen widths (an attention's weightless layer keeps ``w_cap``)."""
-    return [f"{layer.name}={width[layer.name] if layer.weight else w_cap}/{width[layer.name]}"
-            for layer in layers]
+    """``--layer-bits`` rules for the chosen widths, one per module."""
+    return [f"{m}={w}/{a}" for m, (w, a) in module_widths(layers, width, w_cap).items()]
 
 
 def bit_table(layers: list[Layer], width: dict[str, int]) -> str:
-    """The chosen map, one line per layer: width, parameters, activation elements, KL there."""
-    lines = [f"{'layer':28} {'bits':>4} {'params':>9} {'act/img':>9} {'KL at bits':>10}"]
+    """The chosen map, one line per knob: width, parameters, activation elements, KL there."""
+    lines = [f"{'layer':30} {'bits':>4} {'params':>9} {'act/img':>9} {'KL at bits':>10}"]
     for layer in layers:
-        lines.append(f"{layer.name:28} {width[layer.name]:>4} {layer.params:>9} {layer.elements:>9} "
+        lines.append(f"{layer.name:30} {width[layer.name]:>4} {layer.params:>9} {layer.elements:>9} "
                      f"{layer.kl[width[layer.name]]:>10.4f}")
     return "\n".join(lines)
 
@@ -197,7 +216,8 @@ def _chosen(layers: list[Layer], width: dict[str, int], cap: BitWidths, say, inf
     w_avg, a_avg = averages(layers, width)
     say(f"mixed precision: average weight width {w_avg:.3f}, activation width {a_avg:.3f}\n" + bit_table(layers, width))
     return BitWidths.parse(f"{cap.w}/{cap.a}", layer_rules(layers, width, cap.w)), {
-        **info, "weight_avg": round(w_avg, 4), "activation_avg": round(a_avg, 4), "widths": width}
+        **info, "weight_avg": round(w_avg, 4), "activation_avg": round(a_avg, 4),
+        "widths": width}
 
 
 def choose_widths(model, images: np.ndarray, cap: BitWidths, avg_bits: float, timm_name: str, say, progress: bool):
