@@ -10,7 +10,7 @@ from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import REPQ_SOFTMAX, Method, sulq
 from vitq_onnx.calibration.quant_points import instrument
-from vitq_onnx.calibration.reconstruct import BlockReconstruction, block_fisher, transformer_blocks
+from vitq_onnx.calibration.reconstruct import BlockReconstruction, block_outputs, transformer_blocks
 from vitq_onnx.calibration.stages import ChannelwiseReparam, FitActivations, FitWeights, quantize_as_recipe
 from vitq_onnx.calibration.state import CalibOptions, CalibState
 from vitq_onnx.errors import VitqError
@@ -98,9 +98,12 @@ def test_time_budget_cuts_iterations(tiny, tiny_images):
 
 def test_fisher_weights_are_the_squared_gradient_of_the_float_models_own_prediction(tiny, tiny_images):
     """Against autograd on one image at a time: the weights are 1 + g^2 / mean(g^2), g the gradient
-    of the cross-entropy of the float model's prediction at each block's output."""
+    of the cross-entropy of the float model's prediction at each block's output; the targets are
+    those of the pass without gradients, bit for bit."""
     x = torch.from_numpy(tiny_images[:5])
-    weights = block_fisher(copy.deepcopy(tiny), ["blocks.0", "blocks.1"], x)
+    targets, weights = block_outputs(copy.deepcopy(tiny), ["blocks.0", "blocks.1"], x, fisher=True)
+    plain, none = block_outputs(copy.deepcopy(tiny), ["blocks.0", "blocks.1"], x)
+    assert none == {} and plain.keys() == targets.keys() and all(torch.equal(plain[k], targets[k]) for k in plain)
     for name in ("blocks.0", "blocks.1"):
         grads = []
         for image in x:
