@@ -10,9 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from vitq_onnx.calibration import mixed_precision
 from vitq_onnx.calibration.bits import STEM_BITS, BitWidths
+from vitq_onnx.calibration.calibrate import calibrate
+from vitq_onnx.calibration.methods import REPQ_SOFTMAX, get_method
 from vitq_onnx.calibration.mixed_precision import (Layer, averages, greedy, greedy_path, layer_rules, longest_within,
-                                                   widths_for_drop)
+                                                   measure, widths_for_drop)
+from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.errors import VitqError
 
 from .test_tiny_export import _export
@@ -117,3 +121,15 @@ def test_cli_max_drop_needs_labelled_calibration_images(tmp_path, capsys):
     code, out = _export(tmp_path, folder, "--max-drop", "1")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and "--max-drop needs labelled calibration images" in err[-1] and not out.exists()
+
+
+def test_sensitivities_replaying_the_blocks_before_a_layer_are_those_of_full_passes(tiny, tiny_images, monkeypatch):
+    """Blocks before a narrowed tensor return their cached widest outputs: every KL is unchanged."""
+    recipe = calibrate(tiny, tiny_images[:8], BitWidths(8, 8), get_method("repq"), "tiny", CalibOptions(progress=False))
+    images = torch.from_numpy(tiny_images[:8])
+    replayed = measure(tiny, recipe, images, REPQ_SOFTMAX, progress=False)
+    monkeypatch.setattr(mixed_precision, "transformer_blocks", lambda model: [])
+    full = measure(tiny, recipe, images, REPQ_SOFTMAX, progress=False)
+    assert [k.name for k in replayed] == [k.name for k in full] and any(k.module.startswith("blocks.1") for k in full)
+    assert all(a.kl == b.kl for a, b in zip(replayed, full)), [(a.name, a.kl, b.kl) for a, b in zip(replayed, full)
+                                                              if a.kl != b.kl]

@@ -15,8 +15,9 @@ the element-weighted average activation width are both within the budget. The re
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from .methods import REPQ_SOFTMAX, get_method
 from .state import CalibOptions
 from .quantizers import fake, get_kind
 from .quantizers.weights import fake_weight, fit_weight
+from .reconstruct import transformer_blocks
 
 WIDTHS = (8, 6, 5, 4, 3)
 
@@ -87,29 +89,69 @@ def measure(model: torch.nn.Module, recipe: Recipe, images: torch.Tensor, softma
         return fake(recipe.activations[point.key], x)
 
     inst.set_action(widest)
+    blocks = transformer_blocks(qmodel)
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [b.register_forward_hook(lambda _m, _a, out, n=n: outputs.__setitem__(n, out)) for n, b in blocks]
     base = _kl(reference, qmodel(images))
+    for h in handles:
+        h.remove()
     layers = layers_of(recipe, inst, elements)
     bar = Progress(len(layers) * (len(widths) - 1), "mixed precision: sensitivities", progress, unit="run")
     for layer in layers:
         layer.kl[widths[0]] = base
-        for bits in widths[1:]:
-            if layer.weight is not None:
-                w = fp_weights[layer.weight]
-                inst.weights[layer.weight].weight.copy_(fake_weight(w, fit_weight(w, bits), bits))
-
-            def narrow(point, x, bits=bits):
-                kind = softmax_kind(bits) if point.role == "softmax" else "uniform"
-                return get_kind(kind).fake(x, get_kind(kind).fit(x, bits, point), bits)
-
-            inst.set_action(narrow, set(layer.inputs))
-            layer.kl[bits] = _kl(reference, qmodel(images))
-            inst.set_action(widest, set(layer.inputs))
-            bar.update(1)
+        replay = blocks[:_first_changed(layer.module, blocks, list(elements))]
+        with _replayed(replay, outputs):
+            _narrowed_kls(layer, inst, fp_weights, qmodel, images, reference, softmax_kind, widths, widest, bar)
         if layer.weight is not None:
             inst.weights[layer.weight].weight.copy_(quantized_weight(fp_weights[layer.weight],
                                                                      recipe.weights[layer.weight]))
     bar.close()
     return layers
+
+
+def _first_changed(module: str, blocks: list[tuple[str, torch.nn.Module]], order: list[str]) -> int:
+    """How many transformer blocks run before ``module`` (``order``: the quantizers in forward
+    order): narrowing it cannot change their outputs."""
+    for i, (name, _) in enumerate(blocks):
+        if module == name or module.startswith(name + "."):
+            return i
+    own = [i for i, k in enumerate(order) if module_of(k) == module]
+    last = [i for i, k in enumerate(order) if blocks and module_of(k).startswith(blocks[-1][0] + ".")]
+    return len(blocks) if own and last and min(own) > max(last) else 0  # after the blocks (the head), or before
+
+
+@contextmanager
+def _replayed(blocks: list[tuple[str, torch.nn.Module]], outputs: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The blocks return their outputs of the widest pass without computing them: what comes
+    before a narrowed tensor is the same, so only the rest of the network runs (about half)."""
+    own = [(block, block.__dict__.get("forward")) for _, block in blocks]  # a forward patched on the instance
+    for name, block in blocks:
+        block.forward = lambda *_a, out=outputs[name], **_k: out
+    try:
+        yield
+    finally:
+        for block, forward in own:
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+def _narrowed_kls(layer, inst, fp_weights, qmodel, images, reference, softmax_kind, widths, widest, bar) -> None:
+    """``layer.kl`` at every narrower width, the rest of the model at the widest."""
+    for bits in widths[1:]:
+        if layer.weight is not None:
+            w = fp_weights[layer.weight]
+            inst.weights[layer.weight].weight.copy_(fake_weight(w, fit_weight(w, bits), bits))
+
+        def narrow(point, x, bits=bits):
+            kind = softmax_kind(bits) if point.role == "softmax" else "uniform"
+            return get_kind(kind).fake(x, get_kind(kind).fit(x, bits, point), bits)
+
+        inst.set_action(narrow, set(layer.inputs))
+        layer.kl[bits] = _kl(reference, qmodel(images))
+        inst.set_action(widest, set(layer.inputs))
+        bar.update(1)
 
 
 def averages(layers: list[Layer], width: dict[str, int]) -> tuple[float, float]:
