@@ -81,14 +81,11 @@ def write(rows: list[dict], output: Path) -> None:
              "| run | export arguments | method | weight avg | activation avg | file MB | val top-1 % | val top-5 % "
              "| export s | modules per width (weights · activations) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        # rows from before weights and inputs were separate knobs count modules, one width each
-        parts = r["widths"].items() if set(r["widths"]) == {"w", "a"} else [("layers", r["widths"])]
-        counts = " · ".join(f"{part.upper() if len(part) == 1 else part} "
-                            + ", ".join(f"{w}: {n}" for w, n in sorted(c.items(), key=lambda x: -int(x[0])))
-                            for part, c in parts)
+        counts = " · ".join(f"{part.upper()} " + ", ".join(f"{w}: {n}" for w, n in sorted(c.items(), key=lambda x: -int(x[0])))
+                            for part, c in r["widths"].items()) if r["mixed"] else "uniform"
         lines.append(f"| {r['label']} | `{r['args']}` | {r['method']} | {r['weight_avg']:.3f} | {r['activation_avg']:.3f} "
                      f"| {r['model_bytes'] / 1e6:.2f} | {100 * r['top1']:.2f} | {100 * r['top5']:.2f} | {r['export_s']} "
-                     f"| {counts if r['mixed'] else 'uniform'} |")
+                     f"| {counts} |")
     output.write_text("\n".join(lines) + "\n")
 
 

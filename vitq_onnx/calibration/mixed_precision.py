@@ -96,10 +96,11 @@ def measure(model: torch.nn.Module, recipe: Recipe, images: torch.Tensor, softma
     for h in handles:
         h.remove()
     layers = layers_of(recipe, inst, elements)
+    order = list(elements)  # the quantizers in forward order
     bar = Progress(len(layers) * (len(widths) - 1), "mixed precision: sensitivities", progress, unit="run")
     for layer in layers:
         layer.kl[widths[0]] = base
-        replay = blocks[:_first_changed(layer.module, blocks, list(elements))]
+        replay = blocks[:_first_changed(layer.module, blocks, order)]
         with _replayed(replay, outputs):
             _narrowed_kls(layer, inst, fp_weights, qmodel, images, reference, softmax_kind, widths, widest, bar)
         if layer.weight is not None:
@@ -258,8 +259,7 @@ def _chosen(layers: list[Layer], width: dict[str, int], cap: BitWidths, say, inf
     w_avg, a_avg = averages(layers, width)
     say(f"mixed precision: average weight width {w_avg:.3f}, activation width {a_avg:.3f}\n" + bit_table(layers, width))
     return BitWidths.parse(f"{cap.w}/{cap.a}", layer_rules(layers, width, cap.w)), {
-        **info, "weight_avg": round(w_avg, 4), "activation_avg": round(a_avg, 4),
-        "widths": width}
+        **info, "weight_avg": round(w_avg, 4), "activation_avg": round(a_avg, 4), "widths": width}
 
 
 def choose_widths(model, images: np.ndarray, cap: BitWidths, avg_bits: float, timm_name: str, say, progress: bool):

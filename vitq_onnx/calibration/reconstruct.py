@@ -85,7 +85,7 @@ def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor,
     sensitive count more; the 1 keeps every element's plain squared error in the loss. (The
     outputs are the same with gradients on: checked bitwise on DeiT-Ti, CPU.)"""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names + [HEAD]}
-    grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in names} if fisher else {}
     outs: dict[str, torch.Tensor] = {}
     handles = [model.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
                for n in names]
@@ -104,7 +104,7 @@ def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor,
         for h in handles:
             h.remove()
     weights = {}
-    for n, chunks in grads.items() if fisher else ():
+    for n, chunks in grads.items():
         g2 = torch.cat(chunks)
         weights[n] = 1 + g2 / g2.mean().clamp_min(1e-30)
     return {n: torch.cat(v) for n, v in seen.items()}, weights
