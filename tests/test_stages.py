@@ -81,6 +81,22 @@ def test_reconstruction_lowers_every_blocks_error_and_stores_trained_codes(tiny,
     assert set(recipe.bias_corrections) >= {k.rpartition(":")[0] for k in inside}
 
 
+def test_quantized_weights_learn_at_a_rate_that_follows_their_width(tiny, tiny_images):
+    from vitq_onnx.calibration.reconstruct import _Trainable, _units
+
+    bits = BitWidths.parse("4/4", ["blocks.0.mlp.fc2=3/3", "blocks.0.attn.qkv=6/6"])
+    state = _state(tiny, tiny_images, bits)
+    FitWeights().run(state)
+    FitActivations(REPQ_SOFTMAX).run(state)
+    block = _units(state, head=False)[0]
+    trainable = _Trainable(state, block, ("weights",), 0.0, quantized=True, lr_width=True)
+    factors = {k.partition("/")[0]: trainable.lr_factor[trainable.w[k][0]] for k in trainable.layers}
+    assert factors == {"blocks.0.attn.qkv": 0.25, "blocks.0.attn.proj": 1.0, "blocks.0.mlp.fc1": 1.0,
+                       "blocks.0.mlp.fc2": 1.0}  # wider than 4 bits: slower; narrower: the same rate
+    assert _Trainable(state, block, ("weights",), 0.0, quantized=False, lr_width=True).lr_factor == {}
+    assert _Trainable(state, block, ("weights",), 0.0, quantized=True).lr_factor == {}
+
+
 def test_reconstruction_is_deterministic_for_a_seed(tiny, tiny_images):
     runs = [calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=10), "tiny", CalibOptions(seed=s, progress=False))
             for s in (3, 3, 4)]
