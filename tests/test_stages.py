@@ -93,6 +93,9 @@ def test_quantized_weights_learn_at_a_rate_that_follows_their_width(tiny, tiny_i
     factors = {k.partition("/")[0]: trainable.lr_factor[trainable.w[k][0]] for k in trainable.layers}
     assert factors == {"blocks.0.attn.qkv": 0.25, "blocks.0.attn.proj": 1.0, "blocks.0.mlp.fc1": 1.0,
                        "blocks.0.mlp.fc2": 1.0}  # wider than 4 bits: slower; narrower: the same rate
+    lr = {id(p): g["lr"] for g in trainable.param_groups({"weights": 3e-4}) for p in g["params"]}
+    assert {k.partition("/")[0]: lr[id(trainable.w[k][0])] for k in trainable.layers} == {
+        k: 3e-4 * f for k, f in factors.items()}
     assert _Trainable(state, block, ("weights",), 0.0, quantized=False, lr_width=True).lr_factor == {}
     assert _Trainable(state, block, ("weights",), 0.0, quantized=True).lr_factor == {}
 

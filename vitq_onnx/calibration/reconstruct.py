@@ -156,6 +156,14 @@ class _Trainable:
                     self.groups[group].append(p)
             mod.forward = types.MethodType(_ste_forward(latent, log_scale, bias, state.bits.weight(key)), mod)
 
+    def param_groups(self, lrs: dict[str, float]) -> list[dict]:
+        """Adam's groups: one per kind of parameter and learning-rate factor."""
+        groups: dict[tuple[str, float], list[nn.Parameter]] = {}
+        for kind, params in self.groups.items():
+            for p in params:
+                groups.setdefault((kind, self.lr_factor.get(p, 1.0)), []).append(p)
+        return [{"params": ps, "lr": lrs[kind] * factor} for (kind, factor), ps in groups.items()]
+
     @torch.no_grad()
     def write_back(self) -> None:
         """Trained values into the recipe and the model, quantized exactly as deployed."""
@@ -284,8 +292,7 @@ class BlockReconstruction(Stage):
                 return F.mse_loss(out, y[idx]) if w is None else (w[idx] * (out - y[idx]).pow(2)).mean()
 
             trainable = _Trainable(state, unit, self.learn, self.drop, self.quantized_weights, self.lr_width)
-            opt = torch.optim.Adam([{"params": [p], "lr": lrs[g] * trainable.lr_factor.get(p, 1.0)}
-                                    for g, ps in trainable.groups.items() for p in ps])
+            opt = torch.optim.Adam(trainable.param_groups(lrs))
             if budget is not None and i > 0:  # share what is left of the budget among the units left
                 per_iter = (time.time() - start) / max(1, sum(report["iters"]))
                 left = max(0.0, budget - (time.time() - start)) / (len(units) - i)
