@@ -100,6 +100,15 @@ def test_quantized_weights_learn_at_a_rate_that_follows_their_width(tiny, tiny_i
     assert _Trainable(state, block, ("weights",), 0.0, quantized=True).lr_factor == {}
 
 
+def test_units_whose_weights_are_all_wide_train_their_own_iterations(tiny, tiny_images):
+    """``wide_iters`` where every weight of the block is wider than 4 bits, ``iters`` elsewhere."""
+    bits = BitWidths.parse("6/6", ["blocks.1.mlp.fc2=4/6"])
+    recipe = calibrate(tiny, tiny_images, bits, _recon(iters=6, wide_iters=2), "tiny", QUIET)
+    assert recipe.info["reconstruction"]["iters"] == [2, 6, 2]  # blocks.0, blocks.1, the head
+    recipe = calibrate(tiny, tiny_images, bits, _recon(iters=6), "tiny", QUIET)
+    assert recipe.info["reconstruction"]["iters"] == [6, 6, 6]
+
+
 def test_reconstruction_is_deterministic_for_a_seed(tiny, tiny_images):
     runs = [calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=10), "tiny", CalibOptions(seed=s, progress=False))
             for s in (3, 3, 4)]

@@ -96,6 +96,10 @@ def repq_recon():
 # trains that same function (float weights, channel-wise quantization) in the folded coordinates.
 IAS_STAGE1_ITERS = 100
 IAS_STAGE3_ITERS = 200
+# wider than 4 bits, a fifth of those, as the paper's schedule (1000 iterations at W3/W4, 200 at
+# W6): on held-out calibration images at W6/A6 the KL to FP32 was the same (0.049 against 0.048)
+# in a quarter of the time (204 s against 793 s; README)
+IAS_WIDE_DIVISOR = 5
 
 
 def sulq(bits: int) -> str:
@@ -110,8 +114,8 @@ def ias():
     """I&S-ViT: SULQ post-Softmax + smooth optimization (float-weight, then quantized block reconstruction)"""
     return [ChannelwiseReparam(), FitActivations(sulq, weights=False),
             BlockReconstruction(iters=IAS_STAGE1_ITERS, learn=("weights", "biases"), quantized_weights=False,
-                                fisher=False),
-            FitWeights(), BlockReconstruction(iters=IAS_STAGE3_ITERS)]
+                                fisher=False, wide_iters=IAS_STAGE1_ITERS // IAS_WIDE_DIVISOR),
+            FitWeights(), BlockReconstruction(iters=IAS_STAGE3_ITERS, wide_iters=IAS_STAGE3_ITERS // IAS_WIDE_DIVISOR)]
 
 
 @register_method
@@ -123,7 +127,8 @@ def ias_sulq():
 @register_method(num_calib=128)
 def ias_stage3():
     """ablation: ias without its float-weight stage (SULQ + quantized block reconstruction only)"""
-    return [ChannelwiseReparam(), FitWeights(), FitActivations(sulq), BlockReconstruction(iters=IAS_STAGE3_ITERS)]
+    return [ChannelwiseReparam(), FitWeights(), FitActivations(sulq),
+            BlockReconstruction(iters=IAS_STAGE3_ITERS, wide_iters=IAS_STAGE3_ITERS // IAS_WIDE_DIVISOR)]
 
 
 
