@@ -72,7 +72,8 @@ def main() -> None:
     start = time.time()
     if avg_bits is not None:
         bits = choose_widths(model, train, bits, avg_bits, "deit_tiny_patch16_224",
-                             lambda m: print(m, file=sys.stderr), progress=False)[0]
+                             lambda m: print(m, file=sys.stderr), progress=False,
+                             reconstructs=Method("trial", "", stages).trains_quantized_weights)[0]
     recipe = calibrate(model, train, bits, Method("trial", "", stages), "deit_tiny_patch16_224",
                        CalibOptions())
     seconds = time.time() - start

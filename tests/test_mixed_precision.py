@@ -14,8 +14,8 @@ from vitq_onnx.calibration import mixed_precision
 from vitq_onnx.calibration.bits import STEM_BITS, BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import REPQ_SOFTMAX, get_method
-from vitq_onnx.calibration.mixed_precision import (Layer, averages, greedy, greedy_path, layer_rules, longest_within,
-                                                   measure, widths_for_drop)
+from vitq_onnx.calibration.mixed_precision import (Layer, averages, choose_widths, greedy, greedy_path, layer_rules,
+                                                   longest_within, measure, widths_for_drop)
 from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.errors import VitqError
 
@@ -47,8 +47,20 @@ def test_greedy_meets_the_budget_narrowing_what_costs_least():
 
 
 def test_greedy_says_when_the_budget_cannot_be_met():
-    with pytest.raises(VitqError, match="narrowest width"):
+    with pytest.raises(VitqError, match="narrowest widths allowed"):
         greedy(_layers(), 3.5, widths=(8, 6, 4))
+
+
+def test_greedy_keeps_a_floor_and_pays_the_budget_with_the_other_knobs():
+    layers = _layers()
+    for layer in layers:
+        layer.floor = 4 if layer.weight else 0
+    width = greedy(layers, 4.0)
+    assert greedy(_layers(), 4.0)["robust:w"] == 3  # without the floor
+    assert width["robust:w"] == 4 and width["fragile:w"] == 4
+    assert averages(layers, width)[1] <= 4.0 and min(width[k.name] for k in layers if not k.weight) == 3
+    with pytest.raises(VitqError, match=r"weights 4\.00, activations 3\.00"):
+        greedy(layers, 3.5)
 
 
 def test_greedy_path_lowers_one_knob_one_width_at_a_time_to_the_narrowest():
@@ -75,6 +87,17 @@ def test_longest_within_bisects_to_the_last_step_inside_the_drop():
     step, seen = longest_within(list(range(100)), drop, 4.0)
     assert step == 16 and seen[16] <= 4.0 < seen[min(k for k in seen if k > 16)]
     assert len(calls) <= 9  # log2(100) + the widest map
+
+
+def test_a_method_that_reconstructs_weights_keeps_them_at_4_bits_or_more(tiny, tiny_images):
+    assert get_method("repq-recon").trains_quantized_weights and get_method("ias").trains_quantized_weights
+    assert not get_method("repq").trains_quantized_weights
+    maps = {r: choose_widths(tiny, tiny_images, BitWidths(8, 8), 4.0, "tiny", lambda m: None, False, reconstructs=r)[1]
+            for r in (False, True)}
+    weights = {r: [w for k, w in m["widths"].items() if k.endswith(":w")] for r, m in maps.items()}
+    assert min(weights[False]) == 3 and set(weights[True]) == {4}  # the weight average of 4: all at 4
+    assert maps[True]["weight_floor"] == 4 and "weight_floor" not in maps[False]
+    assert maps[True]["activation_avg"] <= 4.0
 
 
 def test_max_drop_keeps_the_widest_map_when_nothing_narrower_fits(tiny, tiny_images):

@@ -147,7 +147,8 @@ def quantize(model: torch.nn.Module, timm_name: str, preprocess: Preprocess, ima
     model_args = build_args(opts.img_size, opts.num_classes)
     if given is None and opts.avg_bits is not None:
         with times("mixed precision"):
-            bits, mixed = choose_widths(model, images, bits, opts.avg_bits, timm_name, say, opts.progress)
+            bits, mixed = choose_widths(model, images, bits, opts.avg_bits, timm_name, say, opts.progress,
+                                        method.trains_quantized_weights)
     if given is None and opts.max_drop is not None:
         with times("mixed precision"):
             bits, mixed = widths_for_drop(model, images, held, bits, opts.max_drop, timm_name, say, opts.progress)

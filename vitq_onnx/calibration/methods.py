@@ -27,6 +27,11 @@ class Method:
     stages: tuple[Stage, ...]
     num_calib: int = 32  # calibration images used when the user does not say
 
+    @property
+    def trains_quantized_weights(self) -> bool:
+        """Does a stage reconstruct the quantized weights (which heals narrow weights)?"""
+        return any(isinstance(s, BlockReconstruction) and s.quantized_weights for s in self.stages)
+
 
 METHODS: dict[str, Method] = {}
 
