@@ -69,13 +69,13 @@ def main() -> None:
         stages = _with_settings(get_method(method).stages, settings)
     if search is not None:
         stages += (EvolSearch(**search),)
+    trial = Method("trial", "", stages)
     start = time.time()
     if avg_bits is not None:
         bits = choose_widths(model, train, bits, avg_bits, "deit_tiny_patch16_224",
                              lambda m: print(m, file=sys.stderr), progress=False,
-                             reconstructs=Method("trial", "", stages).trains_quantized_weights)[0]
-    recipe = calibrate(model, train, bits, Method("trial", "", stages), "deit_tiny_patch16_224",
-                       CalibOptions())
+                             reconstructs=trial.trains_quantized_weights)[0]
+    recipe = calibrate(model, train, bits, trial, "deit_tiny_patch16_224", CalibOptions())
     seconds = time.time() - start
     q = torch_logits(simulate(model, recipe), held)
     kl = kl_per_image(torch.from_numpy(q), torch.from_numpy(fp)).mean().item()

@@ -116,6 +116,11 @@ def run_chunked(forward: Callable, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([forward(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])
 
 
+# weights wider than this many bits are near float: they learn slower (``lr_width``) and, where a
+# method asks, for fewer iterations (``wide_iters``)
+NEAR_FLOAT_ABOVE = 4
+
+
 class _Trainable:
     """The quantized block's parameters as leaves to train, and how to write them back.
 
@@ -150,7 +155,7 @@ class _Trainable:
                                                                           requires_grad="biases" in learn)
             self.w[key] = (latent, log_scale, bias)
             if lr_width and quantized:
-                self.lr_factor[latent] = min(1.0, 2.0 ** (4 - state.bits.weight(key)))
+                self.lr_factor[latent] = min(1.0, 2.0 ** (NEAR_FLOAT_ABOVE - state.bits.weight(key)))
             for group, p in (("weights", latent), ("weight_scales", log_scale), ("biases", bias)):
                 if p is not None and p.requires_grad:
                     self.groups[group].append(p)
@@ -263,7 +268,7 @@ class BlockReconstruction(Stage):
     def unit_iters(self, state: CalibState, unit: "_Unit") -> int:
         """This unit's iterations: ``wide_iters`` when all its weights are wider than 4 bits."""
         widths = [state.bits.weight(k) for k in state.inst.weights if unit.owns(k)]
-        return self.wide_iters if self.wide_iters is not None and widths and min(widths) > 4 else self.iters
+        return self.wide_iters if self.wide_iters is not None and widths and min(widths) > NEAR_FLOAT_ABOVE else self.iters
 
     def describe(self, state):
         units = _units(state, self.head)
