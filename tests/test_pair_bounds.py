@@ -27,7 +27,8 @@ def _build(tiny, images, fp32, bits, method, fmt, target):
 
 
 @pytest.mark.parametrize("bits, method", [("8/8", "repq"), ("7/8", "repq"), ("8/7", "repq"), ("6/6", "repq-log2"),
-                                          ("4/4", "ias-sulq"), ("3/3", "repq-log2")])
+                                          ("4/4", "ias-sulq"), ("3/3", "repq-log2"),
+                                          ("6/6", "ias")])
 @pytest.mark.parametrize("fmt", ["ort", "qdq"])
 def test_portable_pairs_stay_in_int16(tiny, tiny_images, tiny_fp32_onnx, bits, method, fmt):
     _, model, bound = _build(tiny, tiny_images, tiny_fp32_onnx, bits, method, fmt, "portable")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vitq_onnx.calibration.quantizers import log2 as L
+from vitq_onnx.calibration.quantizers import log2_table as T
 from vitq_onnx.calibration.quantizers import sulq as S
 from vitq_onnx.calibration.quantizers import uniform as U
 from vitq_onnx.calibration.quantizers import weights as W
@@ -118,6 +119,35 @@ def test_sulq_straight_through_forward_matches_the_deployed_values():
     y.sum().backward()
     assert (y.detach() == kind.fake(x, p, 4)).float().mean() > 0.999  # log vs log2 may split a tie
     assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7])
+@pytest.mark.parametrize("m", T.PER_OCTAVE)
+def test_log2_table_levels_are_log_spaced_integers_in_two_7bit_digits(bits, m):
+    levels = T.table_levels(bits, m)
+    assert len(levels) == 2**bits and levels[0] == 2**T.GRID_BITS and levels[-1] == 0
+    ratios = levels[1:-1].double() / levels[:-2].double()
+    big = levels[:-2] >= 1024  # where rounding to integers moves a level by under 0.05 %
+    np.testing.assert_allclose(ratios[big[: len(ratios)]].numpy(), 2.0 ** (-1 / m), rtol=1e-3)
+    assert (levels[:-1] >= levels[1:]).all()
+    high, low = T.table_digits(bits, m)
+    assert high.max() <= 128 and low.max() <= 128 and torch.equal(high * 128 + low, levels)
+    # codes round in the log domain: a level's own value maps back to its code
+    scale = torch.tensor(0.8)
+    values = T.fake_table(scale * levels[:-1].float() / 2**T.GRID_BITS, scale, bits, m)
+    np.testing.assert_allclose(values.numpy(), (scale * levels[:-1].float() / 2**T.GRID_BITS).numpy(), rtol=1e-6)
+
+
+def test_log2_table_beats_log2_where_log2_keeps_16_levels():
+    """At 6 bits log2's shifts keep 16 levels; the table spends all 64 on the attention output."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.softmax(torch.randn(4, 3, 64, 64, generator=gen) * 3, dim=-1)
+    v = torch.randn(4, 3, 64, 16, generator=gen)
+    ref = x @ v
+    p = T.fit_table(x, 6, v)
+    err_table = ((T.fake_table(x, p["scale"], 6, int(p["per_octave"])) @ v - ref) ** 2).mean()
+    err_log2 = ((L.fake_log2(x, L.fit_log2(x, 6, v), 6) @ v - ref) ** 2).mean()
+    assert err_table < 0.5 * err_log2
 
 
 def test_free_eta_is_refused_at_deployment():

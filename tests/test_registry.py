@@ -53,6 +53,8 @@ def test_kinds_reject_bad_parameters():
         uniform.check("k", 4, {"scale": np.float32(0.1), "zero_point": np.int32(16)})
     with pytest.raises(VitqError, match="finite"):
         get_kind("log2").check("k", 4, {"scale": np.float32("nan")})
+    with pytest.raises(VitqError, match="per_octave one of"):
+        get_kind("log2-table").check("k", 6, {"scale": np.float32(0.5), "per_octave": np.float32(3)})
     with pytest.raises(VitqError, match="unknown quantizer kind 'sulq9'"):
         get_kind("sulq9")
 

@@ -126,6 +126,20 @@ def test_qdq_post_softmax_is_integer_shifts_without_exp(tiny, tiny_images, tiny_
     assert ops.count("BitShift") >= len(softmax_quantizers) and "Exp" not in ops and "Pow" not in ops
 
 
+@pytest.mark.parametrize("bits", [5, 7])
+@pytest.mark.parametrize("fmt", ["ort", "qdq"])
+def test_log2_table_softmax_is_table_digits_and_bit_exact(tiny, tiny_images, tiny_fp32_onnx, fmt, bits):
+    """ias at 5-7 bits: post-Softmax codes read two 7-bit digits from tables, two integer GEMMs."""
+    recipe = calibrate(tiny, tiny_images[:8], BitWidths(bits, bits), get_method("ias"), "tiny", QUIET)
+    assert sorted({q.kind for q in recipe.activations.values()}) == ["log2-table", "uniform"]
+    model = run_passes(tiny_fp32_onnx, pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
+    tables = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_table")]
+    assert len(tables) == 2 * 2 and all(t.dtype == np.uint8 and len(t) == 2**bits and t.max() <= 128 for t in tables)
+    assert sum(n.op_type == "Gather" and "attn_level_" in n.name for n in model.graph.node) == 2 * 2
+    report = _exact(tiny, recipe, model, tiny_images[8:])
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_error"] == 0.0
+
+
 @pytest.mark.parametrize("fmt", ["ort", "qdq"])
 def test_sulq_with_two_uint8_parts_is_bit_exact(tiny, tiny_images, tiny_fp32_onnx, fmt, monkeypatch):
     """eta = 2^-12: 2^i reaches 2^12, above uint8, so each attention@v takes a second GEMM."""

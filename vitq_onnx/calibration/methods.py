@@ -108,10 +108,14 @@ IAS_WIDE_DIVISOR = 5
 
 
 def sulq(bits: int) -> str:
-    """SULQ up to 4 bits; RepQ-ViT's log2 above, as ``repq`` (uniform from 7 bits). SULQ's levels
-    are powers of two (minus eta), at most j + 2 distinct ones for eta = 2^-j (j <= 10): 16 codes
-    use them, 32 or 64 cannot (measured at W6/A6: README)."""
-    return "sulq" if bits <= 4 else REPQ_SOFTMAX(bits)
+    """SULQ up to 4 bits; the log2-table quantizer at 5-7 bits, uniform at 8. SULQ's levels are
+    powers of two (minus eta), at most j + 2 distinct ones for eta = 2^-j (j <= 10): 16 codes use
+    them, 32 or 64 cannot (measured at W6/A6: README); log2's shifts keep 16 levels too. The
+    log2-table quantizer uses all 2^b codes: KL to FP32 on 32 held-out calibration images
+    (benchmarks/recon_settings.py) 0.038 against 0.049 with log2 for ``ias`` at W6/A6; with ``repq``
+    (no reconstruction) 0.042 against 0.073 at 6 bits, 0.0125 against uniform's 0.029 at 7, the
+    same as log2 at 5 (0.205)."""
+    return "sulq" if bits <= 4 else "log2-table" if bits <= 7 else "uniform"
 
 
 @register_method(num_calib=128)

@@ -1,8 +1,9 @@
 """What the post-Softmax passes share: the attention MatMul's Softmax and v, and integer attn@v.
 
-Both the log2 (``log2_softmax.py``) and the SULQ (``sulq_softmax.py``) quantizers turn the
-probabilities into small unsigned integers and multiply them with v's codes in integer GEMMs,
-each sum scaled by one float unit; this module holds those common steps.
+The log2 (``log2_softmax.py``), log2-table (``log2_table_softmax.py``) and SULQ
+(``sulq_softmax.py``) quantizers turn the probabilities into small unsigned integers and multiply
+them with v's codes in integer GEMMs, each sum scaled by one float unit; this module holds those
+common steps.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def attention_matmul(nodes: dict[str, gs.Node], key: str, kind: str) -> tuple[gs
             or producer.attrs.get("axis", -1) != -1:
         raise VitqError(f"{key}: {kind} quantization needs a last-axis Softmax read only by this MatMul")
     return node, producer
+
+
+def log_codes(b: OpBuilder, softmax: gs.Node, ln_scale, step, zero_code: int, name: str, step_name: str):
+    """uint8 codes min(QuantizeLinear(ln(scale) - LogSoftmax(x), step), Z) of the Softmax's
+    probabilities: round half to even, saturating at 0 (calibration.quantizers.log2.log_codes_of_log)."""
+    f32, u8 = np.float32, np.uint8
+    log_x = b.op("LogSoftmax", "log_softmax", [softmax.inputs[0]], dtype=f32, axis=-1)
+    y = b.op("Sub", "ln_ratio", [b.const("ln_scale", ln_scale, f32), log_x], dtype=f32)
+    q = b.op("QuantizeLinear", f"{name}_u8", [y, b.const(step_name, step, f32), b.const("zero", 0, u8)], dtype=u8)
+    return b.op("Min", name, [q, b.const("zero_code", zero_code, u8)], dtype=u8)
 
 
 def scaled_integer_matmul(b: OpBuilder, part: str, a, v_codes, v_zero, scale, fmt: str,

@@ -27,7 +27,7 @@ from ..calibration.quantizers.log2 import (
 )
 from ..naming import tensor_label
 from ..recipe import split_key
-from .attention_av import attention_matmul, dequantized_v, scaled_integer_matmul, sum_parts
+from .attention_av import attention_matmul, dequantized_v, log_codes, scaled_integer_matmul, sum_parts
 from .base import OpBuilder, Pass, PassContext, node_index
 
 
@@ -45,17 +45,14 @@ class Log2Softmax(Pass):
             aq = ctx.recipe.activations[key]
             node, softmax = attention_matmul(nodes, key, "log2")
             b = OpBuilder(graph, tensor_label(*split_key(key)), sep="_")
-            log_x = b.op("LogSoftmax", "log_softmax", [softmax.inputs[0]], dtype=np.float32, axis=-1)
-            _rewrite(b, node, log_x, aq, key, ctx.format)
+            _rewrite(b, node, softmax, aq, key, ctx.format)
 
 
-def _rewrite(b: OpBuilder, node: gs.Node, log_x: gs.Variable, aq, key: str, fmt: str) -> None:
+def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: str) -> None:
     f32, u8 = np.float32, np.uint8
     scale, e_max = f32(aq.params["scale"].reshape(())), log2_max_exponent(aq.bits)
-    y = b.op("Sub", "ln_ratio", [b.const("ln_scale", log2_log_scale(scale).numpy(), f32), log_x], dtype=f32)
-    q = b.op("QuantizeLinear", "log2_codes_u8", [y, b.const("ln_sqrt2", LOG2_STEP.numpy(), f32),
-                                                 b.const("zero", 0, u8)], dtype=u8)
-    q = b.op("Min", "log2_codes", [q, b.const("zero_code", log2_zero_code(aq.bits), u8)], dtype=u8)
+    q = log_codes(b, softmax, log2_log_scale(scale).numpy(), LOG2_STEP.numpy(), log2_zero_code(aq.bits),
+                  "log2_codes", "ln_sqrt2")
     half = b.op("DequantizeLinear", "half_q", [q, b.const("half", 0.5, f32), b.const("half_zero", 0, u8)], dtype=f32)
     c = b.op("QuantizeLinear", "half_up", [half, b.const("below_one", 1 - 2.0**-8, f32), b.const("c_zero", 0, u8)],
              dtype=u8)

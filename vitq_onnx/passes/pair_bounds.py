@@ -3,8 +3,8 @@
 onnxruntime's AVX2 u8*s8 GEMM (vpmaddubsw) adds two adjacent products a1*b1 + a2*b2 of the raw codes
 in int16, saturating past 32767; VNNI, AMX and u8*u8 kernels accumulate in int32. This pass finds
 every integer GEMM (MatMulInteger, MatMulIntegerToFloat, ConvInteger) with a uint8 and an int8
-operand, bounds each operand's codes from the graph itself (a constant's values; a Clip's bounds
-before a QuantizeLinear; else the container's range) and checks 2 * max|a| * max|b| <= 32767.
+operand, bounds each operand's codes from the graph itself (a constant's values; a Gather's table;
+a Clip's bounds before a QuantizeLinear; else the container's range) and checks 2 * max|a| * max|b| <= 32767.
 A ``portable`` model that fails is not written; a ``vnni`` model is only measured.
 """
 
@@ -33,6 +33,9 @@ def code_range(tensor: gs.Tensor, dtype: np.dtype) -> tuple[int, int]:
     if producer is not None and producer.op == "Cast" and _dtype_of(producer.inputs[0]) in _RANGES:
         a, b = code_range(producer.inputs[0], _dtype_of(producer.inputs[0]))  # e.g. 4-bit codes widened
         return max(lo, a), min(hi, b)
+    if producer is not None and producer.op == "Gather" and isinstance(producer.inputs[0], gs.Constant):
+        table = producer.inputs[0].values  # a lookup table's entries (post-Softmax digits)
+        return max(lo, int(table.min())), min(hi, int(table.max()))
     if producer is not None and producer.op == "QuantizeLinear":
         x, scale, zero = producer.inputs[:3]
         clip = x.inputs[0] if x.inputs else None

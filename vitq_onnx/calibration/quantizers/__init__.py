@@ -148,4 +148,4 @@ def by_kind(activations: dict) -> list[tuple[QuantizerKind, list[str]]]:
             if (keys := [k for k, q in activations.items() if q.kind == kind.name])]
 
 
-from . import uniform, log2, sulq  # noqa: E402,F401  (registers the kinds)
+from . import uniform, log2, sulq, log2_table  # noqa: E402,F401  (registers the kinds)

@@ -41,8 +41,14 @@ def log2_codes_of_log(log_x: torch.Tensor, scale, bits: int) -> torch.Tensor:
     saturating to uint8) and a Min with Z; the simulation feeds onnxruntime's LogSoftmax here so
     both round the same values.
     """
-    codes = log2_log_scale(scale).to(log_x.device) - log_x.float()
-    return codes.div_(LOG2_STEP.to(log_x.device)).round_().clamp_(0, log2_zero_code(bits))
+    return log_codes_of_log(log_x, log2_log_scale(scale), LOG2_STEP, log2_zero_code(bits))
+
+
+def log_codes_of_log(log_x: torch.Tensor, ln_scale: torch.Tensor, step: torch.Tensor, zero_code: int) -> torch.Tensor:
+    """round((ln_scale - ln(x)) / step) clamped to [0, zero_code], in float32 as the graph's Sub,
+    QuantizeLinear and Min compute it (the log-domain codes every log quantizer here shares)."""
+    codes = ln_scale.to(log_x.device) - log_x.float()
+    return codes.div_(step.to(log_x.device)).round_().clamp_(0, zero_code)
 
 
 def log2_codes(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
