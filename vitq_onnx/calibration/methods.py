@@ -61,6 +61,9 @@ def log2_up_to(max_bits: int) -> Callable[[int], str]:
 # images (benchmarks/recon_settings.py, repq vs repq-log2, DeiT-Ti): log2 0.205 against uniform
 # 0.478 at 5 bits, 0.073 against 0.102 at 6, but 0.042 against 0.029 at 7; at 4 bits log2 wins by
 # over 20 points of top-1. Uniform at 7-8 bits is also what onnxruntime runs fastest.
+# The log2-table quantizer (ias's at 6-7 bits) lowered the KL of repq at uniform 6 and 7 bits too
+# (0.039 against 0.073, 0.011 against 0.029) but raised that of repq's --avg-bits 5 map (0.168
+# against 0.153): repq keeps log2 and uniform.
 REPQ_SOFTMAX = log2_up_to(6)
 
 
@@ -108,14 +111,14 @@ IAS_WIDE_DIVISOR = 5
 
 
 def sulq(bits: int) -> str:
-    """SULQ up to 4 bits; the log2-table quantizer at 5-7 bits, uniform at 8. SULQ's levels are
-    powers of two (minus eta), at most j + 2 distinct ones for eta = 2^-j (j <= 10): 16 codes use
-    them, 32 or 64 cannot (measured at W6/A6: README); log2's shifts keep 16 levels too. The
-    log2-table quantizer uses all 2^b codes: KL to FP32 on 32 held-out calibration images
-    (benchmarks/recon_settings.py) 0.038 against 0.049 with log2 for ``ias`` at W6/A6; with ``repq``
-    (no reconstruction) 0.042 against 0.073 at 6 bits, 0.0125 against uniform's 0.029 at 7, the
-    same as log2 at 5 (0.205)."""
-    return "sulq" if bits <= 4 else "log2-table" if bits <= 7 else "uniform"
+    """SULQ up to 4 bits, log√2 at 5, the log2-table quantizer at 6-7, uniform at 8. SULQ's levels
+    are powers of two (minus eta), at most j + 2 distinct ones for eta = 2^-j (j <= 10): 16 codes
+    use them, 32 or 64 cannot (measured at W6/A6: README); log√2's shifts keep 16 levels too. The
+    log2-table quantizer uses all 2^b codes. KL to FP32 on 32 held-out calibration images
+    (benchmarks/recon_settings.py): ``ias`` at W6/A6 0.032 against 0.049 with log√2; ``repq``
+    (no reconstruction) with it 0.039 against 0.073 at 6 bits, 0.011 against uniform's 0.029 at
+    7, but 0.233 against log√2's 0.205 at 5."""
+    return "sulq" if bits <= 4 else "log2" if bits == 5 else "log2-table" if bits <= 7 else "uniform"
 
 
 @register_method(num_calib=128)
