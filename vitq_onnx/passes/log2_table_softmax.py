@@ -1,10 +1,13 @@
-"""Post-Softmax log2-table quantization in the graph: log-domain codes, table digits, integer attn@v.
+"""Post-Softmax log2-table quantization in the graph: log-domain codes, integer levels, exact attn@v.
 
 Codes as the log2 pass makes them (LogSoftmax, Sub, QuantizeLinear by ln(2)/m, Min with Z); code
-k stands for scale * L_k / 2^14 (calibration/quantizers/log2_table.py). A Gather per 7-bit digit
-of L_k reads the code's digit from a 2^b-entry uint8 table (in both formats: a table is what
-integer hardware uses for it too), and an integer GEMM per digit multiplies it with v's codes;
-the high digit's sum is weighted 128 in its float unit.
+k stands for scale * L_k / 2^14 (calibration/quantizers/log2_table.py). ``ort`` makes L_k with
+fast float kernels: DequantizeLinear (scale -ln(2)/m, zero point 14 m), Add the offset, Exp,
+Round (every level is far from a tie, so any Exp rounds alike), and multiplies it with v's codes
+in a float32 MatMul, exact since no row sum reaches 2^24 (onnxruntime's Gather, a table lookup,
+was 40 times slower per element than these). The portable ``qdq`` reads L_k's 7-bit digits from
+two uint8 tables (Gather: what integer hardware does) into two integer GEMMs added in int32.
+Both give float32(sum of L_k * v) times one float unit.
 """
 
 from __future__ import annotations
@@ -14,10 +17,20 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..calibration.quantizers.log2 import log2_log_scale
-from ..calibration.quantizers.log2_table import digit_units, table_digits, table_step
+from ..calibration.quantizers.log2_table import (
+    DIGIT_BITS,
+    FLOAT_EXACT,
+    GRID_BITS,
+    level_offset,
+    smallest_scale,
+    table_digits,
+    table_step,
+    table_unit,
+)
+from ..errors import VitqError
 from ..naming import tensor_label
 from ..recipe import split_key
-from .attention_av import attention_matmul, dequantized_v, log_codes, scaled_integer_matmul, sum_parts
+from .attention_av import attention_matmul, dequantized_v, log_codes, sum_parts
 from .base import OpBuilder, Pass, PassContext, node_index
 
 
@@ -38,14 +51,31 @@ class Log2TableSoftmax(Pass):
 
 
 def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: str) -> None:
-    scale, m = np.float32(aq.params["scale"].reshape(())), int(aq.params["per_octave"].reshape(()))
+    f32, u8, i32 = np.float32, np.uint8, np.int32
+    scale, m = f32(aq.params["scale"].reshape(())), int(aq.params["per_octave"].reshape(()))
+    if scale < smallest_scale(m):
+        raise VitqError(f"{key}: log2-table scale {scale:g} is below {smallest_scale(m):g}: a row's sum could "
+                        f"pass {FLOAT_EXACT} (a bug in the fit)")
     codes = log_codes(b, softmax, log2_log_scale(scale).numpy(), table_step(m).numpy(), 2**aq.bits - 1,
                       "table_codes", "ln_step")
-    index = b.op("Cast", "code_index", [codes], dtype=np.int64, to=onnx.TensorProto.INT64)
     v_codes, v_scale, v_zero = dequantized_v(b, node.inputs[1], key)
-    sums = []
-    for name, digits, unit in zip(("high", "low"), table_digits(aq.bits, m), digit_units(scale, v_scale)):
-        digit = b.op("Gather", f"level_{name}", [b.const(f"level_{name}_table", digits.numpy(), np.uint8), index],
-                     dtype=np.uint8, axis=0)
-        sums.append(scaled_integer_matmul(b, name, digit, v_codes, v_zero, unit.numpy(), fmt))
-    sum_parts(b, node, sums)
+    unit = b.const("unit", table_unit(scale, v_scale).numpy(), f32)
+    if fmt == "ort":
+        ln_level = b.op("DequantizeLinear", "ln_level_grid", [codes, b.const("minus_ln_step", -table_step(m).numpy(), f32),
+                                                              b.const("grid_code", GRID_BITS * m, u8)], dtype=f32)
+        ln_level = b.op("Add", "ln_level", [ln_level, b.const("level_offset", level_offset(aq.bits, m), f32)], dtype=f32)
+        level = b.op("Round", "level", [b.op("Exp", "level_exp", [ln_level], dtype=f32)], dtype=f32)
+        v = b.op("DequantizeLinear", "v_codes_float", [v_codes, b.const("one", 1.0, f32), v_zero], dtype=f32)
+        sums = b.op("MatMul", "level_sum", [level, v], dtype=f32)
+    else:
+        index = b.op("Cast", "code_index", [codes], dtype=np.int64, to=onnx.TensorProto.INT64)
+        parts = []
+        for name, digits in zip(("high", "low"), table_digits(aq.bits, m)):
+            digit = b.op("Gather", f"level_{name}", [b.const(f"level_{name}_table", digits.numpy(), u8), index],
+                         dtype=u8, axis=0)
+            parts.append(b.op("MatMulInteger", f"{name}_sum_int32", [digit, v_codes, b.const(f"{name}_zero", 0, u8),
+                                                                      v_zero], dtype=i32))
+        high = b.op("Mul", "high_sum_scaled", [parts[0], b.const("digit_base", 2**DIGIT_BITS, i32)], dtype=i32)
+        sums = b.op("Cast", "level_sum", [b.op("Add", "level_sum_int32", [high, parts[1]], dtype=i32)], dtype=f32,
+                    to=onnx.TensorProto.FLOAT)
+    sum_parts(b, node, [b.op("Mul", "sum", [sums, unit], dtype=f32)])

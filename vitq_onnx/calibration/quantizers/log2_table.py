@@ -1,22 +1,26 @@
-"""Post-Softmax log quantizer with every code used: m levels per octave, deployed by table lookup.
+"""Post-Softmax log quantizer with every code used: m levels per octave on an integer grid.
 
 Why: RepQ-ViT's log-sqrt(2) quantizer (``log2.py``) deploys as shifts of uint8 integers, so it
 keeps at most 16 levels whatever the width, and at 6 bits its sqrt(2) step near 1 is the model's
 largest error (``vitq-onnx report`` on an ``ias`` W6/A6 DeiT-Ti: 6-10 dB on the middle blocks'
-attention maps, above 21 dB on every other tensor). Here all 2^b codes count: code k < Z stands
-for scale * L_k / 2^14 with the integer L_k = round(2^14 * 2^(-k/m)), the top code Z for exact
-zero; the fit chooses the spacing m (levels per octave, 1, 2, 4 or 8: as AdaLog adapts its log
-base) with the scale, by the error of the attention output.
+attention maps, above 21 dB on every other tensor). Here all 2^b codes count: code k stands for
+scale * L_k / 2^14 with the integer L_k = round(exp((14 - k/m) ln 2 + offset)), about 2^14 *
+2^(-k/m), and the top code's level is 0; the fit chooses the spacing m (levels per octave: as
+AdaLog adapts its log base) with the scale, by the error of the attention output. The offset
+(0 or a few 2^-12 below) keeps every level far from a rounding tie, so the graph's Exp rounds
+to the same integers on any CPU.
 
 Deployment (``passes/log2_table_softmax.py``): codes from LogSoftmax as log2's are (a
-QuantizeLinear by ln(2)/m), then per 7-bit digit of L_k = 128 * high + low a Gather from a
-2^b-entry table and an integer GEMM with v's codes (both digits at most 128, so u8*s8 product
-pairs stay below 2^15 on CPUs without VNNI), each sum times one float unit.
+QuantizeLinear by ln(2)/m); ``ort`` makes L_k with DequantizeLinear, Add, Exp and Round and
+multiplies it with v's codes in a float32 GEMM, exact because the scale is kept high enough
+that no row's sum reaches 2^24; ``qdq`` reads L_k's two 7-bit digits from 2^b-entry tables
+(Gather) into two integer GEMMs added in int32. One float unit after either.
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -28,16 +32,48 @@ from .log2 import log2_log_scale, log_codes_of_log
 from .search import attention_sample
 
 GRID_BITS = 14  # levels are integers L_k <= 2^14 in units of scale * 2^-14
-DIGIT_BITS = 7  # L_k = 128 * high + low: two digits of at most 128
+DIGIT_BITS = 7  # qdq: L_k = 128 * high + low, two digits of at most 128
 PER_OCTAVE = (1, 2, 4, 8)  # the level spacings the fit chooses from
+# every level's exp(argument) lies this many float32 ulps or more from a rounding tie, so any Exp
+# kernel within that error (onnxruntime's on AVX2, AVX-512 or Arm: a few ulps) rounds it alike
+SAFE_ULPS = 64
+OFFSET_STEP = 2.0**-12  # the search step of the argument offset that moves levels off ties
+FLOAT_EXACT = 2**24  # float32 GEMM sums of integers are exact below this
+V_MAX = 2**7  # the largest |code| of v, an 8-bit quantizer
+
+
+def level_arguments(bits: int, per_octave: int, offset) -> np.ndarray:
+    """ln of each code's level in float32, as the graph computes it: DequantizeLinear of the code
+    with scale -ln(2)/m and zero point 14 m, then Add ``offset``."""
+    k = np.arange(2**bits, dtype=np.float32)
+    return (k - np.float32(GRID_BITS * per_octave)) * -table_step(per_octave).numpy() + np.float32(offset)
+
+
+def _safe(values: np.ndarray) -> bool:
+    ulp = np.spacing(values.astype(np.float32)).astype(np.float64)
+    return bool((np.abs(values - np.floor(values) - 0.5) >= SAFE_ULPS * ulp).all())
+
+
+@lru_cache(maxsize=None)
+def level_offset(bits: int, per_octave: int) -> np.float32:
+    """The first offset 0, -2^-12, -2^-11, ... at which no level sits near a rounding tie."""
+    for i in range(256):
+        offset = np.float32(-i * OFFSET_STEP)
+        if _safe(np.exp(level_arguments(bits, per_octave, offset).astype(np.float64))):
+            return offset
+    raise VitqError(f"no log2-table offset keeps {bits}-bit levels with spacing {per_octave} off rounding ties")
 
 
 def table_levels(bits: int, per_octave: int) -> torch.Tensor:
-    """L_k for every code k (int64): round(2^14 * 2^(-k/m)), and 0 for the top code."""
-    k = torch.arange(2**bits, dtype=torch.float64)
-    levels = torch.round(2.0**GRID_BITS * torch.exp2(-k / per_octave)).to(torch.int64)
-    levels[-1] = 0
-    return levels
+    """L_k = round(exp(argument_k)) for every code k (int64), about 2^14 * 2^(-k/m)."""
+    values = np.exp(level_arguments(bits, per_octave, level_offset(bits, per_octave)).astype(np.float64))
+    return torch.from_numpy(np.round(values).astype(np.int64))
+
+
+def spacings(bits: int) -> tuple[int, ...]:
+    """The spacings whose top code's level is 0, so small probabilities can still become zero
+    (at 4 bits and fewer none reaches it: then every spacing)."""
+    return tuple(m for m in PER_OCTAVE if table_levels(bits, m)[-1] == 0) or PER_OCTAVE
 
 
 def table_digits(bits: int, per_octave: int) -> list[torch.Tensor]:
@@ -55,11 +91,17 @@ def table_codes_of_log(log_x: torch.Tensor, scale, bits: int, per_octave: int) -
     return log_codes_of_log(log_x, log2_log_scale(scale), table_step(per_octave), 2**bits - 1)
 
 
-def digit_units(scale, s_v) -> list[torch.Tensor]:
-    """The float value of integer 1 in the [high, low] GEMMs: scale * s_v * 2^-14 * 128^digit,
-    rounded once to float32 (the graph's constants)."""
-    unit = float(scale) * float(s_v) * 2.0**-GRID_BITS
-    return [torch.tensor(np.float32(unit * 2.0**DIGIT_BITS)), torch.tensor(np.float32(unit))]
+def table_unit(scale, s_v) -> torch.Tensor:
+    """The float value of integer 1 in the sum of L times v's codes: scale * s_v * 2^-14, float32."""
+    return torch.tensor(np.float32(float(scale) * float(s_v) * 2.0**-GRID_BITS))
+
+
+def smallest_scale(per_octave: int) -> float:
+    """The least scale at which every row's sum of L * |v| stays below 2^24 whatever v (8 bits)
+    and the row's length are, so the ``ort`` graph's float32 GEMM sums exactly in any order: a
+    softmax row sums to 1, code k's level before rounding is at most 2^14 * 2^(1/2m) * p / scale,
+    and rounding at most doubles a level that is not 0."""
+    return 2.0 * 2.0**GRID_BITS * 2.0 ** (1 / (2 * per_octave)) * 1.001 * V_MAX / FLOAT_EXACT
 
 
 def fake_table(x: torch.Tensor, scale, bits: int, per_octave: int) -> torch.Tensor:
@@ -68,15 +110,16 @@ def fake_table(x: torch.Tensor, scale, bits: int, per_octave: int) -> torch.Tens
 
 
 def fit_table(x: torch.Tensor, bits: int, v: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Spacing and scale (the maximum or up to two octaves below it) with the least error of
-    ``x @ v`` (attention's output), or of ``x`` itself without ``v``."""
+    """Spacing and scale (the maximum or up to two octaves below it, never below
+    ``smallest_scale``) with the least error of ``x @ v`` (attention's output), or of ``x`` itself
+    without ``v``."""
     top = float(x.max().clamp(min=1e-8))
     xs, vs = attention_sample(x, v)
     ref = xs if v is None else xs @ vs
     best, best_err = None, math.inf
-    for m in PER_OCTAVE:
+    for m in spacings(bits):
         for i in range(32):
-            scale = top * 2.0 ** (-i / 16.0)
+            scale = max(top * 2.0 ** (-i / 16.0), smallest_scale(m))
             xq = fake_table(xs, scale, bits, m)
             err = float((((xq if v is None else xq @ vs) - ref) ** 2).mean())
             if err < best_err:
@@ -106,28 +149,23 @@ class Log2Table(QuantizerKind):
         return smooth + (exact - smooth).detach()  # the deployed values, the gradient of 2^(-k/m)
 
     def exact_matmul(self, qa, qb):
-        """Per digit: the exact sum of its table's integers times v's codes, float32 of it times the
-        digit's unit, added high then low, as the graph's GEMMs compute it."""
+        """The exact sum of each code's level L times v's codes, float32 of it times one unit: the
+        ``ort`` graph's float GEMM (exact below 2^24) and ``qdq``'s two integer GEMMs of L's digits
+        added in int32 both compute it."""
         p, kind_b, params_b = torch_params(qa), get_kind(qb.kind), torch_params(qb)
         m = int(p["per_octave"])
-        digits = table_digits(qa.bits, m)
-        units = digit_units(p["scale"], kind_b.step(params_b))
+        levels, unit = table_levels(qa.bits, m), table_unit(p["scale"], kind_b.step(params_b))
 
         def table_matmul(log_a, b):
             codes = table_codes_of_log(log_a, p["scale"], qa.bits, m).long()
-            kv = kind_b.codes(b, params_b, qb.bits)
-            out = None
-            for digit, unit in zip(digits, units):
-                term = exact_sum_matmul(digit.to(codes.device)[codes].float(), kv) * unit
-                out = term if out is None else out + term
-            return out
+            return exact_sum_matmul(levels.to(codes.device)[codes].float(), kind_b.codes(b, params_b, qb.bits)) * unit
 
         return table_matmul
 
     def check(self, key, bits, params):
         super().check(key, bits, params)
-        if not float(np.asarray(params["scale"])) > 0 or float(np.asarray(params["per_octave"])) not in PER_OCTAVE:
-            raise VitqError(f"{key}: log2-table scale must be > 0 and per_octave one of {PER_OCTAVE}")
+        if not float(np.asarray(params["scale"])) > 0 or float(np.asarray(params["per_octave"])) not in spacings(bits):
+            raise VitqError(f"{key}: log2-table scale must be > 0 and per_octave one of {spacings(bits)} at {bits} bits")
 
     def deploy_passes(self, keys):
         from ...passes.log2_table_softmax import Log2TableSoftmax
