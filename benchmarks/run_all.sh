@@ -29,7 +29,7 @@ python benchmarks/accuracy.py -o benchmarks/results/ias.md --configs deit_t:3/3:
     deit_t:4/4:ias deit_t:4/4:ias:qdq:reuse deit_t:6/6:ias deit_t:6/6:ias:qdq:reuse
 python benchmarks/accuracy.py -o benchmarks/results/ias_ablation.md --no-sim --configs \
     deit_t:3/3:repq deit_t:3/3:ias-sulq deit_t:3/3:ias-stage3 deit_t:4/4:repq deit_t:4/4:ias-sulq \
-    deit_t:4/4:ias-stage3 deit_t:6/6:repq deit_t:6/6:ias-stage3
+    deit_t:4/4:ias-stage3 deit_t:6/6:repq deit_t:6/6:ias-sulq deit_t:6/6:ias-stage3
 python benchmarks/sulq_eta.py --bits 3/3 4/4 -o benchmarks/results/sulq_eta.md
 python benchmarks/export_profile.py -o benchmarks/results/export_profile.md
 python benchmarks/keep_float.py -o benchmarks/results/keep_float.md

@@ -77,6 +77,7 @@ class Config:
     bits: str = ""  # W/A
     fmt: str = ""  # vitq-onnx --format
     target_cpu: str = "portable"  # vitq-onnx --target-cpu
+    method: str = "repq"  # vitq-onnx --method
 
 
 CONFIGS = {c.name: c for c in [
@@ -85,6 +86,7 @@ CONFIGS = {c.name: c for c in [
     Config("ort-w4a4", "ort", "4/4"),
     *(Config(f"vitq-w{b}a{b}-{f}", "vitq", f"{b}/{b}", f) for b in (8, 6, 4) for f in ("ort", "qdq")),
     Config("vitq-w8a8-ort-vnni", "vitq", "8/8", "ort", "vnni"),  # CPUs with VNNI/AMX only (below 8 bits: the same)
+    Config("vitq-w6a6-ias-ort", "vitq", "6/6", "ort", method="ias"),  # log2-table post-Softmax
 ]}
 ORT_CALIBRATIONS = ("MinMax", "Percentile")
 
@@ -181,7 +183,7 @@ def build_ort(config: Config, calibration: str, fp32: Path, calib_images: np.nda
 def build_vitq(config: Config, out: Path) -> Build:
     """``vitq-onnx export``, timed as a user runs it (interpreter start and imports included)."""
     args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", "deit_t", "--bits", config.bits,
-            "--format", config.fmt, "--target-cpu", config.target_cpu, "--weights", str(WEIGHTS), "--calib", str(CALIB),
+            "--format", config.fmt, "--target-cpu", config.target_cpu, "--method", config.method, "--weights", str(WEIGHTS), "--calib", str(CALIB),
             "--num-calib", str(NUM_CALIB), "-o", str(out), "-q"]
     start = time.time()
     proc = subprocess.run(args, check=False, capture_output=True, text=True, cwd=REPO)
