@@ -62,8 +62,8 @@ def log2_up_to(max_bits: int) -> Callable[[int], str]:
 # 0.478 at 5 bits, 0.073 against 0.102 at 6, but 0.042 against 0.029 at 7; at 4 bits log2 wins by
 # over 20 points of top-1. Uniform at 7-8 bits is also what onnxruntime runs fastest.
 # The log2-table quantizer (ias's at 6-7 bits) lowered the KL of repq at uniform 6 and 7 bits too
-# (0.039 against 0.073, 0.011 against 0.029) but raised that of repq's --avg-bits 5 map (0.168
-# against 0.153): repq keeps log2 and uniform.
+# (0.039 against 0.073, 0.013 against 0.029) but its first version raised that of repq's
+# --avg-bits 5 map (0.168 against 0.153): repq keeps log2 and uniform.
 REPQ_SOFTMAX = log2_up_to(6)
 
 
@@ -115,9 +115,10 @@ def sulq(bits: int) -> str:
     are powers of two (minus eta), at most j + 2 distinct ones for eta = 2^-j (j <= 10): 16 codes
     use them, 32 or 64 cannot (measured at W6/A6: README); log√2's shifts keep 16 levels too. The
     log2-table quantizer uses all 2^b codes. KL to FP32 on 32 held-out calibration images
-    (benchmarks/recon_settings.py): ``ias`` at W6/A6 0.032 against 0.049 with log√2; ``repq``
-    (no reconstruction) with it 0.039 against 0.073 at 6 bits, 0.011 against uniform's 0.029 at
-    7, but 0.233 against log√2's 0.205 at 5."""
+    (benchmarks/recon_settings.py): ``ias`` at W6/A6 0.043 against 0.049 with log√2; ``repq``
+    (no reconstruction) with it 0.039 against 0.073 at 6 bits, 0.013 against uniform's 0.029 at
+    7, but about the same as log√2 at 5 (0.200 against 0.205; 0.233 with its first version),
+    where log√2's shifts stay."""
     return "sulq" if bits <= 4 else "log2" if bits == 5 else "log2-table" if bits <= 7 else "uniform"
 
 
