@@ -151,6 +151,21 @@ def test_log2_table_softmax_is_bit_exact_in_both_formats(tiny, tiny_images, tiny
     assert report["top1_agreement"] == 1.0 and report["max_abs_logit_error"] == 0.0
 
 
+def test_log2_table_ort_takes_the_integer_digits_where_a_float_sum_could_round(tiny, tiny_images, tiny_fp32_onnx,
+                                                                              monkeypatch):
+    """v's codes too wide for the float GEMM's 2^24 bound (here: the bound made tiny): ``ort``
+    falls back to the tables' integer GEMMs, the same exact sums, still bit-exact."""
+    from vitq_onnx.passes import log2_table_softmax
+
+    recipe = calibrate(tiny, tiny_images[:8], BitWidths(6, 6), get_method("ias"), "tiny", QUIET)
+    monkeypatch.setattr(log2_table_softmax, "FLOAT_EXACT", 1.0)
+    model = run_passes(tiny_fp32_onnx, pipeline(recipe, "ort"), PassContext(recipe, "ort"), progress=False)
+    level_ops = [n.op_type for n in model.graph.node if "attn_level" in n.name]
+    assert level_ops.count("Gather") == 2 * 2 and "Exp" not in level_ops
+    report = _exact(tiny, recipe, model, tiny_images[8:])
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_error"] == 0.0
+
+
 @pytest.mark.parametrize("fmt", ["ort", "qdq"])
 def test_sulq_with_two_uint8_parts_is_bit_exact(tiny, tiny_images, tiny_fp32_onnx, fmt, monkeypatch):
     """eta = 2^-12: 2^i reaches 2^12, above uint8, so each attention@v takes a second GEMM."""

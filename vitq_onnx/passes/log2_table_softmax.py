@@ -4,9 +4,11 @@ Codes as the log2 pass makes them (LogSoftmax, Sub, QuantizeLinear by ln(2)/m, M
 k stands for scale * L_k / 2^14 (calibration/quantizers/log2_table.py). ``ort`` makes L_k with
 fast float kernels: DequantizeLinear (scale -ln(2)/m, zero point 14 m), Add the offset, Exp,
 Round (every level is far from a tie, so any Exp rounds alike), and multiplies it with v's codes
-in a float32 MatMul, exact since no row sum reaches 2^24 (onnxruntime's Gather, a table lookup,
-was 40 times slower per element than these). The portable ``qdq`` reads L_k's 7-bit digits from
-two uint8 tables (Gather: what integer hardware does) into two integer GEMMs added in int32.
+in a float32 MatMul, exact since no row sum reaches 2^24 with v's codes (bounded from the graph
+as ``pair_bounds`` does; onnxruntime's Gather, a table lookup, was 40 times slower per element
+than these kernels). The portable ``qdq``, and ``ort`` where v's codes are too wide for that
+bound, read L_k's 7-bit digits from two uint8 tables (Gather: what integer hardware does) into
+two integer GEMMs added in int32.
 Both give float32(sum of L_k * v) times one float unit.
 """
 
@@ -22,16 +24,16 @@ from ..calibration.quantizers.log2_table import (
     FLOAT_EXACT,
     GRID_BITS,
     level_offset,
-    smallest_scale,
+    row_sum_bound,
     table_digits,
     table_step,
     table_unit,
 )
-from ..errors import VitqError
 from ..naming import tensor_label
 from ..recipe import split_key
 from .attention_av import attention_matmul, dequantized_v, log_codes, sum_parts
 from .base import OpBuilder, Pass, PassContext, node_index
+from .pair_bounds import code_range
 
 
 class Log2TableSoftmax(Pass):
@@ -53,14 +55,13 @@ class Log2TableSoftmax(Pass):
 def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: str) -> None:
     f32, u8, i32 = np.float32, np.uint8, np.int32
     scale, m = f32(aq.params["scale"].reshape(())), int(aq.params["per_octave"].reshape(()))
-    if scale < smallest_scale(m):
-        raise VitqError(f"{key}: log2-table scale {scale:g} is below {smallest_scale(m):g}: a row's sum could "
-                        f"pass {FLOAT_EXACT} (a bug in the fit)")
     codes = log_codes(b, softmax, log2_log_scale(scale).numpy(), table_step(m).numpy(), 2**aq.bits - 1,
                       "table_codes", "ln_step")
     v_codes, v_scale, v_zero = dequantized_v(b, node.inputs[1], key)
     unit = b.const("unit", table_unit(scale, v_scale).numpy(), f32)
-    if fmt == "ort":
+    lo, hi = code_range(v_codes, v_zero.values.dtype)
+    v_max = max(abs(lo - int(v_zero.values)), abs(hi - int(v_zero.values)))
+    if fmt == "ort" and row_sum_bound(scale, m, v_max) < FLOAT_EXACT:
         ln_level = b.op("DequantizeLinear", "ln_level_grid", [codes, b.const("minus_ln_step", -table_step(m).numpy(), f32),
                                                               b.const("grid_code", GRID_BITS * m, u8)], dtype=f32)
         ln_level = b.op("Add", "ln_level", [ln_level, b.const("level_offset", level_offset(aq.bits, m), f32)], dtype=f32)

@@ -12,9 +12,10 @@ to the same integers on any CPU.
 
 Deployment (``passes/log2_table_softmax.py``): codes from LogSoftmax as log2's are (a
 QuantizeLinear by ln(2)/m); ``ort`` makes L_k with DequantizeLinear, Add, Exp and Round and
-multiplies it with v's codes in a float32 GEMM, exact because the scale is kept high enough
-that no row's sum reaches 2^24; ``qdq`` reads L_k's two 7-bit digits from 2^b-entry tables
-(Gather) into two integer GEMMs added in int32. One float unit after either.
+multiplies it with v's codes in a float32 GEMM, exact because the fit keeps the scale high
+enough that no row's sum reaches 2^24; ``qdq`` (and ``ort`` where v's codes are wider than that
+allows) reads L_k's two 7-bit digits from 2^b-entry tables (Gather) into two integer GEMMs
+added in int32. One float unit after either.
 """
 
 from __future__ import annotations
@@ -96,12 +97,17 @@ def table_unit(scale, s_v) -> torch.Tensor:
     return torch.tensor(np.float32(float(scale) * float(s_v) * 2.0**-GRID_BITS))
 
 
+def row_sum_bound(scale, per_octave: int, v_max: int) -> float:
+    """The largest |sum of L * v| over a softmax row, whatever its length: the row sums to 1, code
+    k's level before rounding is at most 2^14 * 2^(1/2m) * p / scale, and rounding at most
+    doubles a level that is not 0. Below 2^24 a float32 GEMM sums it exactly in any order."""
+    return 2.0 * 2.0**GRID_BITS * 2.0 ** (1 / (2 * per_octave)) * 1.001 * v_max / float(scale)
+
+
 def smallest_scale(per_octave: int) -> float:
-    """The least scale at which every row's sum of L * |v| stays below 2^24 whatever v (8 bits)
-    and the row's length are, so the ``ort`` graph's float32 GEMM sums exactly in any order: a
-    softmax row sums to 1, code k's level before rounding is at most 2^14 * 2^(1/2m) * p / scale,
-    and rounding at most doubles a level that is not 0."""
-    return 2.0 * 2.0**GRID_BITS * 2.0 ** (1 / (2 * per_octave)) * 1.001 * V_MAX / FLOAT_EXACT
+    """The least scale whose rows stay below 2^24 with any v of 8 signed bits (the fit keeps to it,
+    so the ``ort`` graph can take its fast float GEMM)."""
+    return row_sum_bound(1.0, per_octave, V_MAX) / FLOAT_EXACT
 
 
 def fake_table(x: torch.Tensor, scale, bits: int, per_octave: int) -> torch.Tensor:
