@@ -151,14 +151,22 @@ def test_log2_table_softmax_is_bit_exact_in_both_formats(tiny, tiny_images, tiny
     assert report["top1_agreement"] == 1.0 and report["max_abs_logit_error"] == 0.0
 
 
+@pytest.mark.parametrize("why", ["v too wide", "top level not 0"])
 def test_log2_table_ort_takes_the_integer_digits_where_a_float_sum_could_round(tiny, tiny_images, tiny_fp32_onnx,
-                                                                              monkeypatch):
-    """v's codes too wide for the float GEMM's 2^24 bound (here: the bound made tiny): ``ort``
-    falls back to the tables' integer GEMMs, the same exact sums, still bit-exact."""
+                                                                              monkeypatch, why):
+    """Where the float GEMM's 2^24 bound does not hold (v's codes too wide: here the bound made
+    tiny; or a 3-bit table whose top level is not 0, so every tiny probability adds to the sum)
+    ``ort`` falls back to the tables' integer GEMMs, the same exact sums, still bit-exact."""
     from vitq_onnx.passes import log2_table_softmax
+    from vitq_onnx.recipe import ActQuant
 
     recipe = calibrate(tiny, tiny_images[:8], BitWidths(6, 6), get_method("ias"), "tiny", QUIET)
-    monkeypatch.setattr(log2_table_softmax, "FLOAT_EXACT", 1.0)
+    if why == "v too wide":
+        monkeypatch.setattr(log2_table_softmax, "FLOAT_EXACT", 1.0)
+    else:
+        for key, q in list(recipe.activations.items()):
+            if q.kind == "log2-table":
+                recipe.activations[key] = ActQuant(q.kind, 3, {**q.params, "per_octave": np.float32(1)})
     model = run_passes(tiny_fp32_onnx, pipeline(recipe, "ort"), PassContext(recipe, "ort"), progress=False)
     level_ops = [n.op_type for n in model.graph.node if "attn_level" in n.name]
     assert level_ops.count("Gather") == 2 * 2 and "Exp" not in level_ops

@@ -2,14 +2,14 @@
 
 Codes as the log2 pass makes them (LogSoftmax, Sub, QuantizeLinear by ln(2)/m, Min with Z); code
 k stands for scale * L_k / 2^14 (calibration/quantizers/log2_table.py). ``ort`` makes L_k with
-fast float kernels: DequantizeLinear (scale -ln(2)/m, zero point 14 m), Add the offset, Exp,
-Round (every level is far from a tie, so any Exp rounds alike), and multiplies it with v's codes
-in a float32 MatMul, exact since no row sum reaches 2^24 with v's codes (bounded from the graph
-as ``pair_bounds`` does; onnxruntime's Gather, a table lookup, was 40 times slower per element
-than these kernels). The portable ``qdq``, and ``ort`` where v's codes are too wide for that
-bound, read L_k's 7-bit digits from two uint8 tables (Gather: what integer hardware does) into
-two integer GEMMs added in int32.
-Both give float32(sum of L_k * v) times one float unit.
+fast float kernels (DequantizeLinear with scale ln(2)/m and zero point 14 m, subtracted from the
+offset; Exp; Round: every level is far from a tie, so any Exp rounds alike) and multiplies it with
+v's codes in a float32 MatMul, exact because no row sum reaches 2^24 (``row_sum_bound``, with
+v's codes bounded from the graph as ``pair_bounds`` does, when the top code's level is 0).
+onnxruntime's Gather, a table lookup, was 40 times slower per element than these kernels. The
+portable ``qdq``, and ``ort`` where that bound fails, read L_k's 7-bit digits from two uint8
+tables (Gather: what integer hardware does) into two integer GEMMs added in int32. Both give
+float32(sum of L_k * v) times one float unit.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..calibration.quantizers.log2_table import (
     level_offset,
     row_sum_bound,
     table_digits,
+    table_levels,
     table_step,
     table_unit,
 )
@@ -61,10 +62,10 @@ def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: s
     unit = b.const("unit", table_unit(scale, v_scale).numpy(), f32)
     lo, hi = code_range(v_codes, v_zero.values.dtype)
     v_max = max(abs(lo - int(v_zero.values)), abs(hi - int(v_zero.values)))
-    if fmt == "ort" and row_sum_bound(scale, m, v_max) < FLOAT_EXACT:
-        ln_level = b.op("DequantizeLinear", "ln_level_grid", [codes, b.const("minus_ln_step", -table_step(m).numpy(), f32),
-                                                              b.const("grid_code", GRID_BITS * m, u8)], dtype=f32)
-        ln_level = b.op("Add", "ln_level", [ln_level, b.const("level_offset", level_offset(aq.bits, m), f32)], dtype=f32)
+    if fmt == "ort" and table_levels(aq.bits, m)[-1] == 0 and row_sum_bound(scale, m, v_max) < FLOAT_EXACT:
+        steps = b.op("DequantizeLinear", "steps_below_grid", [codes, b.const("level_step", table_step(m).numpy(), f32),
+                                                               b.const("grid_code", GRID_BITS * m, u8)], dtype=f32)
+        ln_level = b.op("Sub", "ln_level", [b.const("level_offset", level_offset(aq.bits, m), f32), steps], dtype=f32)
         level = b.op("Round", "level", [b.op("Exp", "level_exp", [ln_level], dtype=f32)], dtype=f32)
         v = b.op("DequantizeLinear", "v_codes_float", [v_codes, b.const("one", 1.0, f32), v_zero], dtype=f32)
         sums = b.op("MatMul", "level_sum", [level, v], dtype=f32)

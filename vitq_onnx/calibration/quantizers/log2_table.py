@@ -45,9 +45,9 @@ V_MAX = 2**7  # the largest |code| of v, an 8-bit quantizer
 
 def level_arguments(bits: int, per_octave: int, offset) -> np.ndarray:
     """ln of each code's level in float32, as the graph computes it: DequantizeLinear of the code
-    with scale -ln(2)/m and zero point 14 m, then Add ``offset``."""
+    with scale ln(2)/m and zero point 14 m, subtracted from ``offset``."""
     k = np.arange(2**bits, dtype=np.float32)
-    return (k - np.float32(GRID_BITS * per_octave)) * -table_step(per_octave).numpy() + np.float32(offset)
+    return np.float32(offset) - (k - np.float32(GRID_BITS * per_octave)) * table_step(per_octave).numpy()
 
 
 def _safe(values: np.ndarray) -> bool:
@@ -73,7 +73,7 @@ def table_levels(bits: int, per_octave: int) -> torch.Tensor:
 
 def spacings(bits: int) -> tuple[int, ...]:
     """The spacings whose top code's level is 0, so small probabilities can still become zero
-    (at 4 bits and fewer none reaches it: then every spacing)."""
+    (with few codes none may reach it: then every spacing)."""
     return tuple(m for m in PER_OCTAVE if table_levels(bits, m)[-1] == 0) or PER_OCTAVE
 
 
@@ -98,9 +98,10 @@ def table_unit(scale, s_v) -> torch.Tensor:
 
 
 def row_sum_bound(scale, per_octave: int, v_max: int) -> float:
-    """The largest |sum of L * v| over a softmax row, whatever its length: the row sums to 1, code
-    k's level before rounding is at most 2^14 * 2^(1/2m) * p / scale, and rounding at most
-    doubles a level that is not 0. Below 2^24 a float32 GEMM sums it exactly in any order."""
+    """The largest |sum of L * v| over a softmax row, whatever its length, when the top code's level
+    is 0: the row sums to 1, code k's level before rounding is at most 2^14 * 2^(1/2m) * p / scale,
+    and rounding at most doubles a level that is not 0. Below 2^24 a float32 GEMM sums it exactly
+    in any order."""
     return 2.0 * 2.0**GRID_BITS * 2.0 ** (1 / (2 * per_octave)) * 1.001 * v_max / float(scale)
 
 
