@@ -15,8 +15,30 @@ import onnx_graphsurgeon as gs
 
 from ..errors import VitqError
 from ..recipe import split_key
-from .base import OpBuilder
+from ..naming import tensor_label
+from .base import OpBuilder, Pass, PassContext, node_index
 from .lower_integer import dequantize_input
+
+
+class PostSoftmaxPass(Pass):
+    """Deploys the recipe's post-Softmax quantizers of one kind at ``keys``: each attention MatMul
+    a key names is rewritten by ``rewrite``, its new ops named after the quantized tensor."""
+
+    kind = ""  # the quantizer kind, as errors name it
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> None:
+        nodes = node_index(graph)
+        for key in self.keys:
+            node, softmax = attention_matmul(nodes, key, self.kind)
+            b = OpBuilder(graph, tensor_label(*split_key(key)), sep="_")
+            self.rewrite(b, node, softmax, ctx.recipe.activations[key], key, ctx.format)
+
+    @staticmethod
+    def rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: str) -> None:
+        raise NotImplementedError
 
 
 def attention_matmul(nodes: dict[str, gs.Node], key: str, kind: str) -> tuple[gs.Node, gs.Node]:

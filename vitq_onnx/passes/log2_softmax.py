@@ -25,27 +25,8 @@ from ..calibration.quantizers.log2 import (
     log2_unit,
     log2_zero_code,
 )
-from ..naming import tensor_label
-from ..recipe import split_key
-from .attention_av import attention_matmul, dequantized_v, log_codes, scaled_integer_matmul, sum_parts
-from .base import OpBuilder, Pass, PassContext, node_index
-
-
-class Log2Softmax(Pass):
-    """Deploys the recipe's log2 quantizers at ``keys`` (calibration/quantizers/log2.py)."""
-
-    name = "log2_softmax"
-
-    def __init__(self, keys: list[str]):
-        self.keys = keys
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> None:
-        nodes = node_index(graph)
-        for key in self.keys:
-            aq = ctx.recipe.activations[key]
-            node, softmax = attention_matmul(nodes, key, "log2")
-            b = OpBuilder(graph, tensor_label(*split_key(key)), sep="_")
-            _rewrite(b, node, softmax, aq, key, ctx.format)
+from .attention_av import PostSoftmaxPass, dequantized_v, log_codes, scaled_integer_matmul, sum_parts
+from .base import OpBuilder
 
 
 def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: str) -> None:
@@ -71,3 +52,11 @@ def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: s
     unit_odd = (unit * (SQRT2 - 1).numpy()).astype(f32)
     sum_parts(b, node, [scaled_integer_matmul(b, part, t, v_codes, v_zero, weight, fmt)
                         for part, t, weight in (("shifted", shifted, unit), ("odd", odd, unit_odd))])
+
+
+class Log2Softmax(PostSoftmaxPass):
+    """Deploys the recipe's log2 quantizers at ``keys`` (calibration/quantizers/log2.py)."""
+
+    name = "log2_softmax"
+    kind = "log2"
+    rewrite = staticmethod(_rewrite)

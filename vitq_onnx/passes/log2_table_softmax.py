@@ -30,27 +30,9 @@ from ..calibration.quantizers.log2_table import (
     table_step,
     table_unit,
 )
-from ..naming import tensor_label
-from ..recipe import split_key
-from .attention_av import attention_matmul, dequantized_v, log_codes, sum_parts
-from .base import OpBuilder, Pass, PassContext, node_index
+from .attention_av import PostSoftmaxPass, dequantized_v, log_codes, sum_parts
+from .base import OpBuilder
 from .pair_bounds import code_range
-
-
-class Log2TableSoftmax(Pass):
-    """Deploys the recipe's log2-table quantizers at ``keys``."""
-
-    name = "log2_table_softmax"
-
-    def __init__(self, keys: list[str]):
-        self.keys = keys
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> None:
-        nodes = node_index(graph)
-        for key in self.keys:
-            node, softmax = attention_matmul(nodes, key, "log2-table")
-            b = OpBuilder(graph, tensor_label(*split_key(key)), sep="_")
-            _rewrite(b, node, softmax, ctx.recipe.activations[key], key, ctx.format)
 
 
 def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: str) -> None:
@@ -81,3 +63,11 @@ def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: s
         sums = b.op("Cast", "level_sum", [b.op("Add", "level_sum_int32", [high, parts[1]], dtype=i32)], dtype=f32,
                     to=onnx.TensorProto.FLOAT)
     sum_parts(b, node, [b.op("Mul", "sum", [sums, unit], dtype=f32)])
+
+
+class Log2TableSoftmax(PostSoftmaxPass):
+    """Deploys the recipe's log2-table quantizers at ``keys``."""
+
+    name = "log2_table_softmax"
+    kind = "log2-table"
+    rewrite = staticmethod(_rewrite)

@@ -15,30 +15,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..calibration.quantizers.sulq import PART_BITS, graph_constants, part_unit, sulq_part_shifts
-from ..naming import tensor_label
-from ..recipe import split_key
-from .attention_av import attention_matmul, dequantized_v, scaled_integer_matmul, sum_parts
-from .base import OpBuilder, Pass, PassContext, node_index
+from .attention_av import PostSoftmaxPass, dequantized_v, scaled_integer_matmul, sum_parts
+from .base import OpBuilder
 
 
-class SULQSoftmax(Pass):
-    """Deploys the recipe's SULQ quantizers at ``keys``."""
-
-    name = "sulq_softmax"
-
-    def __init__(self, keys: list[str]):
-        self.keys = keys
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> None:
-        nodes = node_index(graph)
-        for key in self.keys:
-            node, softmax = attention_matmul(nodes, key, "SULQ")
-            b = OpBuilder(graph, tensor_label(*split_key(key)), sep="_")
-            _rewrite(b, node, softmax.outputs[0], ctx.recipe.activations[key], key, ctx.format)
-
-
-def _rewrite(b: OpBuilder, node: gs.Node, probs: gs.Variable, aq, key: str, fmt: str) -> None:
+def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: str) -> None:
     f32, u8 = np.float32, np.uint8
+    probs = softmax.outputs[0]
     eta, lo, delta = (aq.params[k].reshape(()) for k in ("eta", "lo", "delta"))
     shifts = sulq_part_shifts(lo, delta, eta, aq.bits)
     c_lo, c_delta = graph_constants(lo, delta)
@@ -63,3 +46,11 @@ def _rewrite(b: OpBuilder, node: gs.Node, probs: gs.Variable, aq, key: str, fmt:
         unit = part_unit(eta, v_scale, p).numpy()
         sums.append(scaled_integer_matmul(b, f"part{p}", part, v_codes, v_zero, unit, fmt, a_zero=1 if p == 0 else 0))
     sum_parts(b, node, sums)
+
+
+class SULQSoftmax(PostSoftmaxPass):
+    """Deploys the recipe's SULQ quantizers at ``keys``."""
+
+    name = "sulq_softmax"
+    kind = "SULQ"
+    rewrite = staticmethod(_rewrite)
