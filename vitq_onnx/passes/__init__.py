@@ -8,6 +8,7 @@ from .base import Pass, PassContext, run_passes
 from .check_model import CheckModel
 from .factor_scales import FactorScales
 from .fold_reparam import FoldReparam
+from .hoist_quantize import HoistQuantize
 from .lower_integer import LowerInteger
 from .name_nodes import NameNodes
 from .pair_bounds import CheckPairBounds
@@ -28,7 +29,7 @@ def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:
         passes.append(RoundParams())
     for kind, keys in by_kind(recipe.activations):  # each quantizer kind deploys itself
         passes += kind.deploy_passes(keys)
-    passes += [LowerInteger() if fmt == "ort" else FactorScales(), StoreFloat16(), UnfusedNorm(), CheckPairBounds()]
+    passes += [HoistQuantize(), LowerInteger() if fmt == "ort" else FactorScales(), StoreFloat16(), UnfusedNorm(), CheckPairBounds()]
     passes.append(CheckModel())
     return passes
 

@@ -4,7 +4,8 @@ onnxruntime's AVX2 u8*s8 GEMM (vpmaddubsw) adds two adjacent products a1*b1 + a2
 in int16, saturating past 32767; VNNI, AMX and u8*u8 kernels accumulate in int32. This pass finds
 every integer GEMM (MatMulInteger, MatMulIntegerToFloat, ConvInteger) with a uint8 and an int8
 operand, bounds each operand's codes from the graph itself (a constant's values; a Gather's table;
-a Clip's bounds before a QuantizeLinear; else the container's range) and checks 2 * max|a| * max|b| <= 32767.
+a Clip's bounds before a QuantizeLinear,
+through ops that only move codes; else the container's range) and checks 2 * max|a| * max|b| <= 32767.
 A ``portable`` model that fails is not written; a ``vnni`` model is only measured.
 """
 
@@ -18,6 +19,7 @@ from ..errors import VitqError
 from .base import Pass, PassContext
 
 INT16_MAX = 2**15 - 1
+_MOVES = ("Transpose", "Squeeze", "Unsqueeze", "Reshape", "Split")  # codes moved, not changed
 # input positions of (a, b, a zero point, b zero point)
 _OPERANDS = {"MatMulInteger": (0, 1, 2, 3), "MatMulIntegerToFloat": (0, 1, 4, 5), "ConvInteger": (0, 1, 2, 3)}
 _RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127),
@@ -33,13 +35,16 @@ def code_range(tensor: gs.Tensor, dtype: np.dtype) -> tuple[int, int]:
     if producer is not None and producer.op == "Cast" and _dtype_of(producer.inputs[0]) in _RANGES:
         a, b = code_range(producer.inputs[0], _dtype_of(producer.inputs[0]))  # e.g. 4-bit codes widened
         return max(lo, a), min(hi, b)
+    if producer is not None and producer.op in _MOVES:
+        return code_range(producer.inputs[0], dtype)
     if producer is not None and producer.op == "Gather" and isinstance(producer.inputs[0], gs.Constant):
         table = producer.inputs[0].values  # a lookup table's entries (post-Softmax digits)
         return max(lo, int(table.min())), min(hi, int(table.max()))
     if producer is not None and producer.op == "QuantizeLinear":
         x, scale, zero = producer.inputs[:3]
         clip = x.inputs[0] if x.inputs else None
-        if clip is not None and clip.op == "Clip" and all(isinstance(t, gs.Constant) for t in clip.inputs[1:3]):
+        if clip is not None and clip.op == "Clip" and all(isinstance(t, gs.Constant) for t in clip.inputs[1:3]) \
+                and scale.values.size == 1:
             s, z = float(scale.values), int(zero.values)
             a, b = (int(np.rint(float(t.values) / s)) + z for t in clip.inputs[1:3])
             return max(lo, a), min(hi, b)
@@ -52,6 +57,8 @@ def _dtype_of(tensor: gs.Tensor) -> np.dtype | None:
     producer = tensor.inputs[0] if tensor.inputs else None
     if producer is not None and producer.op == "QuantizeLinear":  # its type is its zero point's
         return np.dtype(producer.inputs[2].values.dtype)
+    if producer is not None and producer.op in _MOVES:
+        return _dtype_of(producer.inputs[0])
     return None
 
 

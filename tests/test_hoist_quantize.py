@@ -1,0 +1,102 @@
+"""hoist_quantize: QuantizeLinear and Clip move above attention's split, squeezes, transposes and the
+1/sqrt(d) Mul, and the three quantizers of an unclipped q/k/v merge into one; every code is the same."""
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from vitq_onnx import runtime
+from vitq_onnx.passes import PassContext
+from vitq_onnx.passes.base import to_model
+from vitq_onnx.passes.hoist_quantize import HoistQuantize
+from vitq_onnx.passes.pair_bounds import code_range
+
+HEADS, DIM = 2, 8
+
+
+def _attention_inputs(clip: bool, q_factor: float) -> gs.Graph:
+    """qkv [1, 7, 3*H*D] -> Reshape, Transpose, Split, Squeeze; q * q_factor; k transposed; each
+    (optionally clipped to 4 bits) quantized by its own scale: timm's attention, as insert_qdq leaves it."""
+    x = gs.Variable("qkv", np.float32, [1, 7, 3 * HEADS * DIM])
+    nodes, outputs = [], []
+
+    def var(name):
+        return gs.Variable(name, np.float32)
+
+    shaped, moved = var("shaped"), var("moved")
+    nodes.append(gs.Node("Reshape", "attn/Reshape", inputs=[x, gs.Constant("shape", np.array([1, 7, 3, HEADS, DIM]))],
+                         outputs=[shaped]))
+    nodes.append(gs.Node("Transpose", "attn/Transpose", attrs={"perm": [2, 0, 3, 1, 4]}, inputs=[shaped],
+                         outputs=[moved]))
+    parts = [var(f"part{i}") for i in range(3)]
+    nodes.append(gs.Node("Split", "attn/Split", attrs={"axis": 0}, inputs=[moved, gs.Constant("sizes", np.ones(3, np.int64))],
+                         outputs=parts))
+    for i, (name, scale, zero, dtype) in enumerate((("q", 0.03, 128, np.uint8), ("k", 0.05, 0, np.int8),
+                                                   ("v", 0.02, 0, np.int8))):
+        t = var(f"{name}_squeezed")
+        nodes.append(gs.Node("Squeeze", f"attn/Squeeze_{name}", inputs=[parts[i], gs.Constant(f"axes_{name}", np.array([0]))],
+                             outputs=[t]))
+        if name == "q":
+            scaled = var("q_scaled")
+            nodes.append(gs.Node("Mul", "attn/Mul", inputs=[t, gs.Constant("factor", np.array(q_factor, np.float32))],
+                                 outputs=[scaled]))
+            t = scaled
+        if name == "k":
+            kt = var("k_t")
+            nodes.append(gs.Node("Transpose", "attn/Transpose_k", attrs={"perm": [0, 1, 3, 2]}, inputs=[t], outputs=[kt]))
+            t = kt
+        if not clip:  # 8 bits: one code type for all three
+            dtype, zero = np.uint8, 128
+        else:
+            lo, hi = (np.float32((c - (zero if dtype == np.uint8 else 0)) * scale) for c in ((0, 15) if dtype == np.uint8
+                                                                                             else (-8, 7)))
+            clipped = var(f"{name}_clipped")
+            nodes.append(gs.Node("Clip", f"attn/{name}_clip", inputs=[t, gs.Constant(f"{name}_lo", np.array(lo)),
+                                                                     gs.Constant(f"{name}_hi", np.array(hi))],
+                                 outputs=[clipped]))
+            t = clipped
+        codes = gs.Variable(f"{name}_codes", dtype)
+        nodes.append(gs.Node("QuantizeLinear", f"attn/{name}_q", outputs=[codes], inputs=[
+            t, gs.Constant(f"{name}_scale", np.array(scale, np.float32)), gs.Constant(f"{name}_zero", np.array(zero, dtype))]))
+        outputs.append(codes)
+    return gs.Graph(nodes, inputs=[x], outputs=outputs, opset=21)
+
+
+def _codes(graph: gs.Graph, x: np.ndarray) -> list[np.ndarray]:
+    return runtime.session(to_model(graph)).run(None, {"qkv": x})
+
+
+def _inputs() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((1, 7, 3 * HEADS * DIM)) * 3).astype(np.float32)
+    x.reshape(-1)[:24] = (np.arange(24) + 0.5).astype(np.float32) * np.float32(0.03)  # rounding ties too
+    return x
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["8-bit", "4-bit-clipped"])
+def test_codes_are_unchanged_and_the_float_moves_go(clip):
+    x = _inputs()
+    before = _codes(_attention_inputs(clip, 0.125), x)
+    graph = HoistQuantize()(_attention_inputs(clip, 0.125), PassContext())
+    after = _codes(graph, x)
+    assert all((a == b).all() and a.dtype == b.dtype for a, b in zip(before, after))
+    ops = [n.op for n in graph.nodes]
+    assert "Mul" not in ops  # 1/sqrt(d) = 2^-3 went into q's scale (and clip bounds)
+    quantizers = [n for n in graph.nodes if n.op == "QuantizeLinear"]
+    if not clip:  # one per-axis QuantizeLinear of the reshaped qkv, the moves on uint8 codes
+        assert len(quantizers) == 1 and quantizers[0].inputs[0].name == "shaped"
+        assert quantizers[0].inputs[1].values.tolist() == pytest.approx([0.24, 0.05, 0.02])
+    else:  # each clipped branch is quantized straight after the Split, then moved as codes
+        assert len(quantizers) == 3 and all(q.inputs[0].inputs[0].op == "Clip" for q in quantizers)
+        assert all(q.inputs[0].inputs[0].inputs[0].inputs[0].op == "Split" for q in quantizers)
+        for name, (lo, hi) in (("q", (0, 15)), ("k", (-8, 7)), ("v", (-8, 7))):  # bounds still seen through moves
+            out = next(t for t in graph.outputs if t.name == f"{name}_codes")
+            assert code_range(out, out.dtype) == (lo, hi)
+
+
+def test_a_mul_that_is_not_a_power_of_two_stays():
+    x = _inputs()
+    before = _codes(_attention_inputs(True, 0.1), x)
+    graph = HoistQuantize()(_attention_inputs(True, 0.1), PassContext())
+    assert [n.op for n in graph.nodes].count("Mul") == 1
+    assert all((a == b).all() for a, b in zip(before, _codes(graph, x)))
