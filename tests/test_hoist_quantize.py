@@ -14,7 +14,10 @@ from vitq_onnx.passes.pair_bounds import code_range
 HEADS, DIM = 2, 8
 
 
-def _attention_inputs(clip: bool, q_factor: float) -> gs.Graph:
+SCALES = {"q": 2.0**-5, "k": 0.05, "v": 2.0**-6}  # powers of two for q and v: exact rounding ties below
+
+
+def _attention_inputs(clip: bool, q_factor: float, mixed_codes: bool = False) -> gs.Graph:
     """qkv [1, 7, 3*H*D] -> Reshape, Transpose, Split, Squeeze; q * q_factor; k transposed; each
     (optionally clipped to 4 bits) quantized by its own scale: timm's attention, as insert_qdq leaves it."""
     x = gs.Variable("qkv", np.float32, [1, 7, 3 * HEADS * DIM])
@@ -31,8 +34,8 @@ def _attention_inputs(clip: bool, q_factor: float) -> gs.Graph:
     parts = [var(f"part{i}") for i in range(3)]
     nodes.append(gs.Node("Split", "attn/Split", attrs={"axis": 0}, inputs=[moved, gs.Constant("sizes", np.ones(3, np.int64))],
                          outputs=parts))
-    for i, (name, scale, zero, dtype) in enumerate((("q", 0.03, 128, np.uint8), ("k", 0.05, 0, np.int8),
-                                                   ("v", 0.02, 0, np.int8))):
+    for i, (name, zero, dtype) in enumerate((("q", 128, np.uint8), ("k", 0, np.int8), ("v", 0, np.int8))):
+        scale = SCALES[name]
         t = var(f"{name}_squeezed")
         nodes.append(gs.Node("Squeeze", f"attn/Squeeze_{name}", inputs=[parts[i], gs.Constant(f"axes_{name}", np.array([0]))],
                              outputs=[t]))
@@ -45,7 +48,7 @@ def _attention_inputs(clip: bool, q_factor: float) -> gs.Graph:
             kt = var("k_t")
             nodes.append(gs.Node("Transpose", "attn/Transpose_k", attrs={"perm": [0, 1, 3, 2]}, inputs=[t], outputs=[kt]))
             t = kt
-        if not clip:  # 8 bits: one code type for all three
+        if not clip and not mixed_codes:  # 8 bits: one code type for all three
             dtype, zero = np.uint8, 128
         else:
             lo, hi = (np.float32((c - (zero if dtype == np.uint8 else 0)) * scale) for c in ((0, 15) if dtype == np.uint8
@@ -67,9 +70,12 @@ def _codes(graph: gs.Graph, x: np.ndarray) -> list[np.ndarray]:
 
 
 def _inputs() -> np.ndarray:
+    """Random qkv, with the first token's q and v on exact rounding ties of their grids."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((1, 7, 3 * HEADS * DIM)) * 3).astype(np.float32)
-    x.reshape(-1)[:24] = (np.arange(24) + 0.5).astype(np.float32) * np.float32(0.03)  # rounding ties too
+    ties = np.arange(HEADS * DIM, dtype=np.float32) - 8 + 0.5
+    x[0, 0, :HEADS * DIM] = ties * np.float32(SCALES["q"] / 0.125)  # q * 1/8 / scale = m + 1/2
+    x[0, 0, 2 * HEADS * DIM:] = ties * np.float32(SCALES["v"])
     return x
 
 
@@ -85,7 +91,7 @@ def test_codes_are_unchanged_and_the_float_moves_go(clip):
     quantizers = [n for n in graph.nodes if n.op == "QuantizeLinear"]
     if not clip:  # one per-axis QuantizeLinear of the reshaped qkv, the moves on uint8 codes
         assert len(quantizers) == 1 and quantizers[0].inputs[0].name == "shaped"
-        assert quantizers[0].inputs[1].values.tolist() == pytest.approx([0.24, 0.05, 0.02])
+        assert quantizers[0].inputs[1].values.tolist() == pytest.approx([2.0**-2, 0.05, 2.0**-6])
     else:  # each clipped branch is quantized straight after the Split, then moved as codes
         assert len(quantizers) == 3 and all(q.inputs[0].inputs[0].op == "Clip" for q in quantizers)
         assert all(q.inputs[0].inputs[0].inputs[0].inputs[0].op == "Split" for q in quantizers)
@@ -100,3 +106,23 @@ def test_a_mul_that_is_not_a_power_of_two_stays():
     graph = HoistQuantize()(_attention_inputs(True, 0.1), PassContext())
     assert [n.op for n in graph.nodes].count("Mul") == 1
     assert all((a == b).all() for a, b in zip(before, _codes(graph, x)))
+
+
+def test_what_it_must_not_move_stays():
+    """Mixed code types (k and v signed, as --target-cpu vnni or below 8 bits) are not merged; a
+    Mul that something else reads too stays; a graph output keeps its producer."""
+    x = _inputs()
+    graph = _attention_inputs(False, 0.125, mixed_codes=True)
+    before = _codes(graph, x)
+    graph = HoistQuantize()(graph, PassContext())
+    assert [n.op for n in graph.nodes].count("QuantizeLinear") == 3
+    assert all((a == b).all() for a, b in zip(before, _codes(graph, x)))
+
+    graph = _attention_inputs(False, 0.125)
+    scaled = next(n for n in graph.nodes if n.op == "Mul").outputs[0]
+    graph.outputs.append(scaled)
+    graph = HoistQuantize()(graph, PassContext())
+    mul = [n for n in graph.nodes if n.op == "Mul"]
+    assert len(mul) == 1 and mul[0].outputs[0].name == "q_scaled"
+    q = next(n for n in graph.nodes if n.op == "QuantizeLinear" and n.outputs[0].name == "q_codes")
+    assert q.inputs[0].name == "q_scaled" and "q_scaled" in {t.name for t in graph.outputs}

@@ -206,3 +206,18 @@ def test_sulq_graph_is_integer_shifts_and_bit_exact(deit, fp32_onnx, calib_image
     codes_name = "blocks.5.attn/attn_sulq_codes"
     (codes,) = runtime.session(_with_outputs(model, [codes_name])).run([codes_name], {"image": val_images})
     assert codes.dtype == np.uint8 and codes.max() <= 2**bits - 1 and len(np.unique(codes)) >= 2**bits - 2
+
+
+def test_w8a8_quantizes_each_qkv_once_and_stays_bit_exact_in_both_formats(deit, fp32_onnx, calib_images, val_images):
+    """hoist_quantize's riskiest rewrite, on the real graph: q, k, v of each block come out of one
+    per-axis QuantizeLinear (the 1/sqrt(d) Mul folded into q's scale), and every logit is the
+    simulation's."""
+    recipe = calibrate(deit, calib_images, BitWidths(8, 8), get_method("repq"), "deit_tiny_patch16_224",
+                       CalibOptions(progress=False))
+    sim = torch_logits(simulate(deit, recipe), val_images)
+    for fmt in ("ort", "qdq"):
+        model = run_passes(fp32_onnx, pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
+        merged = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.name.endswith("attn/q_k_v_q")]
+        assert len(merged) == 12
+        assert not any(n.op_type == "Mul" and n.name.endswith("attn/Mul") for n in model.graph.node)
+        assert compare_logits(sim, runtime.run(runtime.session(model), val_images))["max_abs_logit_error"] == 0.0

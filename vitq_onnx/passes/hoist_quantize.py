@@ -26,10 +26,6 @@ _MOVES = ("Transpose", "Squeeze", "Unsqueeze", "Reshape")
 _BYTE_CODES = (np.dtype(np.uint8), np.dtype(np.int8))
 
 
-def _single_consumer(tensor: gs.Tensor) -> bool:
-    return len(tensor.outputs) == 1 and not tensor.is_empty()
-
-
 def _constant(tensor: gs.Tensor) -> np.ndarray | None:
     """The values of an initializer or of a Constant node's output, else None."""
     producer = tensor.inputs[0] if tensor.inputs else None
@@ -38,23 +34,25 @@ def _constant(tensor: gs.Tensor) -> np.ndarray | None:
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 
 
-def _scalar(tensor: gs.Tensor) -> float | None:
+def _scalar(tensor: gs.Tensor) -> np.ndarray | None:
+    """A rank-0 float constant (a rank-1 size-1 one would broadcast a rank: left alone)."""
     values = _constant(tensor) if not tensor.is_empty() else None
-    return float(values.reshape(())) if values is not None and values.size == 1 else None
+    return values if values is not None and values.ndim == 0 and np.issubdtype(values.dtype, np.floating) else None
 
 
 def _power_of_two_factor(mul: gs.Node) -> tuple[int, float] | None:
     """(index of the tensor input, factor) when a Mul multiplies by a positive power of two."""
     for i in (0, 1):
         value = _scalar(mul.inputs[1 - i])
-        if value is not None and value > 0 and math.frexp(value)[0] == 0.5:
-            return i, value
+        if value is not None and value > 0 and math.frexp(float(value))[0] == 0.5:
+            return i, float(value)
     return None
 
 
 def _byte_codes(quantize: gs.Node) -> bool:
     """8-bit containers: onnxruntime moves no 4-bit (``qdq`` format) tensors."""
-    return len(quantize.inputs) > 2 and np.dtype(quantize.inputs[2].values.dtype) in _BYTE_CODES
+    zero = _constant(quantize.inputs[2]) if len(quantize.inputs) > 2 else None
+    return zero is not None and zero.dtype in _BYTE_CODES
 
 
 def _per_tensor(node: gs.Node) -> bool:
@@ -66,7 +64,7 @@ def _per_tensor(node: gs.Node) -> bool:
 
 def _swap(move: gs.Node, node: gs.Node) -> None:
     """x -> move -> node -> y  becomes  x -> node -> move -> y."""
-    moved = gs.Variable(f"{move.name}/{node.op.lower()}_in", dtype=node.outputs[0].dtype)
+    moved = gs.Variable(f"{node.name}/above_{move.name}", dtype=node.outputs[0].dtype)
     x, y = move.inputs[0], list(node.outputs)
     move.inputs[0] = moved
     node.inputs[0] = x
@@ -75,7 +73,8 @@ def _swap(move: gs.Node, node: gs.Node) -> None:
 
 
 def _divided(tensor: gs.Tensor, factor: float) -> gs.Constant:
-    return gs.Constant(f"{tensor.name}_over_{factor:g}", np.asarray(np.float32(_scalar(tensor)) / np.float32(factor)))
+    value = _scalar(tensor)  # a power-of-two factor divides exactly, in the constant's own type
+    return gs.Constant(f"{tensor.name}_over_{factor:g}", np.asarray(value / value.dtype.type(factor), value.dtype))
 
 
 def _absorb_mul(mul: gs.Node, node: gs.Node) -> bool:
@@ -86,6 +85,8 @@ def _absorb_mul(mul: gs.Node, node: gs.Node) -> bool:
     i, factor = found
     if node.op == "QuantizeLinear":
         node.inputs[0], node.inputs[1] = mul.inputs[i], _divided(node.inputs[1], factor)
+        mul.inputs.clear()  # dead: nothing reads it now
+        mul.outputs.clear()
         return True
     node.inputs[1], node.inputs[2] = _divided(node.inputs[1], factor), _divided(node.inputs[2], factor)
     mul.inputs = [mul.inputs[i], mul.inputs[1 - i]]  # the tensor first, for _swap
@@ -93,42 +94,41 @@ def _absorb_mul(mul: gs.Node, node: gs.Node) -> bool:
     return True
 
 
-def _hoist_once(graph: gs.Graph) -> bool:
-    for node in [n for n in graph.nodes if n.op in ("QuantizeLinear", "Clip")]:
-        x = node.inputs[0]
-        producer = x.inputs[0] if x.inputs else None
-        if producer is None or not _single_consumer(x):
-            continue
-        if producer.op in _MOVES and _per_tensor(node) and (node.op == "Clip" or _byte_codes(node)):
-            _swap(producer, node)
-            return True
-        if producer.op == "Mul" and _per_tensor(node) and _absorb_mul(producer, node):
-            return True
-        if node.op != "QuantizeLinear":
-            continue
-        scale = _constant(node.inputs[1])
-        if producer.op == "Transpose" and _byte_codes(node) and scale is not None and scale.ndim == 1:
-            node.attrs["axis"] = producer.attrs["perm"][node.attrs.get("axis", 1)]
-            _swap(producer, node)
-            return True
-        if producer.op == "Split" and _merge_split(graph, producer):
-            return True
-    return False
+def _hoist(graph: gs.Graph, node: gs.Node, kept: set[str]) -> bool:
+    """Move ``node`` (a QuantizeLinear or Clip) one op up if it can; True if it did."""
+    x = node.inputs[0]
+    producer = x.inputs[0] if x.inputs else None
+    if producer is None or len(x.outputs) != 1 or x.name in kept:
+        return False
+    if producer.op in _MOVES and _per_tensor(node) and (node.op == "Clip" or _byte_codes(node)):
+        _swap(producer, node)
+        return True
+    if producer.op == "Mul" and _per_tensor(node):
+        return _absorb_mul(producer, node)
+    if node.op != "QuantizeLinear" or not _byte_codes(node):
+        return False
+    scale, perm = _constant(node.inputs[1]), producer.attrs.get("perm")
+    if producer.op == "Transpose" and perm is not None and scale is not None and scale.ndim == 1:
+        node.attrs["axis"] = perm[node.attrs.get("axis", 1)]
+        _swap(producer, node)
+        return True
+    return producer.op == "Split" and _merge_split(graph, producer, kept)
 
 
-def _merge_split(graph: gs.Graph, split: gs.Node) -> bool:
+def _merge_split(graph: gs.Graph, split: gs.Node, kept: set[str]) -> bool:
     """One per-axis QuantizeLinear before a Split whose every output is only quantized, alike."""
     quantizers = []
     for out in split.outputs:
-        q = out.outputs[0] if _single_consumer(out) else None
+        q = out.outputs[0] if len(out.outputs) == 1 and out.name not in kept else None
         if q is None or q.op != "QuantizeLinear" or not _byte_codes(q) or not _per_tensor(q):
             return False
         quantizers.append(q)
     sizes = _constant(split.inputs[1]) if len(split.inputs) > 1 else None
-    if len({np.dtype(q.inputs[2].values.dtype) for q in quantizers}) != 1 or sizes is None:
+    zeros = [_constant(q.inputs[2]) for q in quantizers]
+    if len(quantizers) < 2 or sizes is None or len({z.dtype for z in zeros}) != 1:
         return False
     scale = np.repeat([_scalar(q.inputs[1]) for q in quantizers], sizes).astype(np.float32)
-    zero = np.repeat([q.inputs[2].values for q in quantizers], sizes).astype(quantizers[0].inputs[2].values.dtype)
+    zero = np.repeat(zeros, sizes).astype(zeros[0].dtype)
     names = [q.name.removesuffix("_q") for q in quantizers]
     common = os.path.commonprefix(names)
     name = common + "_".join(n[len(common):] for n in names)  # e.g. blocks.0.attn/q_k_v
@@ -137,8 +137,9 @@ def _merge_split(graph: gs.Graph, split: gs.Node) -> bool:
                                inputs=[split.inputs[0], gs.Constant(f"{name}_scale", scale),
                                        gs.Constant(f"{name}_zero_point", zero)], outputs=[codes]))
     outputs = [q.outputs[0] for q in quantizers]
-    for q in quantizers:
-        q.outputs = []
+    for q in quantizers:  # dead: their codes now come out of the Split
+        q.inputs.clear()
+        q.outputs.clear()
     split.inputs[0] = codes
     split.outputs = outputs
     return True
@@ -150,5 +151,10 @@ class HoistQuantize(Pass):
     name = "hoist_quantize"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> None:
-        while _hoist_once(graph):
-            graph.cleanup()
+        kept = {t.name for t in graph.outputs}  # graph outputs keep their producers
+        moved = True
+        while moved:  # one sweep per op a node climbs: a few, each linear in the graph
+            moved = False
+            for node in list(graph.nodes):
+                if node.op in ("QuantizeLinear", "Clip") and node.outputs and node.inputs:
+                    moved = _hoist(graph, node, kept) or moved
