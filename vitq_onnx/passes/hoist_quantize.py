@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from .base import Pass, PassContext
 
-_MOVES = ("Transpose", "Squeeze", "Unsqueeze", "Reshape")
+MOVES = ("Transpose", "Squeeze", "Unsqueeze", "Reshape")  # ops that only move elements
 _BYTE_CODES = (np.dtype(np.uint8), np.dtype(np.int8))
 
 
@@ -100,7 +100,7 @@ def _hoist(graph: gs.Graph, node: gs.Node, kept: set[str]) -> bool:
     producer = x.inputs[0] if x.inputs else None
     if producer is None or len(x.outputs) != 1 or x.name in kept:
         return False
-    if producer.op in _MOVES and _per_tensor(node) and (node.op == "Clip" or _byte_codes(node)):
+    if producer.op in MOVES and _per_tensor(node) and (node.op == "Clip" or _byte_codes(node)):
         _swap(producer, node)
         return True
     if producer.op == "Mul" and _per_tensor(node):

@@ -4,8 +4,8 @@ onnxruntime's AVX2 u8*s8 GEMM (vpmaddubsw) adds two adjacent products a1*b1 + a2
 in int16, saturating past 32767; VNNI, AMX and u8*u8 kernels accumulate in int32. This pass finds
 every integer GEMM (MatMulInteger, MatMulIntegerToFloat, ConvInteger) with a uint8 and an int8
 operand, bounds each operand's codes from the graph itself (a constant's values; a Gather's table;
-a Clip's bounds before a QuantizeLinear,
-through ops that only move codes; else the container's range) and checks 2 * max|a| * max|b| <= 32767.
+a Clip's bounds before a QuantizeLinear; through ops that only move codes; else the container's
+range) and checks 2 * max|a| * max|b| <= 32767.
 A ``portable`` model that fails is not written; a ``vnni`` model is only measured.
 """
 
@@ -17,9 +17,10 @@ import onnx_graphsurgeon as gs
 
 from ..errors import VitqError
 from .base import Pass, PassContext
+from .hoist_quantize import MOVES
 
 INT16_MAX = 2**15 - 1
-_MOVES = ("Transpose", "Squeeze", "Unsqueeze", "Reshape", "Split")  # codes moved, not changed
+_CODE_MOVES = (*MOVES, "Split")  # a code tensor's values come from its input's
 # input positions of (a, b, a zero point, b zero point)
 _OPERANDS = {"MatMulInteger": (0, 1, 2, 3), "MatMulIntegerToFloat": (0, 1, 4, 5), "ConvInteger": (0, 1, 2, 3)}
 _RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127),
@@ -35,7 +36,7 @@ def code_range(tensor: gs.Tensor, dtype: np.dtype) -> tuple[int, int]:
     if producer is not None and producer.op == "Cast" and _dtype_of(producer.inputs[0]) in _RANGES:
         a, b = code_range(producer.inputs[0], _dtype_of(producer.inputs[0]))  # e.g. 4-bit codes widened
         return max(lo, a), min(hi, b)
-    if producer is not None and producer.op in _MOVES:
+    if producer is not None and producer.op in _CODE_MOVES:
         return code_range(producer.inputs[0], dtype)
     if producer is not None and producer.op == "Gather" and isinstance(producer.inputs[0], gs.Constant):
         table = producer.inputs[0].values  # a lookup table's entries (post-Softmax digits)
@@ -57,7 +58,7 @@ def _dtype_of(tensor: gs.Tensor) -> np.dtype | None:
     producer = tensor.inputs[0] if tensor.inputs else None
     if producer is not None and producer.op == "QuantizeLinear":  # its type is its zero point's
         return np.dtype(producer.inputs[2].values.dtype)
-    if producer is not None and producer.op in _MOVES:
+    if producer is not None and producer.op in _CODE_MOVES:
         return _dtype_of(producer.inputs[0])
     return None
 
