@@ -9,7 +9,7 @@ from vitq_onnx import runtime
 from vitq_onnx.passes import PassContext
 from vitq_onnx.passes.base import to_model
 from vitq_onnx.passes.hoist_quantize import HoistQuantize
-from vitq_onnx.passes.pair_bounds import code_range
+from vitq_onnx.passes.common import code_range
 
 HEADS, DIM = 2, 8
 

@@ -188,7 +188,7 @@ def test_reconstructed_deit_recipe_stays_bit_exact_in_both_formats(deit, fp32_on
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_sulq_graph_is_integer_shifts_and_bit_exact(deit, fp32_onnx, calib_images, val_images, bits):
-    from vitq_onnx.calibration.quantizers import sulq as S
+    from vitq_onnx.codes import sulq as S
 
     recipe = calibrate(deit, calib_images, BitWidths(bits, bits), get_method("ias-sulq"), "deit_tiny_patch16_224",
                        CalibOptions(progress=False))

@@ -9,8 +9,12 @@ from vitq_onnx.calibration.quantizers import log2_table as T
 from vitq_onnx.calibration.quantizers import sulq as S
 from vitq_onnx.calibration.quantizers import uniform as U
 from vitq_onnx.calibration.quantizers import weights as W
+from vitq_onnx.codes import log2_table as CT
+from vitq_onnx.codes import sulq as CS
+from vitq_onnx.codes.weights import weight_codes
 from vitq_onnx.errors import VitqError
-from vitq_onnx.passes.quantize_weights import weight_codes
+from vitq_onnx.passes.deploy import deploy_passes
+from vitq_onnx.recipe import ActQuant
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -94,8 +98,8 @@ def test_sulq_has_2_to_the_b_codes_and_levels_eta_times_2i_minus_1(bits, j):
     assert torch.equal(units, torch.exp2(torch.round(torch.log2(units))))  # every level eta * (2^i - 1)
     assert values.min() == 0.0  # code 0 is exactly zero
     # the uint8 parts of the graph rebuild 2^i exactly, at most 2^7 each
-    shifts = S.sulq_part_shifts(p["lo"], p["delta"], p["eta"], bits)
-    parts = [torch.bitwise_right_shift(torch.tensor(128), s) for s in shifts]
+    shifts = CS.sulq_part_shifts(p["lo"], p["delta"], p["eta"], bits)
+    parts = [torch.bitwise_right_shift(torch.tensor(128), torch.from_numpy(s)) for s in shifts]
     assert all(int(q.max()) <= 128 for q in parts) and len(parts) == (2 if units.max() > 128 else 1)
     assert torch.equal(sum(q.double() * 256.0**i for i, q in enumerate(parts)), units)
 
@@ -122,23 +126,24 @@ def test_sulq_straight_through_forward_matches_the_deployed_values():
 
 
 @pytest.mark.parametrize("bits", [5, 6, 7])
-@pytest.mark.parametrize("m", T.PER_OCTAVE)
+@pytest.mark.parametrize("m", CT.PER_OCTAVE)
 def test_log2_table_levels_are_log_spaced_integers_far_from_rounding_ties(bits, m):
     levels = T.table_levels(bits, m)
-    assert len(levels) == 2**bits and 0.99 * 2**T.GRID_BITS < levels[0] <= 2**T.GRID_BITS
-    assert (levels[:-1] >= levels[1:]).all() and (levels[-1] == 0) == (m in T.spacings(bits))
-    assert T.spacings(bits) != T.PER_OCTAVE or bits == 7  # 5-6 bits: the finest spacing cannot reach 0
+    assert torch.equal(levels, torch.from_numpy(CT.table_levels(bits, m)))  # calibration's are the codes' tables
+    assert len(levels) == 2**bits and 0.99 * 2**CT.GRID_BITS < levels[0] <= 2**CT.GRID_BITS
+    assert (levels[:-1] >= levels[1:]).all() and (levels[-1] == 0) == (m in CT.spacings(bits))
+    assert CT.spacings(bits) != CT.PER_OCTAVE or bits == 7  # 5-6 bits: the finest spacing cannot reach 0
     big = levels[1:] >= 1024  # where rounding to integers moves a level by under 0.05 %
     ratios = levels[1:].double() / levels[:-1].double()
     np.testing.assert_allclose(ratios[big].numpy(), 2.0 ** (-1 / m), rtol=1e-3)
     # an Exp a few ulps off (another CPU's kernel) rounds every level alike
-    args = T.level_arguments(bits, m, T.level_offset(bits, m))
+    args = CT.level_arguments(bits, m, CT.level_offset(bits, m))
     exact = np.exp(args.astype(np.float64))
     for ulps in (-8, 8):
         off = np.float32(exact) + ulps * np.spacing(np.float32(exact))
         np.testing.assert_array_equal(np.round(off.astype(np.float64)).astype(np.int64), levels.numpy())
-    high, low = T.table_digits(bits, m)
-    assert high.max() <= 128 and low.max() <= 128 and torch.equal(high * 128 + low, levels)
+    high, low = CT.table_digits(bits, m)
+    assert high.max() <= 128 and low.max() <= 128 and np.array_equal(high * 128 + low, levels.numpy())
 
 
 def test_log2_table_beats_log2_where_log2_keeps_16_levels():
@@ -154,8 +159,9 @@ def test_log2_table_beats_log2_where_log2_keeps_16_levels():
 
 
 def test_free_eta_is_refused_at_deployment():
-    assert S.eta_shift(0.125) == 3 and S.eta_shift(0.03) is None and S.eta_shift(2.0**-16) is None
+    assert CS.eta_shift(0.125) == 3 and CS.eta_shift(0.03) is None and CS.eta_shift(2.0**-16) is None
     with pytest.raises(VitqError, match="not 2\\^-j"):
-        S.sulq_part_shifts(-5.0, 0.7, 0.03, 3)
+        CS.sulq_part_shifts(-5.0, 0.7, 0.03, 3)
+    params = {k: np.float32(v) for k, v in (("eta", 0.03), ("lo", -5.0), ("delta", 0.7))}
     with pytest.raises(VitqError, match="simulation only"):
-        S.SULQFree().deploy_passes(["a/MatMul:0"])
+        deploy_passes({"a/MatMul:0": ActQuant("sulq-free", 3, params)})

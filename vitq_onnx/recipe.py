@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .codes.spec import get_spec
 from .errors import VitqError
 
 FORMAT = "vitq-recipe"
@@ -34,7 +35,7 @@ def split_key(key: str) -> tuple[str, int]:
 
 @dataclass
 class ActQuant:
-    """Activation quantizer: a registered kind (calibration/quantizers/), its width and its
+    """Activation quantizer: a registered kind (``codes/spec.py``), its width and its
     kind-specific parameters (``uniform``: scale, zero_point; ``log2``: scale), scalars per tensor."""
 
     kind: str
@@ -149,11 +150,9 @@ class Recipe:
         def get(value: str) -> np.ndarray:
             return arrays[value[1:]]
 
-        from .calibration.quantizers import get_kind
-
         def act(v: dict) -> ActQuant:
             if "params" not in v:  # version 1: the kind's parameters stood beside "kind"
-                v = {**v, "params": {name: v[name] for name in get_kind(v["kind"]).params}}
+                v = {**v, "params": {name: v[name] for name in get_spec(v["kind"]).params}}
             return ActQuant(v["kind"], v["bits"], {name: get(ref) for name, ref in v["params"].items()})
 
         return cls(
@@ -170,10 +169,8 @@ class Recipe:
 
     def check(self) -> None:
         """Every quantizer is well formed: its kind checks its parameters, weights their scales."""
-        from .calibration.quantizers import get_kind  # the kinds import passes, which import this
-
         for key, q in self.activations.items():
-            get_kind(q.kind).check(key, q.bits, q.params)
+            get_spec(q.kind).check(key, q.bits, q.params)
         for key, w in self.weights.items():
             if not 2 <= w.bits <= 8 or not (np.isfinite(w.scale).all() and (w.scale > 0).all()):
                 raise VitqError(f"{key}: weight bits must be 2..8 and scales finite and positive")

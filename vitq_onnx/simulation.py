@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from . import runtime_kernels
+from .codes.storage import stored_values
 from .calibration.quantizers import fake, get_kind, integer_matmul, torch_params
 from .calibration.quantizers.weights import fake_weight, weight_values
 from .calibration.quant_points import instrument
 from .calibration.reparam import fold_into_torch
 from .errors import VitqError
-from .passes.param_storage import store_param
 from .recipe import Recipe, WeightQuant, split_key, tensor_key
 
 
@@ -112,7 +112,7 @@ def simulated(model: torch.nn.Module, recipe: Recipe, exact_attention: bool = Tr
         softmax_kernels[mm.node] = get_kind(qa.kind).sim_softmax
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, storage in recipe.param_storage.items():
-        tensors[name].copy_(store_param(tensors[name], storage))
+        tensors[name].copy_(torch.from_numpy(stored_values(tensors[name].detach().cpu().numpy(), storage)))
     _runtime_float_ops(model, softmax_kernels)
     _runtime_float_layers(inst)
     return model, inst

@@ -1,11 +1,16 @@
-"""ONNX graph passes: one module per rewrite, run in order by ``run_passes``."""
+"""ONNX graph passes: one module per rewrite, run in order by ``run_passes``. No torch here.
+
+The activation quantizers' rewrites register themselves by kind (``deploy.py``); importing their
+modules below registers them.
+"""
 
 from __future__ import annotations
 
-from ..calibration.quantizers import by_kind
 from ..recipe import Recipe
+from . import insert_qdq, log2_softmax, log2_table_softmax, sulq_softmax  # noqa: F401  (register the rewrites)
 from .base import Pass, PassContext, run_passes
 from .check_model import CheckModel
+from .deploy import deploy_passes
 from .factor_scales import FactorScales
 from .fold_reparam import FoldReparam
 from .hoist_quantize import HoistQuantize
@@ -27,8 +32,7 @@ def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:
     passes += [QuantizeWeights()]
     if recipe.param_storage:
         passes.append(RoundParams())
-    for kind, keys in by_kind(recipe.activations):  # each quantizer kind deploys itself
-        passes += kind.deploy_passes(keys)
+    passes += deploy_passes(recipe.activations)  # each quantizer kind's registered rewrite
     passes += [HoistQuantize(), LowerInteger() if fmt == "ort" else FactorScales(), StoreFloat16(), UnfusedNorm(), CheckPairBounds()]
     passes.append(CheckModel())
     return passes

@@ -17,7 +17,7 @@ from ..errors import VitqError
 from ..recipe import split_key
 from ..naming import tensor_label
 from .base import OpBuilder, Pass, PassContext, node_index
-from .lower_integer import dequantize_input
+from .common import dequantize_input
 
 
 class PostSoftmaxPass(Pass):

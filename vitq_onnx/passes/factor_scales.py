@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassContext
-from .lower_integer import (
+from .common import (
     conv_bias_split,
     quantized_products,
     scalar_zero_point,

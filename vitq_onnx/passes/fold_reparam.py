@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import VitqError
 from .base import Pass, PassContext, node_index
-from .linear import add_to_bias
+from .common import add_to_bias
 
 # ops that move or select channels-last values without mixing channels. Pad is Swin's padding to
 # a window multiple: zero-sized at the standard input sizes, where the fold stays exact.

@@ -21,8 +21,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassContext
+from .common import MOVES
 
-MOVES = ("Transpose", "Squeeze", "Unsqueeze", "Reshape")  # ops that only move elements
 _BYTE_CODES = (np.dtype(np.uint8), np.dtype(np.int8))
 
 

@@ -19,9 +19,11 @@ from ..errors import VitqError
 from ..naming import tensor_label
 from ..recipe import split_key
 from .base import Pass, PassContext, node_index
-from .quantize_weights import packed_type
+from .common import packed_type
+from .deploy import deploys
 
 
+@deploys("uniform")
 class InsertQDQ(Pass):
     """Deploys the recipe's uniform quantizers at ``keys`` (calibration/quantizers/uniform.py)."""
 

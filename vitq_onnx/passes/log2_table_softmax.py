@@ -1,7 +1,7 @@
 """Post-Softmax log2-table quantization in the graph: log-domain codes, integer levels, exact attn@v.
 
 Codes as the log2 pass makes them (LogSoftmax, Sub, QuantizeLinear by ln(2)/m, Min with Z); code
-k stands for scale * L_k / 2^14 (calibration/quantizers/log2_table.py). ``ort`` makes L_k with
+k stands for scale * L_k / 2^14 (codes/log2_table.py). ``ort`` makes L_k with
 fast float kernels (DequantizeLinear with scale ln(2)/m and zero point 14 m, subtracted from the
 offset; Exp; Round: every level is far from a tie, so any Exp rounds alike) and multiplies it with
 v's codes in a float32 MatMul, exact because no row sum reaches 2^24 (``row_sum_bound``, with
@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..calibration.quantizers.log2 import log2_log_scale
-from ..calibration.quantizers.log2_table import (
+from ..codes.log2 import log2_log_scale
+from ..codes.log2_table import (
     DIGIT_BITS,
     FLOAT_EXACT,
     GRID_BITS,
@@ -32,20 +32,21 @@ from ..calibration.quantizers.log2_table import (
 )
 from .attention_av import PostSoftmaxPass, dequantized_v, log_codes, sum_parts
 from .base import OpBuilder
-from .pair_bounds import code_range
+from .common import code_range
+from .deploy import deploys
 
 
 def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: str) -> None:
     f32, u8, i32 = np.float32, np.uint8, np.int32
     scale, m = f32(aq.params["scale"].reshape(())), int(aq.params["per_octave"].reshape(()))
-    codes = log_codes(b, softmax, log2_log_scale(scale).numpy(), table_step(m).numpy(), 2**aq.bits - 1,
+    codes = log_codes(b, softmax, log2_log_scale(scale), table_step(m), 2**aq.bits - 1,
                       "table_codes", "ln_step")
     v_codes, v_scale, v_zero = dequantized_v(b, node.inputs[1], key)
-    unit = b.const("unit", table_unit(scale, v_scale).numpy(), f32)
+    unit = b.const("unit", table_unit(scale, v_scale), f32)
     lo, hi = code_range(v_codes, v_zero.values.dtype)
     v_max = max(abs(lo - int(v_zero.values)), abs(hi - int(v_zero.values)))
     if fmt == "ort" and table_levels(aq.bits, m)[-1] == 0 and row_sum_bound(scale, m, v_max) < FLOAT_EXACT:
-        steps = b.op("DequantizeLinear", "steps_below_grid", [codes, b.const("level_step", table_step(m).numpy(), f32),
+        steps = b.op("DequantizeLinear", "steps_below_grid", [codes, b.const("level_step", table_step(m), f32),
                                                                b.const("grid_code", GRID_BITS * m, u8)], dtype=f32)
         ln_level = b.op("Sub", "ln_level", [b.const("level_offset", level_offset(aq.bits, m), f32), steps], dtype=f32)
         level = b.op("Round", "level", [b.op("Exp", "level_exp", [ln_level], dtype=f32)], dtype=f32)
@@ -55,7 +56,7 @@ def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: s
         index = b.op("Cast", "code_index", [codes], dtype=np.int64, to=onnx.TensorProto.INT64)
         parts = []
         for name, digits in zip(("high", "low"), table_digits(aq.bits, m)):
-            digit = b.op("Gather", f"level_{name}", [b.const(f"level_{name}_table", digits.numpy(), u8), index],
+            digit = b.op("Gather", f"level_{name}", [b.const(f"level_{name}_table", digits, u8), index],
                          dtype=u8, axis=0)
             parts.append(b.op("MatMulInteger", f"{name}_sum_int32", [digit, v_codes, b.const(f"{name}_zero", 0, u8),
                                                                       v_zero], dtype=i32))
@@ -65,6 +66,7 @@ def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: s
     sum_parts(b, node, [b.op("Mul", "sum", [sums, unit], dtype=f32)])
 
 
+@deploys("log2-table")
 class Log2TableSoftmax(PostSoftmaxPass):
     """Deploys the recipe's log2-table quantizers at ``keys``."""
 

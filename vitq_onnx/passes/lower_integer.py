@@ -15,35 +15,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassContext
-from .linear import linear_bias
+from .common import conv_bias_split, linear_bias, quantized_products, scalar_zero_point, scale_product
 
 _CONV_ATTRS = ("dilations", "group", "kernel_shape", "pads", "strides", "auto_pad")
-
-
-def dequantize_input(tensor: gs.Tensor):
-    """(codes, scale, zero point) when ``tensor`` comes straight from a DequantizeLinear."""
-    node = tensor.inputs[0] if tensor.inputs else None
-    if node is None or node.op != "DequantizeLinear" or not isinstance(node.inputs[1], gs.Constant):
-        return None
-    return node.inputs[0], node.inputs[1].values.astype(np.float32), node.inputs[2]
-
-
-def scalar_zero_point(zp: gs.Constant, name: str) -> gs.Constant:
-    """Per-channel zero points that are all equal (ours always are) as one scalar."""
-    values = zp.values.reshape(-1)
-    if not (values == values[0]).all():
-        raise ValueError(f"{name}: per-channel zero points differ")
-    return gs.Constant(f"{name}_zp", np.array(values[0], dtype=values.dtype))
-
-
-def scale_product(graph: gs.Graph, module: str, scale_a: np.ndarray, scale_b: np.ndarray, shape) -> gs.Variable:
-    """scale_a * scale_b as a Mul of two constants: the same float32 product the simulation takes,
-    folded by onnxruntime at load, while the per-channel scales stay storable as float16."""
-    out = gs.Variable(f"{module}/scale_ab", dtype=np.float32)
-    graph.nodes.append(gs.Node("Mul", f"{module}/scale_ab", outputs=[out], inputs=[
-        gs.Constant(f"{module}/scale_a", np.asarray(scale_a, np.float32).reshape(())),
-        gs.Constant(f"{module}/scale_b", np.asarray(scale_b, np.float32).reshape(shape))]))
-    return out
 
 
 def _bias_of(node: gs.Node):
@@ -52,24 +26,6 @@ def _bias_of(node: gs.Node):
     if add is None or len(node.outputs[0].outputs) != 1 or add.inputs[index].values.ndim != 1:
         return None
     return add, add.inputs[index]
-
-
-def conv_bias_split(node: gs.Node) -> gs.Constant | None:
-    """Detach a Conv's bias input, returned shaped [1, C, 1, 1] to be added after the scale."""
-    if len(node.inputs) < 3:
-        return None
-    bias = node.inputs.pop(2)
-    return gs.Constant(f"{bias.name}_nchw", bias.values.reshape(1, -1, 1, 1))
-
-
-def quantized_products(graph: gs.Graph):
-    """(node, module, a, b) for each MatMul/Conv whose inputs both come from DequantizeLinear
-    (a per tensor); ``module`` names what replaces it: blocks.0.attn.qkv/MatMul -> blocks.0.attn.qkv,
-    while attention matmuls keep their own name (blocks.0.attn/matmul_qk)."""
-    for node in [n for n in graph.nodes if n.op in ("MatMul", "Conv")]:
-        a, b = (dequantize_input(t) for t in node.inputs[:2])
-        if a is not None and b is not None and a[1].size == 1:
-            yield node, node.name.removesuffix("/" + node.op), a, b
 
 
 class LowerInteger(Pass):

@@ -4,7 +4,7 @@ The recipe says how each is stored (``param_storage``). ``RoundParams``: "float1
 (biases, LayerNorm affine) are rounded to float16 values; "int8" ones (embedding tables such as
 pos_embed) become int8 codes with a per-channel scale and a DequantizeLinear, which onnxruntime
 folds when the session loads. The simulation rounds the same PyTorch tensors with the same
-arithmetic (``store_param``). ``StoreFloat16`` then writes every float32 initializer whose values
+arithmetic (``codes/storage.py``). ``StoreFloat16`` then writes every float32 initializer whose values
 float16 holds exactly as float16 plus a Cast: lossless, and also folded at load.
 """
 
@@ -15,26 +15,12 @@ import re
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import torch
 
+from ..codes.storage import int8_channel_scale, int8_codes, stored_values
 from ..errors import VitqError
 from .base import Pass, PassContext
 
 MIN_ELEMENTS = 64  # smaller float constants are not worth a Cast node
-
-
-def int8_channel_scale(x: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 scale per last-axis channel (1 for an all-zero channel)."""
-    s = x.reshape(-1, x.shape[-1]).abs().amax(0) / 127.0
-    return torch.where(s > 0, s, torch.ones_like(s))
-
-
-def store_param(x: torch.Tensor, storage: str) -> torch.Tensor:
-    """The float32 values a parameter has once stored as ``storage``."""
-    if storage == "float16":
-        return x.half().float()
-    s = int8_channel_scale(x)
-    return torch.round(x / s) * s
 
 
 def _param_name(constant: str) -> str:
@@ -61,14 +47,14 @@ class RoundParams(Pass):
             if not isinstance(t, gs.Constant) or t.values.dtype != np.float32 or name not in storage:
                 continue
             found.add(name)
-            x = torch.from_numpy(t.values)
+            x = t.values
             if storage[name] == "float16":
-                t.values = store_param(x, "float16").numpy()
+                t.values = stored_values(x, "float16")
                 continue
             scale = int8_channel_scale(x)
-            codes = gs.Constant(f"{t.name}_int8", torch.round(x / scale).numpy().astype(np.int8))
+            codes = gs.Constant(f"{t.name}_int8", int8_codes(x, scale))
             _compute_instead(graph, t, "DequantizeLinear", "dequantized", "dq",
-                             [codes, gs.Constant(f"{t.name}_scale", scale.numpy())], axis=-1)
+                             [codes, gs.Constant(f"{t.name}_scale", scale)], axis=-1)
         missing = sorted(set(storage) - found)
         if missing:
             raise VitqError(f"recipe does not fit the graph: no parameter '{missing[0]}' to store")

@@ -7,31 +7,15 @@ corrections (the output shift the weight rounding causes, or the trained bias ch
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
-import torch
 
-from ..calibration.quantizers import weights as W
+from ..codes.weights import weight_codes
 from ..errors import VitqError
 from ..naming import tensor_label
 from ..recipe import split_key, tensor_key
 from .base import Pass, PassContext, node_index
-from .linear import add_to_bias
-
-
-def weight_codes(w: np.ndarray, scale: np.ndarray, bits: int, axis: int) -> np.ndarray:
-    """calibration.quantizers.weights.weight_codes for a weight whose channels are on ``axis``."""
-    channels_first = torch.from_numpy(np.ascontiguousarray(np.moveaxis(w, axis, 0)))
-    codes = W.weight_codes(channels_first, torch.from_numpy(scale), bits).numpy().astype(np.int8)
-    return np.moveaxis(codes, 0, axis)
-
-
-def packed_type(bits: int, fmt: str, signed: bool):
-    """``qdq`` stores <= 4-bit tensors as ONNX int4/uint4 (ml_dtypes arrays); ``ort`` keeps 8-bit containers."""
-    if fmt == "qdq" and bits <= 4:
-        return ml_dtypes.int4 if signed else ml_dtypes.uint4
-    return None
+from .common import add_to_bias, packed_type
 
 
 def _unsigned(codes: np.ndarray) -> np.ndarray:

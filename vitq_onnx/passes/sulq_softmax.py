@@ -1,7 +1,7 @@
 """I&S-ViT's SULQ post-Softmax quantizer in the graph: integer codes, shifts, integer attn@v.
 
 Codes: k = min(QuantizeLinear(ln(softmax + eta) - lo ln 2, delta ln 2), 2^b - 1) as uint8; code k
-stands for eta * (2^i_k - 1) (calibration/quantizers/sulq.py). Per uint8 part p a Gather reads
+stands for eta * (2^i_k - 1) (codes/sulq.py). Per uint8 part p a Gather reads
 code k's shift s_p (8 when 2^i_k is not in the part) and 2^7 >> s_p is the part's integer: a
 BitShift in the portable ``qdq`` format (what integer hardware runs), the same table looked up
 directly in ``ort`` (onnxruntime's BitShift is slow). Part 0's GEMM takes zero point 1 (the -1 of
@@ -14,9 +14,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..calibration.quantizers.sulq import PART_BITS, graph_constants, part_unit, sulq_part_shifts
+from ..codes.sulq import PART_BITS, graph_constants, part_unit, sulq_part_shifts
 from .attention_av import PostSoftmaxPass, dequantized_v, scaled_integer_matmul, sum_parts
 from .base import OpBuilder
+from .deploy import deploys
 
 
 def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: str) -> None:
@@ -37,17 +38,18 @@ def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: s
     sums = []
     for p, shift in enumerate(shifts):
         if fmt == "ort":
-            table = b.const(f"pow2_part{p}_table", (top >> shift).numpy(), u8)
+            table = b.const(f"pow2_part{p}_table", top >> shift, u8)
             part = b.op("Gather", f"pow2_part{p}", [table, index], dtype=u8, axis=0)
         else:
-            s = b.op("Gather", f"shift_part{p}", [b.const(f"shift_part{p}_table", shift.numpy(), u8), index],
+            s = b.op("Gather", f"shift_part{p}", [b.const(f"shift_part{p}_table", shift, u8), index],
                      dtype=u8, axis=0)
             part = b.op("BitShift", f"pow2_part{p}", [b.const(f"two_pow7_part{p}", top, u8), s], dtype=u8, direction="RIGHT")
-        unit = part_unit(eta, v_scale, p).numpy()
+        unit = part_unit(eta, v_scale, p)
         sums.append(scaled_integer_matmul(b, f"part{p}", part, v_codes, v_zero, unit, fmt, a_zero=1 if p == 0 else 0))
     sum_parts(b, node, sums)
 
 
+@deploys("sulq")
 class SULQSoftmax(PostSoftmaxPass):
     """Deploys the recipe's SULQ quantizers at ``keys``."""
 

@@ -1,11 +1,11 @@
 """Quantizer kinds: one module each, registered by name.
 
-A kind owns everything a quantized activation means: fitting its parameters on calibration data,
-the fake-quant in float (exact, as the exported graph computes it, or differentiable with
-straight-through rounding for reconstruction), the simulation of the integer matmul it feeds,
-and the passes that deploy it. The recipe stores each quantizer as (kind, bits, params) and
-``get_kind`` is the one place that turns a kind's name into its behaviour: a new quantizer is a
-new module here plus its pass, and nothing else dispatches on the name.
+A kind's calibration behaviour: fitting its parameters on calibration data, the fake-quant in
+float (exact, as the exported graph computes it, or differentiable with straight-through rounding
+for reconstruction) and the simulation of the integer matmul it feeds. Its recipe parameters and
+their checks are its torch-free spec (``codes/spec.py``), its graph rewrite is registered on the
+pass side (``passes/deploy.py``); ``get_kind`` is the one place here that turns a kind's name into
+its behaviour.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ...codes.spec import get_spec
 from ...errors import VitqError
 from ... import runtime_kernels
 
@@ -25,10 +26,14 @@ class QuantizerKind:
     """Base of every activation quantizer kind; subclasses register one instance each."""
 
     name = ""
-    params: tuple[str, ...] = ()  # the kind's parameters in the recipe, each a scalar per tensor
     learnable: tuple[str, ...] = ()  # parameters block reconstruction may train
     # the simulation's (onnxruntime) softmax kernel when this kind quantizes a softmax output
     sim_softmax: Callable = staticmethod(runtime_kernels.softmax)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The kind's parameters in the recipe, each a scalar per tensor (its spec's)."""
+        return get_spec(self.name).params
 
     def fit(self, x: torch.Tensor, bits: int, point) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -55,23 +60,11 @@ class QuantizerKind:
         unit = self.step(p_a) * kind_b.step(p_b)
         return lambda a, b: exact_sum_matmul(self.codes(a, p_a, qa.bits), kind_b.codes(b, p_b, qb.bits)) * unit
 
-    def deploy_passes(self, keys: list[str]) -> list:
-        """The graph passes that deploy quantizers of this kind at ``keys``."""
-        raise NotImplementedError
-
     def to_numpy(self, params: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         return {k: np.asarray(params[k].detach().cpu(), np.float32).reshape(()) for k in self.params}
 
     def check(self, key: str, bits: int, params: dict[str, np.ndarray]) -> None:
-        """A recipe entry is valid: exactly this kind's parameters, finite scalars, bits in range."""
-        if sorted(params) != sorted(self.params):
-            raise VitqError(f"{key}: a {self.name} quantizer has parameters {list(self.params)}, "
-                            f"recipe gives {sorted(params)}")
-        if not 2 <= bits <= 8:
-            raise VitqError(f"{key}: {bits} bits, expected 2..8")
-        bad = [k for k, v in params.items() if np.asarray(v).size != 1 or not np.isfinite(v).all()]
-        if bad:
-            raise VitqError(f"{key}: parameter '{bad[0]}' is not one finite number")
+        get_spec(self.name).check(key, bits, params)
 
 
 def register(cls: type[QuantizerKind]) -> type[QuantizerKind]:
@@ -140,12 +133,6 @@ def _absmax(x: torch.Tensor) -> float:
 def integer_matmul(a, b, step_a, step_b) -> torch.Tensor:
     """float32(exact sum of integer products) * (step_a * step_b), as the integer kernels compute."""
     return exact_sum_matmul((a / step_a).round_(), (b / step_b).round_()) * (step_a * step_b)
-
-
-def by_kind(activations: dict) -> list[tuple[QuantizerKind, list[str]]]:
-    """(kind, keys) for every kind a recipe uses, in registration order (uniform first)."""
-    return [(kind, keys) for kind in KINDS.values()
-            if (keys := [k for k, q in activations.items() if q.kind == kind.name])]
 
 
 from . import uniform, log2, sulq, log2_table  # noqa: E402,F401  (registers the kinds)

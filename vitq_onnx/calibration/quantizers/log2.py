@@ -7,31 +7,22 @@ codes in two integer GEMMs; the simulation below reproduces that arithmetic bit 
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from ... import runtime_kernels
+from ...codes import log2 as C
+from ...codes.log2 import log2_max_exponent, log2_unit, log2_zero_code
 from . import QuantizerKind, exact_sum_matmul, get_kind, register, round_ste, torch_params
 from .search import attention_sample, sample
 
-LOG2_MAX_LEVELS = 16  # 4-bit codes at most: the shifted integers 2^7..1 fit uint8 kernels
-SQRT2 = torch.tensor(math.sqrt(2.0), dtype=torch.float32)
-LOG2_STEP = torch.tensor(math.log(2.0) / 2.0, dtype=torch.float32)  # one code = ln(sqrt(2))
-
-
-def log2_zero_code(bits: int) -> int:
-    """Codes 0..Z-1 are values scale*2^(-code/2); the top code Z means exactly zero."""
-    return min(2**bits, LOG2_MAX_LEVELS) - 1
-
-
-def log2_max_exponent(bits: int) -> int:
-    return log2_zero_code(bits) // 2  # ceil((Z-1)/2): the largest shift of a non-zero code
+SQRT2 = torch.tensor(C.SQRT2)
+LOG2_STEP = torch.tensor(C.LOG2_STEP)  # one code = ln(sqrt(2)), float32
 
 
 def log2_log_scale(scale) -> torch.Tensor:
     """ln(scale) rounded once to float32: the constant the graph subtracts from ln(x)."""
-    return torch.tensor(math.log(float(scale)), dtype=torch.float32)
+    return torch.tensor(C.log2_log_scale(scale))
 
 
 def log2_codes_of_log(log_x: torch.Tensor, scale, bits: int) -> torch.Tensor:
@@ -71,11 +62,6 @@ def log2_parts(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     return shifted, shifted * (2 * half_up - q)
 
 
-def log2_unit(scale, bits: int):
-    """The value of integer 1 in ``log2_parts``: scale * 2^-E."""
-    return scale * 2.0 ** (-log2_max_exponent(bits))
-
-
 def log2_dequant(codes: torch.Tensor, scale, bits: int) -> torch.Tensor:
     shifted, odd = log2_parts(codes, bits)
     unit = log2_unit(scale, bits)
@@ -110,7 +96,6 @@ def fit_log2(x: torch.Tensor, bits: int, v: torch.Tensor | None = None) -> torch
 @register
 class Log2(QuantizerKind):
     name = "log2"
-    params = ("scale",)
     learnable = ("scale",)
     sim_softmax = staticmethod(runtime_kernels.log_softmax)  # the graph quantizes LogSoftmax's output
 
@@ -141,7 +126,3 @@ class Log2(QuantizerKind):
             return exact_sum_matmul(shifted, kv) * unit + exact_sum_matmul(odd, kv) * unit_odd
 
         return log2_matmul
-
-    def deploy_passes(self, keys):
-        from ...passes.log2_softmax import Log2Softmax
-        return [Log2Softmax(keys)]

@@ -18,32 +18,18 @@ import numpy as np
 import torch
 
 from ... import runtime_kernels
-from ...errors import VitqError
+from ...codes import sulq as C
+from ...codes.sulq import PART_BITS, graph_constants
 from . import QuantizerKind, exact_sum_matmul, get_kind, register, round_ste, torch_params
 from .search import attention_sample
 
-SULQ_MAX_SHIFT = 15  # eta >= 2^-15 deploys: 2^i <= 2^15 splits into two uint8 parts
-PART_BITS = 8
 SHIFTS = tuple(range(11))  # the fitted grid eta = 2^-j, j = 0..10: the paper's range 0.001 ... 1
 FREE_ETAS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)  # the paper's grid
-LN2 = math.log(2.0)
-
-
-def eta_shift(eta: float) -> int | None:
-    """j with eta = 2^-j (0 <= j <= 15), or None when eta is not such a power of two."""
-    j = -math.log2(eta) if eta > 0 else math.inf
-    return int(j) if j == int(j) and 0 <= j <= SULQ_MAX_SHIFT else None
-
-
-def graph_constants(lo, delta) -> tuple[np.float32, np.float32]:
-    """(lo * ln 2, delta * ln 2) as float32: the graph quantizes ln(x + eta) with them."""
-    return np.float32(float(lo) * LN2), np.float32(float(delta) * LN2)
 
 
 def sulq_exponents(lo, delta, bits: int) -> torch.Tensor:
-    """e_k = round(lo + k * delta) for every code k (float64, fixed once the parameters are)."""
-    k = torch.arange(2**bits, dtype=torch.float64)
-    return torch.round(float(lo) + k * float(delta)).to(torch.int64)
+    """e_k = round(lo + k * delta) for every code k (int64, fixed once the parameters are)."""
+    return torch.from_numpy(C.sulq_exponents(lo, delta, bits))
 
 
 def sulq_codes_of_log(ln_x: torch.Tensor, lo, delta, bits: int) -> torch.Tensor:
@@ -66,21 +52,6 @@ def sulq_dequant(codes: torch.Tensor, eta, lo, delta, bits: int) -> torch.Tensor
 def fake_sulq(x: torch.Tensor, eta, lo, delta, bits: int, log=torch.log) -> torch.Tensor:
     codes = sulq_codes_of_log(log(x.float() + float(eta)), lo, delta, bits)
     return sulq_dequant(codes, eta, lo, delta, bits)
-
-
-def sulq_part_shifts(lo, delta, eta, bits: int) -> list[torch.Tensor]:
-    """Per uint8 part p, each code's right shift of 2^7: 2^7 >> s is 2^(i - 8p) when i falls in
-    the part, and 0 (shift 8) when not; the parts weighted 256^p sum to 2^i exactly."""
-    j = eta_shift(float(eta))
-    if j is None:
-        raise VitqError(f"SULQ eta {float(eta):g} is not 2^-j (j = 0..{SULQ_MAX_SHIFT}): it cannot be deployed")
-    i = sulq_exponents(lo, delta, bits) + j
-    if i.min() < 0 or i.max() > SULQ_MAX_SHIFT:
-        raise VitqError(f"SULQ levels 2^i - 1 need 0 <= i <= {SULQ_MAX_SHIFT}, got {int(i.min())}..{int(i.max())}")
-    parts = int(i.max()) // PART_BITS + 1
-    top = PART_BITS - 1
-    return [torch.where((i >= PART_BITS * p) & (i < PART_BITS * (p + 1)), top - (i - PART_BITS * p),
-                        torch.full_like(i, PART_BITS)) for p in range(parts)]
 
 
 def sulq_fit_params(x: torch.Tensor, eta: float, bits: int) -> dict[str, torch.Tensor]:
@@ -107,7 +78,6 @@ def fit_sulq(x: torch.Tensor, bits: int, v: torch.Tensor | None, etas) -> dict[s
 
 
 class _SULQ(QuantizerKind):
-    params = ("eta", "lo", "delta")
     learnable = ()  # I&S-ViT keeps quantizer parameters frozen
     etas: tuple = ()
 
@@ -123,10 +93,6 @@ class _SULQ(QuantizerKind):
         k = torch.clamp(round_ste((y - lo) / delta), 0, 2**bits - 1)
         return torch.exp2(round_ste(lo + k * delta)) - eta
 
-    def check(self, key, bits, params):
-        super().check(key, bits, params)
-        if not (float(np.asarray(params["eta"])) > 0 and float(np.asarray(params["delta"])) > 0):
-            raise VitqError(f"{key}: SULQ eta and delta must be > 0")
 
 
 @register
@@ -142,8 +108,8 @@ class SULQ(_SULQ):
         p = torch_params(qa)
         kind_b, params_b = get_kind(qb.kind), torch_params(qb)
         s_b = kind_b.step(params_b)
-        shifts = sulq_part_shifts(p["lo"], p["delta"], p["eta"], qa.bits)
-        units = [part_unit(p["eta"], s_b, i) for i in range(len(shifts))]
+        shifts = [torch.from_numpy(s) for s in C.sulq_part_shifts(p["lo"], p["delta"], p["eta"], qa.bits)]
+        units = [torch.tensor(C.part_unit(p["eta"], s_b, i)) for i in range(len(shifts))]
 
         def sulq_matmul(a, b):
             codes = sulq_codes_of_log(sulq_log(a, p["eta"]), p["lo"], p["delta"], qa.bits).long()
@@ -156,19 +122,6 @@ class SULQ(_SULQ):
             return out
 
         return sulq_matmul
-
-    def check(self, key, bits, params):
-        super().check(key, bits, params)
-        sulq_part_shifts(params["lo"], params["delta"], params["eta"], bits)  # deployable
-
-    def deploy_passes(self, keys):
-        from ...passes.sulq_softmax import SULQSoftmax
-        return [SULQSoftmax(keys)]
-
-
-def part_unit(eta, s_v, part: int) -> torch.Tensor:
-    """The float value of integer 1 in part ``part``: eta * s_v * 256^part, rounded to float32."""
-    return torch.tensor(np.float32(float(eta) * float(s_v) * 2.0 ** (PART_BITS * part)))
 
 
 @register
@@ -183,5 +136,3 @@ class SULQFree(_SULQ):
         kind_b = get_kind(qb.kind)
         return lambda a, b: self.fake(a, p, qa.bits) @ kind_b.fake(b, q_b, qb.bits)
 
-    def deploy_passes(self, keys):
-        raise VitqError("sulq-free (eta not a power of two) is for simulation only: use sulq to export")

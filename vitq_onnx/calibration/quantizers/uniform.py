@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...errors import VitqError
 from . import QuantizerKind, register, round_ste
 from .search import alphas, sample
 
@@ -105,7 +104,6 @@ def fit_uniform_rows(x: torch.Tensor, bits: int, weight: torch.Tensor | None = N
 @register
 class Uniform(QuantizerKind):
     name = "uniform"
-    params = ("scale", "zero_point")
     learnable = ("scale",)  # LSQ: the gradient through straight-through rounding
 
     def fit(self, x, bits, point):
@@ -130,12 +128,3 @@ class Uniform(QuantizerKind):
         out["zero_point"] = out["zero_point"].astype(np.int32)
         return out
 
-    def check(self, key, bits, params):
-        super().check(key, bits, params)
-        zp = float(np.asarray(params["zero_point"]))
-        if float(np.asarray(params["scale"])) <= 0 or zp != round(zp) or not 0 <= zp <= 2**bits - 1:
-            raise VitqError(f"{key}: uniform scale must be > 0 and zero point an integer in 0..{2**bits - 1}")
-
-    def deploy_passes(self, keys):
-        from ...passes.insert_qdq import InsertQDQ
-        return [InsertQDQ(keys)]

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ...codes.weights import weight_range
 from . import round_ste
 from .search import alphas
-
-
-def weight_range(bits: int) -> tuple[int, int]:
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 def _channel(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
