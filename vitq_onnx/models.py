@@ -1,6 +1,6 @@
 """Model names and safe weight loading.
 
-Short names map to timm model names; any other timm name is accepted as is. Weights come from a
+Short names (each family's, ``families/``) map to timm model names; any other timm name is accepted as is. Weights come from a
 file the user passes (safetensors, or a torch checkpoint loaded with ``weights_only=True`` so no
 pickled code runs), from timm's local caches (looked up on disk, never over the network), or
 are random for graph tests.
@@ -16,17 +16,9 @@ import timm
 import torch
 
 from .errors import VitqError
+from .families import short_names
 
-SHORT_NAMES = {
-    "vit_s": "vit_small_patch16_224",
-    "vit_b": "vit_base_patch16_224",
-    "deit_t": "deit_tiny_patch16_224",
-    "deit_s": "deit_small_patch16_224",
-    "deit_b": "deit_base_patch16_224",
-    "swin_t": "swin_tiny_patch4_window7_224",
-    "swin_s": "swin_small_patch4_window7_224",
-    "swin_b": "swin_base_patch4_window7_224",
-}
+SHORT_NAMES = short_names()
 
 
 def resolve_name(name: str) -> str:

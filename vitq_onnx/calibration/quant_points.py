@@ -1,9 +1,9 @@
 """Quant points on a timm model: where tensors are quantized, addressed by recipe keys.
 
-Linear and Conv inputs get forward pre-hooks; attention modules get a forward that is timm's
-non-fused path (same ops, same order, so the exported graph is unchanged) with the four matmul
-inputs passed through quant points. A point does nothing until calibration or simulation gives it
-an action.
+Linear and Conv inputs get forward pre-hooks; attention modules get their family's forward
+(``families/``: timm's non-fused path, same ops, same order, so the exported graph is unchanged)
+with the four matmul inputs passed through quant points (``attend``). A point does nothing until
+calibration or simulation gives it an action.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitqError
+from ..families import FAMILIES, supported
 from ..naming import AV, QK, attention_nodes, conv_node, linear_node, norm_node
 from ..recipe import tensor_key
 
@@ -92,7 +93,7 @@ def _float_pass(*matmuls: QuantMatMul) -> bool:
     return all(mm.exact is None and mm.a.action is None and mm.b.action is None for mm in matmuls)
 
 
-def _attend(self, q, k, v, adjust=None, align: int = 1):
+def attend(self, q, k, v, adjust=None, align: int = 1):
     """softmax(q @ k^T, adjusted) @ v over slices of the batch, so that an attention map of
     thousands of tokens never exists for every image at once; q, k and v pass their quant points
     on the whole batch (their fits see every image), the attention map in slices (its fit sees
@@ -108,64 +109,18 @@ def _attend(self, q, k, v, adjust=None, align: int = 1):
     if calibrating:
         k_t, q, v = qk.b(k_t), qk.a(q), av.b(v)
 
-    def attend(q, k_t, v):
+    def one_slice(q, k_t, v):
         attn = qk(q, k_t, calibrating, calibrating)
         attn = attn if adjust is None else adjust(attn)
         return av(self.attn_drop(self.vq_softmax(attn)), v, b_quantized=calibrating)
 
     if len(parts) == 1:  # the whole batch (always so for the ONNX export's one image: no Slice in the graph)
-        return attend(q, k_t, v)
-    return torch.cat([attend(q[part], k_t[part], v[part]) for part in parts])
-
-
-def _vit_attention_forward(self, x, attn_mask=None, is_causal=False):
-    if attn_mask is not None or is_causal:
-        raise VitqError("masked or causal attention is not supported")
-    B, N, _ = x.shape
-    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = self.q_norm(q), self.k_norm(k)
-    x = _attend(self, q * self.scale, k, v)
-    x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-    x = self.norm(x)
-    x = self.proj(x)
-    return self.proj_drop(x)
-
-
-def _swin_attention_forward(self, x, mask=None):
-    B_, N, _ = x.shape
-    qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    num_win = 1 if mask is None else mask.shape[0]
-
-    def adjust(attn):
-        attn = attn + self._get_rel_pos_bias()
-        if mask is not None:
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        return attn
-
-    x = _attend(self, q * self.scale, k, v, adjust, num_win)
-    x = x.transpose(1, 2).reshape(B_, N, -1)
-    x = self.proj(x)
-    return self.proj_drop(x)
+        return one_slice(q, k_t, v)
+    return torch.cat([one_slice(q[part], k_t[part], v[part]) for part in parts])
 
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:
     return x.softmax(dim=-1)
-
-
-def _attention_forward(module: nn.Module):
-    from timm.layers.attention import Attention
-    from timm.models.swin_transformer import WindowAttention
-
-    if isinstance(module, Attention):
-        if module.gate is not None:
-            raise VitqError("gated attention is not supported")
-        return _vit_attention_forward
-    if isinstance(module, WindowAttention):
-        return _swin_attention_forward
-    return None
 
 
 def _input_hook(point: QuantPoint):
@@ -175,12 +130,22 @@ def _input_hook(point: QuantPoint):
     return hook
 
 
+def _attention_forward(module: nn.Module):
+    """The first registered family's quant-point forward for ``module``, if any claims it."""
+    for family in FAMILIES.values():
+        forward = family.attention_forward(module)
+        if forward is not None:
+            return forward
+    return None
+
+
 def _post_norm_pairs(model: nn.Module):
-    """(LayerNorm name, LayerNorm, Linear names, Linears) whose Linear reads only that norm."""
+    """(LayerNorm name, LayerNorm, Linear names, Linears) whose Linear reads only that norm, as the
+    families declare them for their blocks."""
     pairs = []
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
-        for norm_attr, path in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"), ("norm", "reduction")):
+        for norm_attr, path in (p for family in FAMILIES.values() for p in family.norm_linear_pairs(mod)):
             norm = getattr(mod, norm_attr, None)
             linear = mod.get_submodule(path) if _has(mod, path) else None
             if isinstance(norm, nn.LayerNorm) and isinstance(linear, nn.Linear):
@@ -224,6 +189,7 @@ def instrument(model: nn.Module, keep_float: tuple[str, ...] | list[str] = ()) -
             qk, av = attention_nodes(name)
             mod.vq_qk, mod.vq_av = QuantMatMul(qk, "q", "k"), QuantMatMul(av, "softmax", "v")
             mod.vq_softmax = _softmax
+            mod.vq_attend = types.MethodType(attend, mod)
             for mm, op in ((mod.vq_qk, QK), (mod.vq_av, AV)):
                 if keeps_float(f"{name}.{op}", keep_float):
                     inst.float_matmuls[f"{name}.{op}"] = mm
@@ -232,7 +198,8 @@ def instrument(model: nn.Module, keep_float: tuple[str, ...] | list[str] = ()) -
                 inst.points[mm.a.key], inst.points[mm.b.key] = mm.a, mm.b
             mod.forward = types.MethodType(forward, mod)
         elif "Attention" in type(mod).__name__ and hasattr(mod, "qkv"):
-            raise VitqError(f"unsupported attention module {type(mod).__name__} at {name}")
+            raise VitqError(f"unsupported attention module {type(mod).__name__} at {name}: the supported "
+                            f"families are {supported()}")
     inst.post_norm = [(norm_node(n), norm, [linear_node(x) for x in lnames], linears)
                       for n, norm, lnames, linears in _post_norm_pairs(model)
                       if not any(x in inst.float_layers for x in lnames)]

@@ -1,0 +1,60 @@
+"""Model families, registered like timm's models: one module per family holds what is specific to it.
+
+A family says which attention modules it instruments and gives their forward with quant points
+(timm's non-fused path: the same ops in the same order, so the exported graph is the FP model's,
+with q, k, the softmax output and v passed through the module's ``vq_*`` points), which
+LayerNorm -> Linear pairs of its blocks RepQ-ViT's channel-wise fold may use, and its short
+names for ``--model``. ``calibration/quant_points.py`` asks the registry for every module.
+
+Family modules import nothing heavy at import time (torch and timm only inside functions), so
+the command line lists their names without loading torch.
+
+    @register_family
+    class MyFamily(Family):
+        name = "my_vit"
+        ...
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+FAMILIES: dict[str, "Family"] = {}
+
+
+class Family:
+    """Base of every family; subclasses register one instance each with ``register_family``."""
+
+    name = ""
+    description = ""  # the architectures it covers, as ``--help`` and errors list them
+    short_names: dict[str, str] = {}  # --model short name -> timm name
+
+    def attention_forward(self, module) -> Callable | None:
+        """The quant-point forward for ``module`` when it is an attention of this family, else None.
+
+        The forward computes the attention as timm's non-fused path does and calls
+        ``self.vq_attend(q_scaled, k, v[, adjust, align])`` for softmax(q @ k^T [adjusted]) @ v."""
+        return None
+
+    def norm_linear_pairs(self, module) -> list[tuple[str, str]]:
+        """(LayerNorm attribute, Linear path) pairs of ``module`` when it is a block of this family
+        whose Linear reads only that norm (RepQ-ViT's channel-wise fold), else []."""
+        return []
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    FAMILIES[cls.name] = cls()
+    return cls
+
+
+def short_names() -> dict[str, str]:
+    """Every family's --model short names."""
+    return {short: full for family in FAMILIES.values() for short, full in family.short_names.items()}
+
+
+def supported() -> str:
+    """The families, as an error or ``--help`` lists them."""
+    return "; ".join(f"{f.name} ({f.description})" for f in FAMILIES.values())
+
+
+from . import vit, swin  # noqa: E402,F401  (registers the families)
