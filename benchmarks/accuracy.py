@@ -36,7 +36,7 @@ from vitq_onnx.images import (
 )
 from vitq_onnx.models import create_model
 from vitq_onnx.recipe import Recipe
-from vitq_onnx.simulation import simulate
+from vitq_onnx.calibration.simulation import simulate
 from vitq_onnx.validate import compare_logits, torch_logits
 
 SHARED = Path(os.environ.get("VITQ_SHARED", Path(__file__).resolve().parents[2] / "shared"))

@@ -26,7 +26,7 @@ from vitq_onnx import runtime
 from vitq_onnx.images import Preprocess, label_of, list_images, load_images, load_synsets
 from vitq_onnx.models import create_model
 from vitq_onnx.recipe import Recipe
-from vitq_onnx.simulation import simulate
+from vitq_onnx.calibration.simulation import simulate
 from vitq_onnx.validate import compare_logits, torch_logits
 
 

@@ -38,7 +38,7 @@ from vitq_onnx.calibration.reconstruct import BlockReconstruction
 from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.images import Preprocess, label_of, list_images, load_images, load_synsets
 from vitq_onnx.models import create_model
-from vitq_onnx.simulation import simulate
+from vitq_onnx.calibration.simulation import simulate
 from vitq_onnx.validate import kl_per_image, torch_logits
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -73,8 +73,7 @@ def main() -> None:
     start = time.time()
     if avg_bits is not None:
         bits = choose_widths(model, train, bits, avg_bits, "deit_tiny_patch16_224",
-                             lambda m: print(m, file=sys.stderr), progress=False,
-                             reconstructs=trial.trains_quantized_weights)[0]
+                             lambda m: print(m, file=sys.stderr), progress=False, method=trial)[0]
     recipe = calibrate(model, train, bits, trial, "deit_tiny_patch16_224", CalibOptions())
     seconds = time.time() - start
     q = torch_logits(simulate(model, recipe), held)

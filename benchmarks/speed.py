@@ -59,7 +59,7 @@ from vitq_onnx.images import (
     load_synsets,
 )
 from vitq_onnx.models import create_model
-from vitq_onnx.pipeline import calibration_subset
+from vitq_onnx.images import calibration_subset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VITQ_SHARED", REPO.parent / "shared"))

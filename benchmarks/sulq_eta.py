@@ -26,7 +26,7 @@ from vitq_onnx.calibration.stages import FitActivations
 from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.images import Preprocess, label_of, list_images, load_images, load_synsets
 from vitq_onnx.models import create_model
-from vitq_onnx.simulation import simulate
+from vitq_onnx.calibration.simulation import simulate
 from vitq_onnx.validate import torch_logits
 
 SHARED = Path(os.environ.get("VITQ_SHARED", Path(__file__).resolve().parents[2] / "shared"))

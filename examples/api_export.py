@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import vitq_onnx
 from vitq_onnx.images import Preprocess, list_images, load_images
-from vitq_onnx.pipeline import calibration_subset
+from vitq_onnx.images import calibration_subset
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -40,7 +40,7 @@ def preprocess(deit):
 @pytest.fixture(scope="session")
 def calib_images(preprocess) -> np.ndarray:
     from vitq_onnx.images import list_images, load_images
-    from vitq_onnx.pipeline import calibration_subset
+    from vitq_onnx.images import calibration_subset
 
     return load_images(calibration_subset(list_images(CALIB), 8), preprocess)[0]
 

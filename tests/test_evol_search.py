@@ -22,7 +22,7 @@ from vitq_onnx.cli import main
 from vitq_onnx.errors import VitqError
 from vitq_onnx.passes import PassContext, pipeline, run_passes
 from vitq_onnx.recipe import Recipe
-from vitq_onnx.simulation import simulate
+from vitq_onnx.calibration.simulation import simulate
 from vitq_onnx.validate import compare_logits, torch_logits
 
 from .conftest import TINY

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from vitq_onnx import pipeline
+from vitq_onnx.orchestrator import recipe_source, validation
 from vitq_onnx.cli import main
 from vitq_onnx.passes.snapshot import SHAPES_UNKNOWN
 
@@ -79,7 +79,7 @@ def test_outputs_never_overwrite_inputs(work, capsys):
 
 def test_output_problems_are_found_before_any_work(work, capsys, monkeypatch):
     tmp, base, out = work
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: pytest.fail("calibrated before checking -o"))
+    monkeypatch.setattr(recipe_source, "calibrate", lambda *a, **k: pytest.fail("calibrated before checking -o"))
     before = _state(tmp)
     _error(capsys, 1, base + ["-o", str(out)], "is a folder")
     (out / "m.recipe.json").mkdir()
@@ -141,7 +141,7 @@ def test_no_weights_and_no_cache_fails_at_once_without_the_network(tmp_path, tin
 
 def test_useless_model_warns_and_strict_refuses(work, capsys, monkeypatch):
     tmp, base, out = work
-    monkeypatch.setattr(pipeline, "LOW_FP_AGREEMENT", 1.01)  # the tiny model agrees 100 %: make that "low"
+    monkeypatch.setattr(validation, "LOW_FP_AGREEMENT", 1.01)  # the tiny model agrees 100 %: make that "low"
     assert main(base + ["-o", str(out / "m.onnx")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vitq-onnx: warning:") and "agrees with the FP model" in err[0]

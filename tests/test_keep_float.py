@@ -14,7 +14,7 @@ from vitq_onnx.calibration.methods import get_method
 from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.passes import PassContext, pipeline, run_passes
 from vitq_onnx.recipe import Recipe, split_key
-from vitq_onnx.simulation import simulate
+from vitq_onnx.calibration.simulation import simulate
 from vitq_onnx.validate import torch_logits
 
 from .test_tiny_export import _export

@@ -92,8 +92,8 @@ def test_longest_within_bisects_to_the_last_step_inside_the_drop():
 def test_a_method_that_reconstructs_weights_keeps_them_at_4_bits_or_more(tiny, tiny_images):
     assert get_method("repq-recon").trains_quantized_weights and get_method("ias").trains_quantized_weights
     assert not get_method("repq").trains_quantized_weights
-    maps = {r: choose_widths(tiny, tiny_images, BitWidths(8, 8), 4.0, "tiny", lambda m: None, False, reconstructs=r)[1]
-            for r in (False, True)}
+    maps = {r: choose_widths(tiny, tiny_images, BitWidths(8, 8), 4.0, "tiny", lambda m: None, False,
+                             get_method("repq-recon" if r else "repq"))[1] for r in (False, True)}
     weights = {r: [w for k, w in m["widths"].items() if k.endswith(":w")] for r, m in maps.items()}
     assert min(weights[False]) == 3 and set(weights[True]) == {4}  # the weight average of 4: all at 4
     assert maps[True]["weight_floor"] == 4 and "weight_floor" not in maps[False]
@@ -103,10 +103,10 @@ def test_a_method_that_reconstructs_weights_keeps_them_at_4_bits_or_more(tiny, t
 def test_max_drop_keeps_the_widest_map_when_nothing_narrower_fits(tiny, tiny_images):
     labels = torch.no_grad()(tiny)(torch.from_numpy(tiny_images[8:])).argmax(1).numpy()  # FP top-1 is 100 %
     loose, info = widths_for_drop(tiny, tiny_images[:8], (tiny_images[8:], labels), BitWidths(8, 8), 100.0,
-                                  "tiny", lambda m: None, False)
+                                  "tiny", lambda m: None, False, get_method("repq"))
     assert info["weight_avg"] == 3 and info["held_out_fp_top1"] == 100.0  # any drop fits: all at 3 bits
     strict, info = widths_for_drop(tiny, tiny_images[:8], (tiny_images[8:], labels), BitWidths(8, 8), 1e-9,
-                                   "tiny", lambda m: None, False)
+                                   "tiny", lambda m: None, False, get_method("repq"))
     assert info["held_out_drop"] <= 1e-9 or info["weight_avg"] == 8
     assert all(t["held_out_drop"] > 1e-9 for t in info["tried"] if t["step"] > info["tried"][0]["step"]
                and t["weight_avg"] < info["weight_avg"])

@@ -13,7 +13,7 @@ from vitq_onnx.calibration.smooth_bias import SQB_ALPHAS, SmoothBias
 from vitq_onnx.calibration.stages import FitActivations, FitWeights
 from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.passes import PassContext, pipeline, run_passes
-from vitq_onnx.simulation import simulate
+from vitq_onnx.calibration.simulation import simulate
 from vitq_onnx.validate import torch_logits
 
 from .test_stages import _state
@@ -68,7 +68,7 @@ def test_mptq_export_is_bit_exact(tiny, tiny_images, tiny_fp32_onnx, fmt):
 
 @pytest.mark.slow
 def test_smooth_bias_fold_is_lossless_on_deit(deit, calib_images, val_images):
-    from vitq_onnx.simulation import folded
+    from vitq_onnx.calibration.simulation import folded
 
     recipe = calibrate(deit, calib_images, BitWidths(4, 4), get_method("mptq-sqb"), "deit_tiny_patch16_224", QUIET)
     model, _ = folded(deit, recipe)  # the FP model with SQ-b folded in: the same function

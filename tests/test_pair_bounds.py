@@ -14,7 +14,7 @@ from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.errors import VitqError
 from vitq_onnx.passes import PassContext, pipeline, run_passes
 from vitq_onnx.passes.pair_bounds import INT16_MAX
-from vitq_onnx.simulation import simulate
+from vitq_onnx.calibration.simulation import simulate
 from vitq_onnx.validate import torch_logits
 
 QUIET = CalibOptions(progress=False)

@@ -16,7 +16,7 @@ from vitq_onnx.passes import PassContext, pipeline, run_passes
 from vitq_onnx.passes.fold_reparam import FoldReparam
 from vitq_onnx.passes.name_nodes import NameNodes, scope_name
 from vitq_onnx.recipe import Recipe, WeightQuant
-from vitq_onnx.simulation import simulate
+from vitq_onnx.calibration.simulation import simulate
 from vitq_onnx.validate import compare_logits, torch_logits
 
 pytestmark = pytest.mark.slow

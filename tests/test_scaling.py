@@ -22,7 +22,7 @@ from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.cli import main
 from vitq_onnx.naming import attention_nodes, linear_node
 from vitq_onnx.recipe import tensor_key
-from vitq_onnx.simulation import simulate
+from vitq_onnx.calibration.simulation import simulate
 from vitq_onnx.validate import torch_logits
 
 from .conftest import TINY

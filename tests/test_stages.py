@@ -15,7 +15,7 @@ from vitq_onnx.calibration.stages import ChannelwiseReparam, FitActivations, Fit
 from vitq_onnx.calibration.state import CalibOptions, CalibState
 from vitq_onnx.errors import VitqError
 from vitq_onnx.recipe import Recipe
-from vitq_onnx.simulation import simulate
+from vitq_onnx.calibration.simulation import simulate
 
 QUIET = CalibOptions(progress=False)
 
@@ -197,7 +197,7 @@ def test_reconstruction_of_a_shifted_window_swin_stays_bit_exact(tiny_images):
     from vitq_onnx import runtime
     from vitq_onnx.fp32 import export_fp32
     from vitq_onnx.passes import PassContext, pipeline, run_passes
-    from vitq_onnx.simulation import simulate
+    from vitq_onnx.calibration.simulation import simulate
     from vitq_onnx.validate import compare_logits, torch_logits
 
     torch.manual_seed(0)

@@ -2,27 +2,29 @@
 
 It takes what a script holds: a timm model name or an ``nn.Module`` already in memory, and the
 calibration data as a folder, a preprocessed tensor/array [N, 3, H, W], or an iterable of
-images or batches. It returns the quantized ONNX model, its recipe and the validation report,
-and writes files only when given ``output`` (as the CLI writes them: all or nothing).
+images or batches. Every other keyword is an export option (``options.OPTIONS``: the same as
+the CLI's flags, underscores for dashes). It returns the quantized ONNX model, its recipe and the
+validation report, and writes files only when given ``output`` (as the CLI writes them: all or
+nothing). Errors raise ``VitqError``, worded with these keywords.
 """
 
 from __future__ import annotations
 
-import os
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import onnx
 import torch
 
+from . import orchestrator
 from .errors import VitqError
-from .images import Preprocess, list_images, load_images
-from .models import create_model, resolve_name
-from .outputs import check_outputs
-from .pipeline import ExportOptions, calibration_subset, check_options, output_files, quantize, write
+from .options import BY_NAME, OPTIONS, ExportOptions, api_wording, check_options, resolved
 from .recipe import Recipe
+
+_POSITIONAL = ("model", "bits", "calib")  # export(model, bits, calib, *, output=None, **options)
 
 
 @dataclass
@@ -32,68 +34,68 @@ class Exported:
     report: dict  # validation: bit-exactness against the simulation, agreement with the FP model
 
 
-def export(model: str | torch.nn.Module, bits: str = "8/8", calib: str | Path | np.ndarray | torch.Tensor |
-           Iterable = None, *, output: str | Path | None = None, method: str = "repq", num_calib: int | None = None,
-           validate_images: int = 8, layer_bits: tuple[str, ...] = (), keep_float: tuple[str, ...] = (),
-           format: str = "ort", target_cpu: str = "portable",
-           weights: str | Path | None = None, random_weights: bool = False, img_size: int | None = None,
-           num_classes: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = False,
-           strict: bool = False, min_agreement: float = 0.9) -> Exported:
-    """Calibrate and export ``model`` at ``bits`` ("W/A"), as ``vitq-onnx export`` does.
+def export(model: str | torch.nn.Module, bits: str | None = None,
+           calib: str | Path | np.ndarray | torch.Tensor | Iterable = None, *, output: str | Path | None = None,
+           **options: Any) -> Exported:
+    """Calibrate and export ``model`` at ``bits`` ("W/A", default 8/8), as ``vitq-onnx export`` does.
 
     ``calib``: a folder (a fixed random subset of ``num_calib`` images calibrates, another of
     ``validate_images`` validates, as in the CLI), or preprocessed images (the model's eval
     transform: ``Preprocess.from_model(model)``), of which the first ``num_calib`` calibrate and
-    the first ``validate_images`` validate. Errors raise ``VitqError``.
+    the first ``validate_images`` validate. ``options``: any export option by keyword (the
+    signature lists them all with their defaults).
     """
-    opts = ExportOptions(model=model if isinstance(model, str) else "", bits=bits, output=Path(output or "."),
-                         calib=Path("."), weights=None if weights is None else Path(weights),
-                         random_weights=random_weights, num_calib=num_calib, method=method,
-                         layer_bits=tuple(layer_bits), keep_float=tuple(keep_float), seed=seed, device=device,
-                         format=format, target_cpu=target_cpu,
-                         min_agreement=min_agreement, strict=strict, progress=progress,
-                         validate_images=validate_images, img_size=img_size, num_classes=num_classes)
-    method_ = check_options(opts)
+    try:
+        return _export(model, bits, calib, output, options)
+    except VitqError as exc:
+        raise VitqError(api_wording(str(exc))) from None
+
+
+def _export(model, bits, calib, output, options: dict) -> Exported:
+    unknown = sorted(set(options) - set(BY_NAME))
+    if unknown:
+        raise VitqError(f"unknown keyword '{unknown[0]}': export takes {', '.join(o.name for o in OPTIONS)}")
     if calib is None:
         raise VitqError("calib: give a folder of images, a tensor [N, 3, H, W] or an iterable of images")
+    folder = calib if isinstance(calib, (str, Path)) else None
+    values = {o.name: o.api_default if o.api_default is not None else o.default for o in OPTIONS}
+    values.update({k: tuple(v) if BY_NAME[k].repeat else v for k, v in options.items()})
+    values.update(model=model if isinstance(model, str) else "", bits=bits,
+                  calib=None if folder is None else Path(folder), output=None if output is None else Path(output))
+    for name in ("weights", "recipe", "save_passes"):
+        values[name] = None if values[name] is None else Path(values[name])
+    opts = ExportOptions(**values)
+    check_options(opts)
+    opts = resolved(opts)
+    qmodel, recipe, report = orchestrator.quantize(opts, None if isinstance(model, str) else model,
+                                                   None if folder is not None else _arrays(calib))
     if output is not None:
-        folder = list_images(Path(calib)) if isinstance(calib, (str, Path)) else []
-        check_outputs(output_files(opts.output), [opts.weights, *folder])
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    if isinstance(model, str):
-        name = resolve_name(model)
-        model = create_model(model, opts.weights, random_weights, img_size, num_classes)
-    else:
-        if img_size is not None or num_classes is not None or weights is not None:
-            raise VitqError("img_size, num_classes and weights build a model by name: set them on your module instead")
-        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-        model = model.eval()
-    preprocess = Preprocess.from_model(model)
-    count = method_.num_calib if num_calib is None else num_calib
-    images, val_images = _calibration_data(calib, preprocess, count, validate_images)
-    qmodel, recipe, report = quantize(model, name, preprocess, images, val_images, opts)
-    if output is not None:
-        write(qmodel, recipe, opts.output)
+        orchestrator.write(qmodel, recipe, opts.output)
     return Exported(qmodel, recipe, report)
 
 
-def _calibration_data(calib, preprocess: Preprocess, count: int, validate: int) -> tuple[np.ndarray, np.ndarray]:
-    """(calibration images, validation images), float32 [N, 3, size, size]."""
-    if count < 1 or validate < 1:
-        raise VitqError("num_calib and validate_images must be at least 1")
-    if isinstance(calib, (str, Path)):
-        paths = list_images(Path(calib))
-        return (load_images(calibration_subset(paths, count), preprocess)[0],
-                load_images(calibration_subset(paths, validate, "validate_images"), preprocess)[0])
-    if isinstance(calib, (np.ndarray, torch.Tensor)):
-        parts = [calib]
-    else:
-        parts = list(calib)
+def _arrays(calib) -> np.ndarray:
+    """Preprocessed images as one float32 array [N, 3, H, W]."""
+    parts = [calib] if isinstance(calib, (np.ndarray, torch.Tensor)) else list(calib)
     arrays = [np.asarray(p.detach().cpu() if isinstance(p, torch.Tensor) else p, dtype=np.float32) for p in parts]
     arrays = [a[None] if a.ndim == 3 else a for a in arrays]
-    want = (3, preprocess.size, preprocess.size)
-    if not arrays or any(a.ndim != 4 or a.shape[1:] != want for a in arrays):
-        raise VitqError(f"calib images must be preprocessed arrays of shape [3, {preprocess.size}, "
-                        f"{preprocess.size}] (or batches of them), got {[a.shape for a in arrays][:2]}")
-    images = np.concatenate(arrays)
-    return images[:count], images[:validate]
+    if not arrays or any(a.ndim != 4 for a in arrays):
+        raise VitqError(f"calib images must be preprocessed arrays [3, H, W] or batches [N, 3, H, W], got "
+                        f"{[a.shape for a in arrays][:2]}")
+    return np.concatenate(arrays)
+
+
+def _signature() -> inspect.Signature:
+    """export's signature with every option as a keyword and its default (for help() and IDEs)."""
+    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None if name != "model"
+                                else inspect.Parameter.empty) for name in _POSITIONAL]
+    params.append(inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, default=None))
+    params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
+                                 default=o.api_default if o.api_default is not None else o.default)
+               for o in OPTIONS if o.name not in _POSITIONAL + ("output",)]
+    return inspect.Signature(params, return_annotation=Exported)
+
+
+export.__signature__ = _signature()
+export.__doc__ += "\n    Options:\n" + "\n".join(f"        {o.name}: {o.help_text()}" for o in OPTIONS
+                                                 if o.name not in _POSITIONAL + ("output",))

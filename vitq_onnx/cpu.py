@@ -16,8 +16,8 @@ from functools import cache
 from pathlib import Path
 
 from .errors import VitqError
+from .formats import TARGETS
 
-TARGETS = ("portable", "vnni")
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")  # x86 VNNI/AMX; Arm dot product
 
 

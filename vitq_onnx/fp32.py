@@ -2,7 +2,7 @@
 
 The TorchScript exporter is used: it is fast, keeps Linear/LayerNorm/Softmax as single nodes and
 names every node by its module scope, which the ``name_nodes`` pass turns into canonical names.
-Attention is exported through the quant-point forward (timm's non-fused path), so it exposes
+Attention is exported through its family's quant-point forward (timm's non-fused path), so it exposes
 q, k, the softmax output and v.
 """
 

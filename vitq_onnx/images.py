@@ -7,6 +7,7 @@ exported model carries its preprocessing config in its metadata and needs no tor
 from __future__ import annotations
 
 import math
+import random
 import sys
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -107,3 +108,13 @@ def label_of(path: Path, root: Path, synsets: dict[str, int]) -> int:
         if c in synsets:
             return synsets[c]
     raise VitqError(f"cannot tell the class of {path}: no known synset in its name or folder")
+
+
+def calibration_subset(paths: list[Path], count: int, option: str = "--num-calib") -> list[Path]:
+    """A fixed random subset (seed 0) of a folder's images (``list_images``), so classes are
+    spread, not alphabetical."""
+    if count < 1:
+        raise VitqError(f"{option} must be at least 1")
+    if count < len(paths):
+        paths = sorted(random.Random(0).sample(paths, count))
+    return paths

@@ -28,13 +28,12 @@ from . import runtime
 from .calibration.bits import module_of
 from .calibration.quantizers import fake
 from .errors import VitqError
-from .images import Preprocess, list_images, load_images
+from .images import Preprocess, calibration_subset, list_images, load_images
 from .models import create_model
 from .naming import AV, QK, tensor_label
-from .pipeline import calibration_subset, recipe_path
 from .progress import Progress
-from .recipe import Recipe, split_key, tensor_key
-from .simulation import folded, simulated
+from .recipe import Recipe, recipe_path, split_key, tensor_key
+from .calibration.simulation import folded, simulated
 from .validate import compare_logits, feature_similarity
 
 SORT_KEYS = {"sqnr": "sqnr_db", "quant_sqnr": "quant_sqnr_db", "block_sqnr": "block_sqnr_db", "depth": "depth"}

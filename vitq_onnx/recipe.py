@@ -24,6 +24,16 @@ _EPOCH = (1980, 1, 1, 0, 0, 0)  # zip entry date: fixed, so the same recipe give
 VERSION = 2
 
 
+def recipe_path(model_path: Path) -> Path:
+    """Where a model's recipe is: ``m.onnx`` -> ``m.recipe.json`` (its arrays in ``m.recipe.npz``)."""
+    return model_path.with_name(model_path.stem + ".recipe.json")
+
+
+def export_files(model_path: Path) -> list[Path]:
+    """Every file an export writes: the model and its recipe (.json + .npz)."""
+    return [model_path, recipe_path(model_path), recipe_path(model_path).with_suffix(".npz")]
+
+
 def tensor_key(node: str, input_index: int) -> str:
     return f"{node}:{input_index}"
 

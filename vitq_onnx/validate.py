@@ -12,7 +12,7 @@ import torch
 from . import runtime
 from .progress import Progress
 from .recipe import Recipe
-from .simulation import simulate
+from .calibration.simulation import simulate, torch_logits
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -23,18 +23,6 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
         "max_abs_logit_error": float(diff.max()),
         "mean_abs_logit_error": float(diff.mean()),
     }
-
-
-def kl_per_image(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """KL(reference || logits) of each image's predicted class distribution (e.g. FP against quantized)."""
-    return torch.nn.functional.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True,
-                                      reduction="none").sum(1)
-
-
-@torch.no_grad()
-def torch_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    return np.concatenate([model(torch.from_numpy(images[i:i + batch_size])).numpy()
-                           for i in range(0, len(images), batch_size)])
 
 
 def feature_similarity(reference: np.ndarray, candidate: np.ndarray) -> dict:

@@ -17,6 +17,7 @@ from ..recipe import split_key
 
 STEM_BITS = 8
 BITS_RANGE = range(2, 9)
+WIDTHS = (8, 6, 5, 4, 3)  # the widths mixed precision chooses from (--avg-bits, --max-drop)
 
 
 def parse_pair(text: str) -> tuple[int, int]:

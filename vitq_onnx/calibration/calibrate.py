@@ -15,7 +15,7 @@ import torch
 from ..errors import VitqError
 from ..progress import StageTimes
 from ..recipe import Recipe
-from ..simulation import folded, load_quantized
+from .simulation import folded, load_quantized
 from .bits import BitWidths
 from .methods import Method
 from .quant_points import instrument, keeps_float

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..errors import VitqError
 from ..recipe import WeightQuant
-from ..validate import kl_per_image
+from .simulation import kl_per_image
 from .quantizers import get_kind, torch_params
 from .quantizers.weights import fake_weight, float16_values, weight_values
 from .reconstruct import block_inputs, run_chunked, transformer_blocks

@@ -3,44 +3,60 @@
     @register_method
     def repq():
         \"\"\"One-line description shown by ``vitq-onnx export --help``.\"\"\"
-        return [ChannelwiseReparam(), FitWeights(), FitActivations(...)]
+        return [stages.ChannelwiseReparam(), stages.FitWeights(), stages.FitActivations(...)]
 
-The function's name (underscores as dashes) is the method's name for ``--method``.
+The function's name (underscores as dashes) is the method's name for ``--method``. A method's
+stages are built when first used; the stage modules load then too (``lazy_import``), so the
+command line lists the methods without importing torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 from ..errors import VitqError
-from .evol_search import FITNESS, EvolSearch
-from .reconstruct import BlockReconstruction
-from .smooth_bias import SmoothBias
-from .stages import ChannelwiseReparam, FitActivations, FitWeights, Stage
+from ..lazy import lazy_import
+
+stages = lazy_import("vitq_onnx.calibration.stages")
+reconstruct = lazy_import("vitq_onnx.calibration.reconstruct")
+smooth_bias = lazy_import("vitq_onnx.calibration.smooth_bias")
+evol_search = lazy_import("vitq_onnx.calibration.evol_search")
 
 
-@dataclass(frozen=True)
 class Method:
-    name: str
-    description: str
-    stages: tuple[Stage, ...]
-    num_calib: int = 32  # calibration images used when the user does not say
+    """A named list of stages; ``stages`` is a tuple, or a function that builds them on first use."""
+
+    def __init__(self, name: str, description: str, stages: tuple | Callable[[], list], num_calib: int = 32,
+                 sensitivity: str = "repq"):
+        self.name, self.description, self.num_calib = name, description, num_calib
+        self.sensitivity = sensitivity  # the method whose recipes --avg-bits/--max-drop measure and compare
+        self._stages = stages
+
+    @cached_property
+    def stages(self) -> tuple:
+        return tuple(self._stages() if callable(self._stages) else self._stages)
+
+    @property
+    def softmax_kind(self) -> Callable[[int], str]:
+        """Its post-Softmax quantizer kind by width (its activation stage's; uniform without one)."""
+        fits = [s for s in self.stages if isinstance(s, stages.FitActivations)]
+        return fits[0].softmax_kind if fits else (lambda bits: "uniform")
 
     @property
     def trains_quantized_weights(self) -> bool:
         """Does a stage reconstruct the quantized weights (which heals narrow weights)?"""
-        return any(isinstance(s, BlockReconstruction) and s.quantized_weights for s in self.stages)
+        return any(isinstance(s, reconstruct.BlockReconstruction) and s.quantized_weights for s in self.stages)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(fn: Callable[[], list[Stage]] = None, *, num_calib: int = 32):
+def register_method(fn: Callable[[], list] = None, *, num_calib: int = 32):
     def register(f):
         name = f.__name__.replace("_", "-")
         doc = (f.__doc__ or "").strip().splitlines()
-        METHODS[name] = Method(name, doc[0] if doc else name, tuple(f()), num_calib)
+        METHODS[name] = Method(name, doc[0] if doc else name, f, num_calib)
         return f
 
     return register(fn) if fn is not None else register
@@ -70,31 +86,32 @@ REPQ_SOFTMAX = log2_up_to(6)
 @register_method
 def basic():
     """per-tensor uniform activations, MSE-searched ranges"""
-    return [FitWeights(), FitActivations()]
+    return [stages.FitWeights(), stages.FitActivations()]
 
 
 @register_method
 def repq_cw():
     """basic + RepQ-ViT channel-wise post-LayerNorm reparameterization"""
-    return [ChannelwiseReparam(), FitWeights(), FitActivations()]
+    return [stages.ChannelwiseReparam(), stages.FitWeights(), stages.FitActivations()]
 
 
 @register_method
 def repq():
-    """RepQ-ViT: channel-wise post-LayerNorm reparameterization + log2 post-Softmax (at <= 4 bits)"""
-    return [ChannelwiseReparam(), FitWeights(), FitActivations(REPQ_SOFTMAX)]
+    """RepQ-ViT: channel-wise post-LayerNorm reparameterization + log2 post-Softmax (at <= 6 bits)"""
+    return [stages.ChannelwiseReparam(), stages.FitWeights(), stages.FitActivations(REPQ_SOFTMAX)]
 
 
 @register_method
 def repq_log2():
     """repq with the log2 post-Softmax quantizer at every bit width (as published)"""
-    return [ChannelwiseReparam(), FitWeights(), FitActivations(log2_up_to(8))]
+    return [stages.ChannelwiseReparam(), stages.FitWeights(), stages.FitActivations(log2_up_to(8))]
 
 
 @register_method(num_calib=128)
 def repq_recon():
     """repq + block-wise reconstruction of weights, biases and quantizer scales (Adam, cosine)"""
-    return [ChannelwiseReparam(), FitWeights(), FitActivations(REPQ_SOFTMAX), BlockReconstruction()]
+    return [stages.ChannelwiseReparam(), stages.FitWeights(), stages.FitActivations(REPQ_SOFTMAX),
+            reconstruct.BlockReconstruction()]
 
 
 # I&S-ViT (Zhong et al. 2023): SULQ post-Softmax quantizers and the smooth optimization strategy.
@@ -125,23 +142,25 @@ def sulq(bits: int) -> str:
 @register_method(num_calib=128)
 def ias():
     """I&S-ViT: SULQ post-Softmax + smooth optimization (float-weight, then quantized block reconstruction)"""
-    return [ChannelwiseReparam(), FitActivations(sulq, weights=False),
-            BlockReconstruction(iters=IAS_STAGE1_ITERS, learn=("weights", "biases"), quantized_weights=False,
-                                fisher=False, wide_iters=IAS_STAGE1_ITERS // IAS_WIDE_DIVISOR),
-            FitWeights(), BlockReconstruction(iters=IAS_STAGE3_ITERS, wide_iters=IAS_STAGE3_ITERS // IAS_WIDE_DIVISOR)]
+    return [stages.ChannelwiseReparam(), stages.FitActivations(sulq, weights=False),
+            reconstruct.BlockReconstruction(iters=IAS_STAGE1_ITERS, learn=("weights", "biases"),
+                                            quantized_weights=False, fisher=False,
+                                            wide_iters=IAS_STAGE1_ITERS // IAS_WIDE_DIVISOR),
+            stages.FitWeights(),
+            reconstruct.BlockReconstruction(iters=IAS_STAGE3_ITERS, wide_iters=IAS_STAGE3_ITERS // IAS_WIDE_DIVISOR)]
 
 
 @register_method
 def ias_sulq():
     """ablation: repq with SULQ post-Softmax quantizers (no reconstruction)"""
-    return [ChannelwiseReparam(), FitWeights(), FitActivations(sulq)]
+    return [stages.ChannelwiseReparam(), stages.FitWeights(), stages.FitActivations(sulq)]
 
 
 @register_method(num_calib=128)
 def ias_stage3():
     """ablation: ias without its float-weight stage (SULQ + quantized block reconstruction only)"""
-    return [ChannelwiseReparam(), FitWeights(), FitActivations(sulq),
-            BlockReconstruction(iters=IAS_STAGE3_ITERS, wide_iters=IAS_STAGE3_ITERS // IAS_WIDE_DIVISOR)]
+    return [stages.ChannelwiseReparam(), stages.FitWeights(), stages.FitActivations(sulq),
+            reconstruct.BlockReconstruction(iters=IAS_STAGE3_ITERS, wide_iters=IAS_STAGE3_ITERS // IAS_WIDE_DIVISOR)]
 
 
 
@@ -151,33 +170,33 @@ def ias_stage3():
 @register_method
 def mptq():
     """MPTQ-ViT: SmoothQuant with bias (alpha searched per norm) + OPT-m post-GELU ranges"""
-    return [SmoothBias(), FitWeights(), FitActivations(REPQ_SOFTMAX, opt_m=True)]
+    return [smooth_bias.SmoothBias(), stages.FitWeights(), stages.FitActivations(REPQ_SOFTMAX, opt_m=True)]
 
 
 @register_method
 def mptq_sqb():
     """ablation: mptq without OPT-m (SmoothQuant with bias only)"""
-    return [SmoothBias(), FitWeights(), FitActivations(REPQ_SOFTMAX)]
+    return [smooth_bias.SmoothBias(), stages.FitWeights(), stages.FitActivations(REPQ_SOFTMAX)]
 
 
 @register_method
 def repq_optm():
     """ablation: repq + OPT-m post-GELU ranges"""
-    return [ChannelwiseReparam(), FitWeights(), FitActivations(REPQ_SOFTMAX, opt_m=True)]
+    return [stages.ChannelwiseReparam(), stages.FitWeights(), stages.FitActivations(REPQ_SOFTMAX, opt_m=True)]
 
 
 # Searches: refinements any method can end with (``--search``), or an earlier export's recipe.
 SEARCH_IMAGES = 96  # calibration images a search wants (a quarter held out), when --num-calib is not given
-SEARCHES = {"evol": EvolSearch}
-FITNESSES = tuple(FITNESS)
+SEARCHES = {"evol": lambda **settings: evol_search.EvolSearch(**settings)}  # --search name -> its stage
+FITNESSES = ("infonce", "mse")  # what a search minimizes against the FP logits (evol_search.FITNESS's keys)
 
 
-def search_stage(name: str, budget_min: float | None = None, fitness: str = "infonce") -> Stage:
+def search_stage(name: str, budget_min: float | None = None, fitness: str = "infonce"):
     """The named search as a stage; ``budget_min`` caps its minutes (default: its own cap)."""
     if name not in SEARCHES:
         raise VitqError(f"unknown --search '{name}': use one of {', '.join(SEARCHES)}")
-    if fitness not in FITNESS:
-        raise VitqError(f"unknown --search-fitness '{fitness}': use one of {', '.join(FITNESS)}")
+    if fitness not in FITNESSES:
+        raise VitqError(f"unknown --search-fitness '{fitness}': use one of {', '.join(FITNESSES)}")
     if budget_min is not None and budget_min <= 0:
         raise VitqError("--search-budget must be a positive number of minutes")
     extra = {} if budget_min is None else {"budget": 60 * budget_min}

@@ -25,17 +25,16 @@ import torch
 from ..errors import VitqError
 from ..progress import Progress
 from ..recipe import Recipe
-from ..simulation import folded, quantized_weight, simulate
-from ..validate import kl_per_image, torch_logits
-from .bits import STEM_BITS, BitWidths, module_of
+from .simulation import folded, quantized_weight, simulate
+from .simulation import kl_per_image, torch_logits
+from .bits import STEM_BITS, WIDTHS, BitWidths, module_of
 from .calibrate import calibrate
-from .methods import REPQ_SOFTMAX, get_method
+from .methods import Method, get_method
 from .state import CalibOptions
-from .quantizers import fake, get_kind
+from .quantizers import fake, get_kind, kind_for
 from .quantizers.weights import fake_weight, fit_weight
 from .reconstruct import transformer_blocks
 
-WIDTHS = (8, 6, 5, 4, 3)
 
 
 @dataclass
@@ -147,7 +146,7 @@ def _narrowed_kls(layer, inst, fp_weights, qmodel, images, reference, softmax_ki
             inst.weights[layer.weight].weight.copy_(fake_weight(w, fit_weight(w, bits), bits))
 
         def narrow(point, x, bits=bits):
-            kind = softmax_kind(bits) if point.role == "softmax" else "uniform"
+            kind = kind_for(point.role, bits, softmax_kind)
             return get_kind(kind).fake(x, get_kind(kind).fit(x, bits, point), bits)
 
         inst.set_action(narrow, set(layer.inputs))
@@ -249,12 +248,13 @@ def bit_table(layers: list[Layer], width: dict[str, int]) -> str:
 SENSITIVITY_IMAGES = 16  # calibration images the per-layer sensitivities are measured on
 
 
-def _sensitivities(model, images: np.ndarray, cap: BitWidths, timm_name: str, say, progress: bool):
+def _sensitivities(model, images: np.ndarray, cap: BitWidths, timm_name: str, say, progress: bool, base: Method):
     widths = tuple(w for w in WIDTHS if w <= min(cap.w, cap.a))
     say(f"mixed precision: sensitivities of every layer at widths {list(widths[1:])} on "
-        f"{min(SENSITIVITY_IMAGES, len(images))} images")
-    widest = calibrate(model, images, cap, get_method("repq"), timm_name, CalibOptions(progress=False))
-    return measure(model, widest, torch.from_numpy(images[:SENSITIVITY_IMAGES]), REPQ_SOFTMAX, widths, progress), widths
+        f"{min(SENSITIVITY_IMAGES, len(images))} images ({base.name} recipes)")
+    widest = calibrate(model, images, cap, base, timm_name, CalibOptions(progress=False))
+    images = torch.from_numpy(images[:SENSITIVITY_IMAGES])
+    return measure(model, widest, images, base.softmax_kind, widths, progress), widths
 
 
 def _chosen(layers: list[Layer], width: dict[str, int], cap: BitWidths, say, info: dict):
@@ -273,11 +273,12 @@ RECONSTRUCTED_WEIGHT_FLOOR = 4
 
 
 def choose_widths(model, images: np.ndarray, cap: BitWidths, avg_bits: float, timm_name: str, say, progress: bool,
-                  reconstructs: bool = False):
-    """Greedy mixed precision at most ``avg_bits`` on average, widest ``cap``: the bit widths to
-    calibrate with, and what to record of the choice. ``reconstructs``: the method then trains the
-    quantized weights (no weight below RECONSTRUCTED_WEIGHT_FLOOR)."""
-    layers, widths = _sensitivities(model, images, cap, timm_name, say, progress)
+                  method: Method):
+    """Greedy mixed precision at most ``avg_bits`` on average, widest ``cap``, for ``method`` (its
+    ``sensitivity`` method's recipes are measured; a method that trains the quantized weights keeps
+    none below RECONSTRUCTED_WEIGHT_FLOOR): the bit widths to calibrate with, and what to record."""
+    layers, widths = _sensitivities(model, images, cap, timm_name, say, progress, get_method(method.sensitivity))
+    reconstructs = method.trains_quantized_weights
     if reconstructs:
         for layer in layers:
             layer.floor = RECONSTRUCTED_WEIGHT_FLOOR if layer.weight else 0
@@ -288,11 +289,13 @@ def choose_widths(model, images: np.ndarray, cap: BitWidths, avg_bits: float, ti
 
 @torch.no_grad()
 def widths_for_drop(model, images: np.ndarray, held: tuple[np.ndarray, np.ndarray], cap: BitWidths, max_drop: float,
-                    timm_name: str, say, progress: bool):
+                    timm_name: str, say, progress: bool, method: Method):
     """The narrowest map along the greedy path whose top-1 on held-out labelled calibration images
     (``held``: images, labels; none of them calibrates) is at most ``max_drop`` points below the FP
-    model's there. Each map tried is calibrated with ``repq`` and scored in the exact simulation."""
-    layers, widths = _sensitivities(model, images, cap, timm_name, say, progress)
+    model's there. Each map tried is calibrated with ``method``'s ``sensitivity`` method and scored
+    in the exact simulation."""
+    base = get_method(method.sensitivity)
+    layers, widths = _sensitivities(model, images, cap, timm_name, say, progress, base)
     path = greedy_path(layers, widths)
     held_images, labels = held
     fp_top1 = 100 * float((torch_logits(model, held_images).argmax(1) == labels).mean())
@@ -301,7 +304,7 @@ def widths_for_drop(model, images: np.ndarray, held: tuple[np.ndarray, np.ndarra
 
     def drop(step: int) -> float:
         bits = BitWidths.parse(f"{cap.w}/{cap.a}", layer_rules(layers, path[step], cap.w))
-        recipe = calibrate(model, images, bits, get_method("repq"), timm_name, CalibOptions(progress=False))
+        recipe = calibrate(model, images, bits, base, timm_name, CalibOptions(progress=False))
         top1 = 100 * float((torch_logits(simulate(model, recipe), held_images).argmax(1) == labels).mean())
         bar.update(1, step=f"{step}/{len(path) - 1}", drop=fp_top1 - top1)
         return fp_top1 - top1

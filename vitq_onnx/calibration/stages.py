@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..recipe import ActQuant, split_key, tensor_key
-from .quantizers import get_kind, torch_params
+from .quantizers import get_kind, kind_for, torch_params
 from .bits import module_of
 from .quantizers.uniform import channel_stats, fit_uniform_rows
 from .quantizers.weights import fit_weight
@@ -148,7 +148,7 @@ class FitActivations(Stage):
         def fit_then_quantize(point, x):
             if point.key not in recipe.activations:
                 bits = state.bits.act(point.key, point.role)
-                kind = self.softmax_kind(bits) if point.role == "softmax" else "uniform"
+                kind = kind_for(point.role, bits, self.softmax_kind)
                 if self.opt_m and point.role == "linear_input" and module_of(point.key).endswith("mlp.fc2"):
                     params = self._opt_m(state, point.key, x, bits)
                 else:

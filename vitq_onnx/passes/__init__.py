@@ -6,6 +6,7 @@ modules below registers them.
 
 from __future__ import annotations
 
+from ..formats import FORMATS
 from ..recipe import Recipe
 from . import insert_qdq, log2_softmax, log2_table_softmax, sulq_softmax  # noqa: F401  (register the rewrites)
 from .base import Pass, PassContext, run_passes
@@ -20,8 +21,6 @@ from .pair_bounds import CheckPairBounds
 from .param_storage import RoundParams, StoreFloat16
 from .quantize_weights import QuantizeWeights
 from .unfused_norm import UnfusedNorm
-
-FORMATS = ("ort", "qdq")
 
 
 def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:

@@ -79,6 +79,12 @@ def get_kind(name: str) -> QuantizerKind:
     return KINDS[name]
 
 
+def kind_for(role: str, bits: int, softmax_kind: Callable[[int], str]) -> str:
+    """The one rule that picks a tensor's quantizer kind: a post-Softmax tensor takes the method's
+    ``softmax_kind`` at its width, every other activation is uniform."""
+    return softmax_kind(bits) if role == "softmax" else "uniform"
+
+
 def torch_params(q, device=None) -> dict[str, torch.Tensor]:
     """A recipe ActQuant's parameters as float32 scalar tensors (on ``device``)."""
     return {k: torch.tensor(float(np.asarray(v).reshape(())), dtype=torch.float32, device=device)

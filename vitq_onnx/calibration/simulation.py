@@ -12,17 +12,18 @@ from __future__ import annotations
 import copy
 import types
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import runtime_kernels
-from .codes.storage import stored_values
-from .calibration.quantizers import fake, get_kind, integer_matmul, torch_params
-from .calibration.quantizers.weights import fake_weight, weight_values
-from .calibration.quant_points import instrument
-from .calibration.reparam import fold_into_torch
-from .errors import VitqError
-from .recipe import Recipe, WeightQuant, split_key, tensor_key
+from .. import runtime_kernels
+from ..codes.storage import stored_values
+from .quantizers import fake, get_kind, integer_matmul, torch_params
+from .quantizers.weights import fake_weight, weight_values
+from .quant_points import instrument
+from .reparam import fold_into_torch
+from ..errors import VitqError
+from ..recipe import Recipe, WeightQuant, split_key, tensor_key
 
 
 def _exact_linear(s_x, s_w):
@@ -137,3 +138,15 @@ def _runtime_float_ops(model: torch.nn.Module, softmax_kernels: dict) -> None:
             mod.forward = types.MethodType(lambda self, x: runtime_kernels.gelu(x), mod)
         if hasattr(mod, "vq_softmax"):
             mod.vq_softmax = softmax_kernels.get(mod.vq_av.node, runtime_kernels.softmax)  # float: Softmax
+
+
+@torch.no_grad()
+def torch_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    return np.concatenate([model(torch.from_numpy(images[i:i + batch_size])).numpy()
+                           for i in range(0, len(images), batch_size)])
+
+
+def kl_per_image(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """KL(reference || logits) of each image's predicted class distribution (e.g. FP against quantized)."""
+    return torch.nn.functional.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True,
+                                      reduction="none").sum(1)
