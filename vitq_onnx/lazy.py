@@ -1,27 +1,27 @@
-"""A module loaded on its first attribute access (``importlib.util.LazyLoader``).
+"""A module imported on its first attribute access.
 
 The registries the command line lists (methods) name torch-heavy classes; with their modules
-loaded lazily, ``vitq-onnx --help`` answers without importing torch.
+imported on first use, ``vitq-onnx --help`` answers without importing torch. A plain proxy, not
+a module in ``sys.modules``: the import itself is an ordinary one, run whole when first needed.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from types import ModuleType
+import importlib
+from typing import Any
 
 
-def lazy_import(name: str) -> ModuleType:
-    """``name`` as a module object whose code runs when an attribute is first read."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, module)  # as a finished import leaves it
-    loader.exec_module(module)
-    return module
+class _Deferred:
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __repr__(self) -> str:
+        return f"<module {self._name!r}, imported on first use>"
+
+
+def lazy_import(name: str) -> Any:
+    """``name`` as an object whose attributes are the module's, imported when first read."""
+    return _Deferred(name)

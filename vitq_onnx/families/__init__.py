@@ -15,46 +15,7 @@ the command line lists their names without loading torch.
         ...
 """
 
-from __future__ import annotations
+from .registry import FAMILIES, Family, register_family, short_names, supported
+from . import vit, swin  # noqa: E402,F401  (registers the families, in this order)
 
-from typing import Callable
-
-FAMILIES: dict[str, "Family"] = {}
-
-
-class Family:
-    """Base of every family; subclasses register one instance each with ``register_family``."""
-
-    name = ""
-    description = ""  # the architectures it covers, as ``--help`` and errors list them
-    short_names: dict[str, str] = {}  # --model short name -> timm name
-
-    def attention_forward(self, module) -> Callable | None:
-        """The quant-point forward for ``module`` when it is an attention of this family, else None.
-
-        The forward computes the attention as timm's non-fused path does and calls
-        ``self.vq_attend(q_scaled, k, v[, adjust, align])`` for softmax(q @ k^T [adjusted]) @ v."""
-        return None
-
-    def norm_linear_pairs(self, module) -> list[tuple[str, str]]:
-        """(LayerNorm attribute, Linear path) pairs of ``module`` when it is a block of this family
-        whose Linear reads only that norm (RepQ-ViT's channel-wise fold), else []."""
-        return []
-
-
-def register_family(cls: type[Family]) -> type[Family]:
-    FAMILIES[cls.name] = cls()
-    return cls
-
-
-def short_names() -> dict[str, str]:
-    """Every family's --model short names."""
-    return {short: full for family in FAMILIES.values() for short, full in family.short_names.items()}
-
-
-def supported() -> str:
-    """The families, as an error or ``--help`` lists them."""
-    return "; ".join(f"{f.name} ({f.description})" for f in FAMILIES.values())
-
-
-from . import vit, swin  # noqa: E402,F401  (registers the families)
+__all__ = ["FAMILIES", "Family", "register_family", "short_names", "supported"]

@@ -9,7 +9,7 @@ ops the fold passes through), ``norm2`` only ``mlp.fc1``; ``PatchMerging``'s ``n
 
 from __future__ import annotations
 
-from . import Family, register_family
+from .registry import Family, register_family
 
 
 def _forward(self, x, mask=None):

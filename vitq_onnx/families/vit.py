@@ -7,7 +7,7 @@ Blocks: ``norm1`` feeds only ``attn.qkv`` and ``norm2`` only ``mlp.fc1``.
 from __future__ import annotations
 
 from ..errors import VitqError
-from . import Family, register_family
+from .registry import Family, register_family
 
 
 def _forward(self, x, attn_mask=None, is_causal=False):

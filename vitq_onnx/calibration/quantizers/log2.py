@@ -13,7 +13,7 @@ import torch
 from ... import runtime_kernels
 from ...codes import log2 as C
 from ...codes.log2 import log2_max_exponent, log2_unit, log2_zero_code
-from . import QuantizerKind, exact_sum_matmul, get_kind, register, round_ste, torch_params
+from .kind import QuantizerKind, exact_sum_matmul, get_kind, register, round_ste, torch_params
 from .search import attention_sample, sample
 
 SQRT2 = torch.tensor(C.SQRT2)

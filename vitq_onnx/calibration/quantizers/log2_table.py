@@ -27,7 +27,7 @@ import torch
 from ... import runtime_kernels
 from ...codes import log2_table as C
 from ...codes.log2_table import GRID_BITS, smallest_scale, spacings, table_step
-from . import QuantizerKind, exact_sum_matmul, get_kind, register, round_ste, torch_params
+from .kind import QuantizerKind, exact_sum_matmul, get_kind, register, round_ste, torch_params
 from .log2 import log2_log_scale, log_codes_of_log
 from .search import attention_sample
 

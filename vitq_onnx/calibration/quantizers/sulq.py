@@ -20,7 +20,7 @@ import torch
 from ... import runtime_kernels
 from ...codes import sulq as C
 from ...codes.sulq import PART_BITS, graph_constants
-from . import QuantizerKind, exact_sum_matmul, get_kind, register, round_ste, torch_params
+from .kind import QuantizerKind, exact_sum_matmul, get_kind, register, round_ste, torch_params
 from .search import attention_sample
 
 SHIFTS = tuple(range(11))  # the fitted grid eta = 2^-j, j = 0..10: the paper's range 0.001 ... 1

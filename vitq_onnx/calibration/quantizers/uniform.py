@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import QuantizerKind, register, round_ste
+from .kind import QuantizerKind, register, round_ste
 from .search import alphas, sample
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...codes.weights import weight_range
-from . import round_ste
+from .kind import round_ste
 from .search import alphas
 
 
