@@ -10,7 +10,7 @@ choices come from (methods, formats, families) are torch-free to list.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -61,8 +61,8 @@ def _methods() -> list[str]:
 def _method_help() -> str:
     from .calibration.methods import METHODS
 
-    return "calibration method:\n" + "\n".join(f"  {m.name}: {m.description} ({m.num_calib} images)"
-                                               for m in METHODS.values())
+    return (f"calibration method, one of {', '.join(METHODS)} (docs/methods.md):\n"
+            + "\n".join(f"- {m.name}: {m.description} ({m.num_calib} images)" for m in METHODS.values()))
 
 
 def _searches() -> list[str]:
@@ -206,17 +206,25 @@ def check_options(opts) -> None:
 
 def api_wording(message: str) -> str:
     """A CLI-worded error as the Python API says it: ``--weights FILE`` -> ``weights=FILE``,
-    ``--random-weights`` -> ``random_weights=True``, ``--avg-bits`` -> ``avg_bits``."""
+    ``--search evol`` -> ``search=evol``, ``--random-weights`` -> ``random_weights=True``,
+    ``--avg-bits`` -> ``avg_bits``."""
     for o in sorted(OPTIONS, key=lambda o: -max(len(f) for f in (o.flags or (o.flag,)))):
-        for flag in o.flags or (o.flag,):
-            if not flag.startswith("--"):
-                continue
-            value = f"( {re.escape(o.metavar)})?" if o.metavar else "()"
+        values = [o.metavar] if o.metavar else list(o.choices()) if o.choices else []
+        value = "( (" + "|".join(map(re.escape, values)) + "))?" if values else "()"
+        for flag in (f for f in (o.flags or (o.flag,)) if f.startswith("--")):
             message = re.sub(re.escape(flag) + value + r"(?![\w-])",
-                             lambda m, o=o: o.name + ("=True" if o.switch else f"={o.metavar}" if m.group(1) else ""),
+                             lambda m, o=o: o.name + ("=True" if o.switch else f"={m.group(2)}" if m.group(1) else ""),
                              message)
     return message
 
 
-def option_names() -> list[str]:
-    return [f.name for f in fields(ExportOptions)]
+def markdown_table() -> str:
+    """The options as README's table shows them (a test keeps README in step)."""
+    rows = ["| CLI flag | Python keyword | default | what it does |", "|---|---|---|---|"]
+    for o in OPTIONS:
+        flags = ", ".join(f"`{f}`" for f in (o.flags or (o.flag,)))
+        default = "required" if o.required else o.shown_default if o.shown_default is not None else \
+            "—" if o.default is None or o.default == () or o.switch else f"`{o.default}`"
+        text = (o.help() if callable(o.help) else o.help).split("\n")[0].rstrip(":")
+        rows.append(f"| {flags} | `{o.name}` | {default} | {text.replace('|', '/')} |")
+    return "\n".join(rows)

@@ -1,0 +1,76 @@
+"""Fast tier: every registered model family, as a tiny random model, exports bit-exact at 8/8 and
+4/4 in both formats; what no family claims is refused before any calibration."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vitq_onnx import runtime
+from vitq_onnx.calibration.bits import BitWidths
+from vitq_onnx.calibration.calibrate import calibrate
+from vitq_onnx.calibration.methods import get_method
+from vitq_onnx.calibration.quant_points import instrument
+from vitq_onnx.calibration.simulation import simulate, torch_logits
+from vitq_onnx.calibration.state import CalibOptions
+from vitq_onnx.errors import VitqError
+from vitq_onnx.families import FAMILIES, short_names
+from vitq_onnx.fp32 import export_fp32
+from vitq_onnx.models import resolve_name
+from vitq_onnx.passes import PassContext, pipeline, run_passes
+
+from .conftest import _tiny_vit
+
+
+def _tiny_swin():
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                           num_classes=10)
+
+
+# one tiny model per family: a family without one here fails test_every_family_has_a_tiny_model
+TINY_MODELS = {"vit": _tiny_vit, "swin": _tiny_swin}
+
+
+def test_every_family_has_a_tiny_model_and_short_names_that_timm_knows():
+    assert set(TINY_MODELS) == set(FAMILIES)
+    for short, full in short_names().items():
+        assert resolve_name(short) == full
+
+
+@pytest.mark.parametrize("fmt", ["ort", "qdq"])
+@pytest.mark.parametrize("bits", ["8/8", "4/4"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_exports_bit_exact(family, bits, fmt, tiny_images):
+    torch.manual_seed(0)
+    model = TINY_MODELS[family]().eval()
+    recipe = calibrate(model, tiny_images[:8], BitWidths.parse(bits), get_method("repq"), family,
+                       CalibOptions(progress=False))
+    attention = [k for k in recipe.activations if "/matmul_" in k]
+    assert attention, "the family's attention is quantized"
+    fp32 = export_fp32(model, 32)
+    stored = {i.name for i in fp32.graph.initializer}
+    recipe.param_storage = {k: v for k, v in recipe.param_storage.items() if k in stored}
+    assert recipe.reparams, "RepQ-ViT's fold found the family's norm -> Linear pairs"
+    onnx_model = run_passes(fp32, pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
+    sim = torch_logits(simulate(model, recipe), tiny_images[8:])
+    np.testing.assert_array_equal(runtime.run(runtime.session(onnx_model), tiny_images[8:]), sim)
+
+
+class MyAttention(nn.Module):
+    """An attention no family claims."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
+def test_an_attention_no_family_claims_is_refused_naming_the_families():
+    model = nn.Sequential(nn.Linear(8, 8), MyAttention())
+    with pytest.raises(VitqError, match=r"unsupported attention module MyAttention at 1: .*vit \(.*swin \("):
+        instrument(model)
