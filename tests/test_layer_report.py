@@ -110,3 +110,9 @@ def test_cli_report_errors_are_one_line(exported, tiny_calib_dir, tmp_path, caps
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 1 and err[-1].startswith("vitq-onnx: error:") and match in err[-1], err
     assert not (tmp_path / "p.gif").exists()
+
+
+def test_report_without_weights_asks_for_the_checkpoint_at_once(exported, tiny_calib_dir, capsys):
+    assert main(["report", str(exported["w4a4"]), "--images", str(tiny_calib_dir), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --weights FILE, that checkpoint of" in err[0], err

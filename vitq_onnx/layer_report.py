@@ -29,7 +29,7 @@ from .calibration.bits import module_of
 from .calibration.quantizers import fake
 from .errors import VitqError
 from .images import Preprocess, calibration_subset, list_images, load_images
-from .models import create_model
+from .models import cached_pretrained_file, create_model
 from .naming import AV, QK, tensor_label
 from .progress import Progress
 from .recipe import Recipe, recipe_path, split_key, tensor_key
@@ -140,6 +140,10 @@ def layer_report(model_path: str | Path, images_dir: str | Path, num_images: int
     recipe, meta = read_model(model_path)
     preprocess = Preprocess.from_dict(meta[runtime.META_PREPROCESS])
     paths = calibration_subset(list_images(images_dir), num_images, "--num-images")
+    if weights is None and not random_weights and cached_pretrained_file(recipe.model) is None:
+        raise VitqError(f"report compares {model_path.name} with the FP model it was exported from: pass --weights "
+                        f"FILE, that checkpoint of {recipe.model} (--random-weights only for a model exported "
+                        "with --random-weights)")
     model = create_model(recipe.model, weights, random_weights, **recipe.info.get("model_args", {}))
     images, _ = load_images(paths, preprocess)
     fp, fp_inst = folded(model, recipe)

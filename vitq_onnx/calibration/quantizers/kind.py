@@ -75,8 +75,7 @@ def register(cls: type[QuantizerKind]) -> type[QuantizerKind]:
 
 
 def get_kind(name: str) -> QuantizerKind:
-    if name not in KINDS:
-        raise VitqError(f"unknown quantizer kind '{name}': known are {', '.join(KINDS)}")
+    get_spec(name)  # a name the recipe cannot hold is one error, wherever it is asked
     return KINDS[name]
 
 
