@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from . import __version__
@@ -21,10 +22,8 @@ class _Formatter(argparse.HelpFormatter):
     """Wrapped help that keeps the line breaks of listings (the methods)."""
 
     def _split_lines(self, text, width):
-        lines = []
-        for part in text.splitlines():
-            lines += super()._split_lines(part, width) or [""]
-        return lines
+        return [line for part in text.splitlines()
+                for line in textwrap.wrap(part, width, break_on_hyphens=False) or [""]]
 
 
 class _Parser(argparse.ArgumentParser):
