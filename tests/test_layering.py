@@ -27,6 +27,8 @@ LAYERS = [
 ]
 # side by side in one layer, and never importing each other
 APART = [("vitq_onnx.calibration", "vitq_onnx.passes")]
+# only these import the orchestrator (from outside it)
+ORCHESTRATOR_CALLERS = {"vitq_onnx.cli", "vitq_onnx.api"}
 # neither these modules nor anything they import (at any level) may import these packages
 TORCH_FREE = ["vitq_onnx.passes", "vitq_onnx.codes", "vitq_onnx.recipe", "vitq_onnx.formats", "vitq_onnx.naming",
               "vitq_onnx.errors", "vitq_onnx.outputs", "vitq_onnx.cpu"]
@@ -93,6 +95,9 @@ def violations(edges: dict[str, set[str]]) -> list[str]:
             for a, b in APART:
                 if within(module, a) and within(target, b) or within(module, b) and within(target, a):
                     found.append(f"{module} imports {target}: {a} and {b} stay apart")
+            if within(target, "vitq_onnx.orchestrator") and not within(module, "vitq_onnx.orchestrator") \
+                    and module not in ORCHESTRATOR_CALLERS:
+                found.append(f"{module} imports the orchestrator: only {sorted(ORCHESTRATOR_CALLERS)} do")
     return found
 
 
@@ -163,6 +168,7 @@ def test_the_checks_catch_what_they_are_for():
                    "vitq_onnx.codes.spec": edges["vitq_onnx.codes.spec"] | {"vitq_onnx.recipe"}})
     assert violations({"vitq_onnx.passes.base": {"vitq_onnx.calibration.stages"}})
     assert violations({"vitq_onnx.calibration.stages": {"vitq_onnx.orchestrator"}})
+    assert violations({"vitq_onnx.layer_report": {"vitq_onnx.orchestrator.inputs"}})
     assert closure({**edges, "vitq_onnx.codes.log2": {"torch"}}, "vitq_onnx.passes.log2_softmax") & set(HEAVY)
 
 

@@ -123,14 +123,14 @@ IAS_STAGE1_ITERS = 100
 IAS_STAGE3_ITERS = 200
 # wider than 4 bits, a fifth of those, as the paper's schedule (1000 iterations at W3/W4, 200 at
 # W6): on held-out calibration images at W6/A6 the KL to FP32 was the same (0.049 against 0.048)
-# in a quarter of the time (204 s against 793 s; README)
+# in a quarter of the time (204 s against 793 s; docs/results.md)
 IAS_WIDE_DIVISOR = 5
 
 
 def sulq(bits: int) -> str:
     """SULQ up to 4 bits, log√2 at 5, the log2-table quantizer at 6-7, uniform at 8. SULQ's levels
     are powers of two (minus eta), at most j + 2 distinct ones for eta = 2^-j (j <= 10): 16 codes
-    use them, 32 or 64 cannot (measured at W6/A6: README); log√2's shifts keep 16 levels too. The
+    use them, 32 or 64 cannot (measured at W6/A6: docs/results.md); log√2's shifts keep 16 levels too. The
     log2-table quantizer uses all 2^b codes. KL to FP32 on 32 held-out calibration images
     (benchmarks/recon_settings.py): ``ias`` at W6/A6 0.043 against 0.049 with log√2; ``repq``
     (no reconstruction) with it 0.039 against 0.073 at 6 bits, 0.013 against uniform's 0.029 at

@@ -240,7 +240,7 @@ class BlockReconstruction(Stage):
     """Block-wise reconstruction on the engine above; every setting is per block."""
 
     # defaults chosen on DeiT-Ti W4/A4 by the KL to the float model on calibration images held out
-    # from training (README, benchmarks/recon_settings.py): batch 16 generalized better than 32,
+    # from training (docs/results.md, benchmarks/recon_settings.py): batch 16 generalized better than 32,
     # more iterations at batch 32 did not, and this fits 2 CPU cores
     iters: int = 200
     batch_size: int = 16
@@ -252,7 +252,7 @@ class BlockReconstruction(Stage):
     head: bool = False  # also train the head (final norm, classifier) against the float logits
     quantized_weights: bool = True  # False: weights train in float (I&S-ViT's first stage)
     # weight each block output's squared error by the float model's Fisher diagonal (block_outputs):
-    # on held-out calibration images it lowered the KL to the float model by 13-14 % (README)
+    # on held-out calibration images it lowered the KL to the float model by 13-14 % (docs/results.md)
     fisher: bool = True
     # quantized latent weights wider than 4 bits learn at lr_weights x 2^(4 - bits), in step with
     # their grid (half the step per added bit): at one rate for every width, 6-bit weights wander
