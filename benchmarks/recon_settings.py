@@ -39,7 +39,7 @@ from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.images import Preprocess, label_of, list_images, load_images, load_synsets
 from vitq_onnx.models import create_model
 from vitq_onnx.calibration.simulation import simulate
-from vitq_onnx.validate import kl_per_image, torch_logits
+from vitq_onnx.calibration.simulation import kl_per_image, torch_logits
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CALIB = SHARED / "data" / "imagenet-sample" / "calib"

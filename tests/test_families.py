@@ -1,5 +1,5 @@
-"""Fast tier: every registered model family, as a tiny random model, exports bit-exact at 8/8 and
-4/4 in both formats; what no family claims is refused before any calibration."""
+"""Fast tier: every registered model family, as a tiny random model, exports bit-exact at 8/8
+(ort) and 4/4 (ort and qdq); what no family claims is refused before any calibration."""
 
 import numpy as np
 import pytest

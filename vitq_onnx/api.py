@@ -79,9 +79,9 @@ def _arrays(calib) -> np.ndarray:
     parts = [calib] if isinstance(calib, (np.ndarray, torch.Tensor)) else list(calib)
     arrays = [np.asarray(p.detach().cpu() if isinstance(p, torch.Tensor) else p, dtype=np.float32) for p in parts]
     arrays = [a[None] if a.ndim == 3 else a for a in arrays]
-    if not arrays or any(a.ndim != 4 for a in arrays):
-        raise VitqError(f"calib images must be preprocessed arrays [3, H, W] or batches [N, 3, H, W], got "
-                        f"{[a.shape for a in arrays][:2]}")
+    if not arrays or any(a.ndim != 4 or a.shape[1:] != arrays[0].shape[1:] for a in arrays):
+        raise VitqError(f"calib images must be preprocessed arrays [3, H, W] or batches [N, 3, H, W] of one "
+                        f"size, got {sorted({a.shape for a in arrays})[:2]}")
     return np.concatenate(arrays)
 
 

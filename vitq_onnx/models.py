@@ -77,7 +77,8 @@ def load_weights(model: torch.nn.Module, path: str | Path, model_name: str) -> N
 def create_model(name: str, weights: str | Path | None = None, random_weights: bool = False,
                  img_size: int | None = None, num_classes: int | None = None):
     """Build the timm model in eval mode with real weights (or random ones when asked), at
-    ``img_size`` when given (timm resamples the position embedding of loaded weights) and with
+    ``img_size`` when given (timm resamples the position embedding of its cached pretrained
+    weights; a ``weights`` file must fit) and with
     ``num_classes`` outputs (0: no classifier, the features; a checkpoint's head is then dropped)."""
     timm_name = resolve_name(name)
     if img_size is not None and img_size < 1:

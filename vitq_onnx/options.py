@@ -123,8 +123,8 @@ OPTIONS: tuple[Option, ...] = (
            "blocks.3.attn.matmul_av (the attention's softmax @ v)", flags=("--keep-float", "--exclude"),
            repeat=True, default=(), metavar="PATTERN"),
     Option("weights", ".safetensors/.pth/.pt checkpoint (loaded safely)", type=Path, metavar="FILE"),
-    Option("random_weights", "random weights, for graph tests", switch=True),
-    Option("img_size", "build the timm model at this input resolution, e.g. 224 for a 518-px DINOv2 backbone",
+    Option("random_weights", "random weights, for graph tests", switch=True, default=False),
+    Option("img_size", "build the timm model at this input resolution (a --weights checkpoint must fit it)",
            type=int, metavar="PX", check=_positive("number of pixels"), shown_default="the model's own"),
     Option("num_classes", "classifier outputs; 0 exports the features (a backbone: validated by cosine "
            "similarity instead of top-1 agreement)", type=int, metavar="N",
@@ -142,7 +142,7 @@ OPTIONS: tuple[Option, ...] = (
            "would take longer; without it the method's iterations, deterministic", type=float, metavar="MIN",
            check=_positive("number of minutes")),
     Option("search", "end the calibration (or refine a --recipe) with a search: evol = Evol-Q's evolutionary "
-           "search of the scales (96 images unless --num-calib, a quarter of them held out to stop it)",
+           "search of the scales (at least 96 images unless --num-calib, a quarter of them held out to stop it)",
            choices=_searches),
     Option("search_budget", "minutes the search may take; it keeps the best found when they are spent",
            type=float, metavar="MIN", check=_positive("number of minutes"), shown_default="9.5"),
@@ -162,7 +162,7 @@ OPTIONS: tuple[Option, ...] = (
            "fewer of the validation images than this share", type=float, default=0.9, metavar="SHARE",
            check=lambda v: None if 0 <= v <= 1 else "{flag} must be a share between 0 and 1"),
     Option("strict", "fail (instead of warning) when the quantized model agrees with the FP model on fewer than "
-           "half of the validation images", switch=True),
+           "half of the validation images", switch=True, default=False),
     Option("progress", "no progress bars or stage lines on stderr (API: progress=True shows them)",
            flags=("-q", "--quiet"), switch=True, default=True, api_default=False),
 )

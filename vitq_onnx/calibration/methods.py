@@ -52,11 +52,13 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register_method(fn: Callable[[], list] = None, *, num_calib: int = 32):
+def register_method(fn: Callable[[], list] = None, *, num_calib: int = 32, sensitivity: str = "repq"):
+    """``num_calib``: its default calibration images; ``sensitivity``: the (fast) method whose
+    recipes mixed precision measures and compares for it."""
     def register(f):
         name = f.__name__.replace("_", "-")
         doc = (f.__doc__ or "").strip().splitlines()
-        METHODS[name] = Method(name, doc[0] if doc else name, f, num_calib)
+        METHODS[name] = Method(name, doc[0] if doc else name, f, num_calib, sensitivity)
         return f
 
     return register(fn) if fn is not None else register
