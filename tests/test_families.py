@@ -73,3 +73,52 @@ def test_an_attention_no_family_claims_is_refused_naming_the_families():
     model = nn.Sequential(nn.Linear(8, 8), MyAttention())
     with pytest.raises(VitqError, match=r"unsupported attention module MyAttention at 1: .*vit \(.*swin \("):
         instrument(model)
+
+
+def test_a_checkpoint_saved_at_another_size_gets_its_position_embedding_resampled(tmp_path, tiny_calib_dir, capsys):
+    """The tiny ViT's 32-px weights (4x4 patches) built at 48 px (6x6): timm's resampling, said in
+    the printout, the recipe and the metadata; the export stays bit-exact."""
+    import json
+
+    import onnx
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    from vitq_onnx.cli import main
+    from vitq_onnx.recipe import Recipe
+
+    from .conftest import TINY
+
+    torch.manual_seed(0)
+    small = _tiny_vit()
+    weights = tmp_path / "tiny32.safetensors"
+    save_file(small.state_dict(), str(weights))
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", TINY, "--weights", str(weights), "--img-size", "48", "--calib",
+                 str(tiny_calib_dir), "--num-calib", "8", "-o", str(out)]) == 0
+    assert "pos_embed resampled from (1, 17, 32) to (1, 37, 32)" in capsys.readouterr().err
+    recipe = Recipe.load(out.with_name("m.recipe.json"))
+    assert recipe.info["checkpoint_adapted"] == ["pos_embed resampled from (1, 17, 32) to (1, 37, 32) (bicubic, "
+                                                 "for a 48-px input)"]
+    meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
+    assert meta["vitq.recipe"]["checkpoint_adapted"] == recipe.info["checkpoint_adapted"]
+    assert meta["vitq.validation"]["exact_images"] == 1.0
+    from vitq_onnx.models import build_model
+
+    model, notes = build_model(TINY, weights, img_size=48)
+    expected = resample_abs_pos_embed(small.pos_embed.detach(), new_size=[6, 6], num_prefix_tokens=1)
+    assert notes and torch.equal(model.pos_embed.detach(), expected)
+
+
+def test_a_checkpoint_of_another_width_is_still_refused(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from vitq_onnx.models import build_model
+
+    from .conftest import TINY
+
+    wide = _tiny_vit()
+    state = {k: torch.cat([v, v], -1) if k == "pos_embed" else v for k, v in wide.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    with pytest.raises(VitqError, match="mis-shaped keys"):
+        build_model(TINY, tmp_path / "w.safetensors", img_size=48)

@@ -16,7 +16,7 @@ import timm
 import torch
 
 from .errors import VitqError
-from .families import short_names
+from .families import adapt_checkpoint, short_names
 
 SHORT_NAMES = short_names()
 
@@ -54,13 +54,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, model_name: str) -> None:
-    """Load a checkpoint strictly: every key and shape must match the architecture."""
+def load_weights(model: torch.nn.Module, path: str | Path, model_name: str) -> list[str]:
+    """Load a checkpoint strictly: every key and shape must match the architecture, once the
+    model's family has made a checkpoint saved at another input size fit (``families``: a
+    resampled position embedding); what it changed, one line each."""
     state = _read_state_dict(Path(path))
     own = model.state_dict()
     if getattr(model, "num_classes", None) == 0:  # a feature extractor: the checkpoint's classifier has no place
         head = f"{model.pretrained_cfg.get('classifier', 'head')}."
         state = {k: v for k, v in state.items() if not k.startswith(head) or k in own}
+    notes = adapt_checkpoint(state, model) if any(
+        k in own and own[k].shape != v.shape for k, v in state.items()) else []
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -72,14 +76,21 @@ def load_weights(model: torch.nn.Module, path: str | Path, model_name: str) -> N
             f"unexpected, {len(wrong)} mis-shaped keys ({detail})"
         )
     model.load_state_dict(state, strict=True)
+    return notes
 
 
 def create_model(name: str, weights: str | Path | None = None, random_weights: bool = False,
                  img_size: int | None = None, num_classes: int | None = None):
-    """Build the timm model in eval mode with real weights (or random ones when asked), at
-    ``img_size`` when given (timm resamples the position embedding of its cached pretrained
-    weights; a ``weights`` file must fit) and with
-    ``num_classes`` outputs (0: no classifier, the features; a checkpoint's head is then dropped)."""
+    """``build_model``'s model."""
+    return build_model(name, weights, random_weights, img_size, num_classes)[0]
+
+
+def build_model(name: str, weights: str | Path | None = None, random_weights: bool = False,
+                img_size: int | None = None, num_classes: int | None = None) -> tuple[torch.nn.Module, list[str]]:
+    """The timm model in eval mode with real weights (or random ones when asked), at ``img_size``
+    when given (a checkpoint saved at another size is made to fit as timm would: its position
+    embedding resampled) and with ``num_classes`` outputs (0: no classifier, the features; a
+    checkpoint's head is then dropped); and what was changed to make the weights fit."""
     timm_name = resolve_name(name)
     if img_size is not None and img_size < 1:
         raise VitqError("--img-size must be a positive number of pixels")
@@ -87,7 +98,8 @@ def create_model(name: str, weights: str | Path | None = None, random_weights: b
         raise VitqError("--num-classes must be 0 (features) or more")
     kwargs = build_args(img_size, num_classes)
     try:
-        return _create(timm_name, weights, random_weights, kwargs).eval()
+        model, notes = _create(timm_name, weights, random_weights, kwargs)
+        return model.eval(), notes
     except (TypeError, AssertionError, ValueError) as exc:  # e.g. no img_size, or not a multiple of the patch
         if not kwargs:
             raise
@@ -105,9 +117,10 @@ def build_args_text(kwargs: dict | None) -> str:
 
 
 def _create(timm_name: str, weights, random_weights: bool, kwargs: dict):
+    notes = []
     if weights is not None:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
-        load_weights(model, weights, timm_name)
+        notes = load_weights(model, weights, timm_name)
     elif random_weights:
         torch.manual_seed(0)
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
@@ -118,7 +131,7 @@ def _create(timm_name: str, weights, random_weights: bool, kwargs: dict):
                             "(nothing is downloaded): pass --weights FILE (.safetensors/.pth), or "
                             "--random-weights for graph tests")
         model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
-    return model
+    return model, notes
 
 
 def cached_pretrained_file(timm_name: str) -> str | None:

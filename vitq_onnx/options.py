@@ -124,7 +124,8 @@ OPTIONS: tuple[Option, ...] = (
            repeat=True, default=(), metavar="PATTERN"),
     Option("weights", ".safetensors/.pth/.pt checkpoint (loaded safely)", type=Path, metavar="FILE"),
     Option("random_weights", "random weights, for graph tests", switch=True, default=False),
-    Option("img_size", "build the timm model at this input resolution (a --weights checkpoint must fit it)",
+    Option("img_size", "build the timm model at this input resolution (a ViT checkpoint saved at another size "
+           "gets its position embedding resampled, as timm does; the printout and the recipe say so)",
            type=int, metavar="PX", check=_positive("number of pixels"), shown_default="the model's own"),
     Option("num_classes", "classifier outputs; 0 exports the features (a backbone: validated by cosine "
            "similarity instead of top-1 agreement)", type=int, metavar="N",

@@ -3,8 +3,8 @@
 A family says which attention modules it instruments and gives their forward with quant points
 (timm's non-fused path: the same ops in the same order, so the exported graph is the FP model's,
 with q, k, the softmax output and v passed through the module's ``vq_*`` points), which
-LayerNorm -> Linear pairs of its blocks RepQ-ViT's channel-wise fold may use, and its short
-names for ``--model``. ``calibration/quant_points.py`` asks the registry for every module.
+LayerNorm -> Linear pairs of its blocks RepQ-ViT's channel-wise fold may use, how a checkpoint
+saved at another input size is made to fit, and its short names for ``--model``. ``calibration/quant_points.py`` asks the registry for every module.
 
 Family modules import nothing heavy at import time (torch and timm only inside functions), so
 the command line lists their names without loading torch.
@@ -15,7 +15,7 @@ the command line lists their names without loading torch.
         ...
 """
 
-from .registry import FAMILIES, Family, register_family, short_names, supported
+from .registry import FAMILIES, Family, adapt_checkpoint, register_family, short_names, supported
 from . import vit, swin  # noqa: E402,F401  (registers the families, in this order)
 
-__all__ = ["FAMILIES", "Family", "register_family", "short_names", "supported"]
+__all__ = ["FAMILIES", "Family", "adapt_checkpoint", "register_family", "short_names", "supported"]

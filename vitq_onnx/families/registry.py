@@ -21,6 +21,12 @@ class Family:
         ``self.vq_attend(q_scaled, k, v[, adjust, align])`` for softmax(q @ k^T [adjusted]) @ v."""
         return None
 
+    def adapt_checkpoint(self, state: dict, model) -> list[str]:
+        """Make the entries of a checkpoint ``state`` saved for another input size fit ``model`` of
+        this family, as timm does when it loads a checkpoint at another size (in place); one line
+        for each change, [] when there is none to make."""
+        return []
+
     def norm_linear_pairs(self, module) -> list[tuple[str, str]]:
         """(LayerNorm attribute, Linear path) pairs of ``module`` when it is a block of this family
         whose Linear reads only that norm (RepQ-ViT's channel-wise fold), else []."""
@@ -30,6 +36,11 @@ class Family:
 def register_family(cls: type[Family]) -> type[Family]:
     FAMILIES[cls.name] = cls()
     return cls
+
+
+def adapt_checkpoint(state: dict, model) -> list[str]:
+    """Every family's adaptation of ``state`` to ``model`` (``Family.adapt_checkpoint``)."""
+    return [note for family in FAMILIES.values() for note in family.adapt_checkpoint(state, model)]
 
 
 def short_names() -> dict[str, str]:

@@ -1,7 +1,8 @@
 """timm's VisionTransformer family: ViT, DeiT, DeiT III, DINOv2, FlexiViT and CLIP image towers.
 
 Attention: ``timm.layers.attention.Attention`` (one qkv Linear, optional q/k norms, no gate).
-Blocks: ``norm1`` feeds only ``attn.qkv`` and ``norm2`` only ``mlp.fc1``.
+Blocks: ``norm1`` feeds only ``attn.qkv`` and ``norm2`` only ``mlp.fc1``. A checkpoint saved at
+another input size gets its absolute position embedding resampled.
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ class ViT(Family):
         if module.gate is not None:
             raise VitqError("gated attention is not supported")
         return _forward
+
+    def adapt_checkpoint(self, state, model):
+        """The absolute position embedding resampled to the model's patch grid (bicubic, the class
+        and register tokens' entries kept), as timm's ``checkpoint_filter_fn`` does."""
+        from timm.layers import resample_abs_pos_embed
+        from timm.models.vision_transformer import VisionTransformer
+
+        old = state.get("pos_embed")
+        if not isinstance(model, VisionTransformer) or old is None or model.pos_embed is None \
+                or old.shape == model.pos_embed.shape or old.shape[-1] != model.pos_embed.shape[-1]:
+            return []  # nothing to resample, or another width: that checkpoint is another model's
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        state["pos_embed"] = resample_abs_pos_embed(old, new_size=list(model.patch_embed.grid_size),
+                                                    num_prefix_tokens=prefix)
+        return [f"pos_embed resampled from {tuple(old.shape)} to {tuple(state['pos_embed'].shape)} "
+                f"(bicubic, for a {model.patch_embed.img_size[0]}-px input)"]
 
     def norm_linear_pairs(self, module):
         from timm.models.vision_transformer import Block

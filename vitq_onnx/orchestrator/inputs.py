@@ -21,9 +21,9 @@ from ..calibration.methods import SEARCH_IMAGES, Method, get_method, search_stag
 from ..cpu import check_target
 from ..errors import VitqError
 from ..images import Preprocess, calibration_subset, label_of, list_images, load_images, load_synsets
-from ..models import build_args, build_args_text, create_model, resolve_name
+from ..models import build_args, build_args_text, build_model, resolve_name
 from ..outputs import check_outputs
-from ..progress import StageTimes
+from ..progress import StageTimes, sayer
 from ..recipe import Recipe, export_files
 
 MIN_HELD_OUT = 32  # labelled calibration images --max-drop needs beyond those that calibrate
@@ -39,6 +39,7 @@ class Inputs:
     method: Method
     given: Recipe | None = None  # --recipe
     held: tuple[np.ndarray, np.ndarray] | None = None  # --max-drop: held-out images and labels
+    adapted: tuple[str, ...] = ()  # what was changed to make the checkpoint fit (a resampled position embedding)
 
 
 def check(opts) -> Method:
@@ -79,10 +80,13 @@ def prepare(opts, times: StageTimes, model: torch.nn.Module | None = None,
         calib_paths = calibration_subset(calib_all, count)
         val_paths = calibration_subset(calib_all, opts.validate_images, "--validate-images")
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset, containers)
+    adapted = []
     with times("load model and images"):
         if model is None:
-            model = create_model(opts.model, opts.weights, opts.random_weights,
-                                 **build_args(opts.img_size, opts.num_classes))
+            model, adapted = build_model(opts.model, opts.weights, opts.random_weights,
+                                         **build_args(opts.img_size, opts.num_classes))
+            for note in adapted:
+                sayer(opts.progress)(f"weights {opts.weights.name}: {note}")
         model = model.eval()
         preprocess = Preprocess.from_model(model)
         if arrays is not None:
@@ -95,7 +99,7 @@ def prepare(opts, times: StageTimes, model: torch.nn.Module | None = None,
         val_images, _ = load_images(val_paths, preprocess)
         held = None if opts.max_drop is None or given is not None else \
             held_out(calib_all, calib_paths, opts.calib, preprocess)
-    return Inputs(model, name, preprocess, images, val_images, method, given, held)
+    return Inputs(model, name, preprocess, images, val_images, method, given, held, tuple(adapted))
 
 
 def check_files(opts, inputs: list) -> None:

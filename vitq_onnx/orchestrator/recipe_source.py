@@ -27,6 +27,8 @@ def make_recipe(inputs: Inputs, bits: BitWidths, mixed: dict | None, opts, times
         model_args = build_args(opts.img_size, opts.num_classes)
         if model_args:
             recipe.info["model_args"] = model_args
+        if inputs.adapted:
+            recipe.info["checkpoint_adapted"] = list(inputs.adapted)
         if mixed is not None:
             recipe.info["mixed_precision"] = mixed
     elif search:

@@ -54,6 +54,7 @@ def stamp(qmodel: onnx.ModelProto, inputs: Inputs, recipe: Recipe, bits, report:
     runtime.set_metadata(qmodel, runtime.META_RECIPE, {**({"mixed_precision": recipe.info["mixed_precision"]}
                                                           if "mixed_precision" in recipe.info else {}),
         **({"search": _search_summary(recipe.info["search"])} if "search" in recipe.info else {}),
+        **({"checkpoint_adapted": recipe.info["checkpoint_adapted"]} if "checkpoint_adapted" in recipe.info else {}),
         "model": inputs.name, "method": recipe.method, "bits": recipe.info.get("bits", bits.to_dict()),
         "format": opts.format, "target_cpu": opts.target_cpu, "headless": is_headless(inputs.model),
         "tensor_bits": recipe.tensor_bits(), "float_ops": recipe.float_ops,
