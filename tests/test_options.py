@@ -36,7 +36,7 @@ def test_each_flag_sets_its_own_field():
               "keep_float": "head"}
     for o in OPTIONS:
         argv = ["export", "--model", "m", "--calib", "c", "-o", "o.onnx"]
-        flag = (o.flags or (o.flag,))[-1]
+        flag = o.cli_flags[-1]
         argv += [flag] if o.switch else [flag, values[o.name]]
         args = _export_parser().parse_args(argv[1:])
         value = getattr(args, o.name)

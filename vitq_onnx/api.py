@@ -58,7 +58,7 @@ def _export(model, bits, calib, output, options: dict) -> Exported:
     if calib is None:
         raise VitqError("calib: give a folder of images, a tensor [N, 3, H, W] or an iterable of images")
     folder = calib if isinstance(calib, (str, Path)) else None
-    values = {o.name: o.api_default if o.api_default is not None else o.default for o in OPTIONS}
+    values = {o.name: o.keyword_default for o in OPTIONS}
     values.update({k: tuple(v) if BY_NAME[k].repeat else v for k, v in options.items()})
     values.update(model=model if isinstance(model, str) else "", bits=bits,
                   calib=None if folder is None else Path(folder), output=None if output is None else Path(output))
@@ -91,7 +91,7 @@ def _signature() -> inspect.Signature:
                                 else inspect.Parameter.empty) for name in _POSITIONAL]
     params.append(inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, default=None))
     params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
-                                 default=o.api_default if o.api_default is not None else o.default)
+                                 default=o.keyword_default)
                for o in OPTIONS if o.name not in _POSITIONAL + ("output",)]
     return inspect.Signature(params, return_annotation=Exported)
 

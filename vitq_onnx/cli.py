@@ -46,7 +46,7 @@ def _add_export_options(e: argparse.ArgumentParser) -> None:
             if o.choices is not None:
                 kwargs["choices"] = list(o.choices())
                 kwargs["metavar"] = o.metavar or "{" + ",".join(kwargs["choices"]) + "}"
-        e.add_argument(*(o.flags or (o.flag,)), **kwargs)
+        e.add_argument(*o.cli_flags, **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:

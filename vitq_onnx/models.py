@@ -63,8 +63,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, model_name: str) -> l
     if getattr(model, "num_classes", None) == 0:  # a feature extractor: the checkpoint's classifier has no place
         head = f"{model.pretrained_cfg.get('classifier', 'head')}."
         state = {k: v for k, v in state.items() if not k.startswith(head) or k in own}
-    notes = adapt_checkpoint(state, model) if any(
-        k in own and own[k].shape != v.shape for k, v in state.items()) else []
+    notes = adapt_checkpoint(state, model)  # each family changes only what does not fit
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import VitqError
+from .lazy import lazy_import
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,28 @@ class Option:
     shown_default: str | None = None  # the default as help shows it, when None stands for it
 
     @property
+    def cli_flags(self) -> tuple[str, ...]:
+        return self.flags or ("--" + self.name.replace("_", "-"),)
+
+    @property
     def flag(self) -> str:
-        return self.flags[0] if self.flags else "--" + self.name.replace("_", "-")
+        return self.cli_flags[0]
+
+    @property
+    def keyword_default(self) -> Any:
+        """The Python API's default."""
+        return self.api_default if self.api_default is not None else self.default
+
+    @property
+    def shown(self) -> str | None:
+        """The default as help and README show it; None where there is none to show."""
+        if self.shown_default is not None:
+            return self.shown_default
+        return None if self.switch or self.default is None or self.default == () else str(self.default)
 
     def help_text(self) -> str:
-        shown = self.shown_default if self.shown_default is not None else (
-            None if self.switch or self.default is None or self.default == () else str(self.default))
         text = self.help() if callable(self.help) else self.help
-        return text + (f" (default {shown})" if shown is not None else "")
+        return text + (f" (default {self.shown})" if self.shown is not None else "")
 
 
 def _positive(what: str) -> Callable[[Any], str | None]:
@@ -52,41 +67,14 @@ def _at_least_one(v) -> str | None:
     return None if v is None or v >= 1 else "{flag} must be at least 1"
 
 
-def _methods() -> list[str]:
-    from .calibration.methods import METHODS
-
-    return list(METHODS)
+# the registries the choices come from, imported when a choice is first asked for
+_methods = lazy_import("vitq_onnx.calibration.methods")
+_formats = lazy_import("vitq_onnx.formats")
 
 
 def _method_help() -> str:
-    from .calibration.methods import METHODS
-
-    return (f"calibration method, one of {', '.join(METHODS)} (docs/methods.md):\n"
-            + "\n".join(f"- {m.name}: {m.description} ({m.num_calib} images)" for m in METHODS.values()))
-
-
-def _searches() -> list[str]:
-    from .calibration.methods import SEARCHES
-
-    return list(SEARCHES)
-
-
-def _fitnesses() -> list[str]:
-    from .calibration.methods import FITNESSES
-
-    return list(FITNESSES)
-
-
-def _formats() -> list[str]:
-    from .formats import FORMATS
-
-    return list(FORMATS)
-
-
-def _targets() -> list[str]:
-    from .formats import TARGETS
-
-    return list(TARGETS)
+    return (f"calibration method, one of {', '.join(_methods.METHODS)} (docs/methods.md):\n"
+            + "\n".join(f"- {m.name}: {m.description} ({m.num_calib} images)" for m in _methods.METHODS.values()))
 
 
 def _model_help() -> str:
@@ -109,7 +97,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("calib", "folder of calibration images", type=Path, required=True),
     Option("output", "output .onnx path (its recipe is written beside it as .recipe.json and .recipe.npz)",
            type=Path, flags=("-o", "--output"), required=True),
-    Option("method", lambda: _method_help(), metavar="METHOD", choices=_methods, shown_default="repq"),
+    Option("method", lambda: _method_help(), metavar="METHOD", choices=lambda: list(_methods.METHODS),
+           shown_default="repq"),
     Option("layer_bits", "bits for the layers whose timm module name matches the glob (repeatable, last match "
            "wins), e.g. 'blocks.11.*=8/8'", repeat=True, default=(), metavar="PATTERN=W/A"),
     Option("avg_bits", "greedy mixed precision: each layer's width from {8,6,5,4,3} (at most --bits) so that the "
@@ -144,16 +133,16 @@ OPTIONS: tuple[Option, ...] = (
            check=_positive("number of minutes")),
     Option("search", "end the calibration (or refine a --recipe) with a search: evol = Evol-Q's evolutionary "
            "search of the scales (at least 96 images unless --num-calib, a quarter of them held out to stop it)",
-           choices=_searches),
+           choices=lambda: list(_methods.SEARCHES)),
     Option("search_budget", "minutes the search may take; it keeps the best found when they are spent",
            type=float, metavar="MIN", check=_positive("number of minutes"), shown_default="9.5"),
     Option("search_fitness", "what the search minimizes against the FP logits (mse: the ablation)",
-           default="infonce", choices=_fitnesses),
+           default="infonce", choices=lambda: list(_methods.FITNESSES)),
     Option("format", "ort: 8-bit containers for onnxruntime's integer kernels; qdq: portable standard QDQ, int4 "
-           "packed", default="ort", choices=_formats),
+           "packed", default="ort", choices=lambda: list(_formats.FORMATS)),
     Option("target_cpu", "portable: exact on any x86-64 or Arm CPU (8-bit weights as u8 against 8-bit inputs); "
            "vnni: full-range s8 operands, faster on CPUs with AVX-VNNI, AVX512-VNNI or AMX and refused at load "
-           "on others", default="portable", choices=_targets),
+           "on others", default="portable", choices=lambda: list(_formats.TARGETS)),
     Option("save_passes", "write the model after every pass to this folder (NN_<pass>.onnx, for Netron)",
            type=Path, metavar="DIR"),
     Option("validate_images", "images of --calib on which the model is checked against the simulation and the "
@@ -209,10 +198,10 @@ def api_wording(message: str) -> str:
     """A CLI-worded error as the Python API says it: ``--weights FILE`` -> ``weights=FILE``,
     ``--search evol`` -> ``search=evol``, ``--random-weights`` -> ``random_weights=True``,
     ``--avg-bits`` -> ``avg_bits``."""
-    for o in sorted(OPTIONS, key=lambda o: -max(len(f) for f in (o.flags or (o.flag,)))):
+    for o in sorted(OPTIONS, key=lambda o: -max(len(f) for f in o.cli_flags)):
         values = [o.metavar] if o.metavar else list(o.choices()) if o.choices else []
         value = "( (" + "|".join(map(re.escape, values)) + "))?" if values else "()"
-        for flag in (f for f in (o.flags or (o.flag,)) if f.startswith("--")):
+        for flag in (f for f in o.cli_flags if f.startswith("--")):
             message = re.sub(re.escape(flag) + value + r"(?![\w-])",
                              lambda m, o=o: o.name + ("=True" if o.switch else f"={m.group(2)}" if m.group(1) else ""),
                              message)
@@ -223,9 +212,8 @@ def markdown_table() -> str:
     """The options as README's table shows them (a test keeps README in step)."""
     rows = ["| CLI flag | Python keyword | default | what it does |", "|---|---|---|---|"]
     for o in OPTIONS:
-        flags = ", ".join(f"`{f}`" for f in (o.flags or (o.flag,)))
-        default = "required" if o.required else o.shown_default if o.shown_default is not None else \
-            "—" if o.default is None or o.default == () or o.switch else f"`{o.default}`"
+        flags = ", ".join(f"`{f}`" for f in o.cli_flags)
+        default = "required" if o.required else o.shown_default or ("—" if o.shown is None else f"`{o.shown}`")
         text = (o.help() if callable(o.help) else o.help).split("\n")[0].rstrip(":")
         rows.append(f"| {flags} | `{o.name}` | {default} | {text.replace('|', '/')} |")
     return "\n".join(rows)

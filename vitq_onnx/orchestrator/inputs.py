@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..calibration.bits import BitWidths
-from ..calibration.methods import SEARCH_IMAGES, Method, get_method, search_stage
+from ..calibration.methods import SEARCH_IMAGES, Method, get_method
 from ..cpu import check_target
 from ..errors import VitqError
 from ..images import Preprocess, calibration_subset, label_of, list_images, load_images, load_synsets
@@ -37,18 +37,17 @@ class Inputs:
     images: np.ndarray | None  # calibration images; None when a recipe is deployed as it is
     val_images: np.ndarray  # the images onnxruntime is checked on against the simulation
     method: Method
+    bits: BitWidths  # --bits with its --layer-bits and --keep-float rules
     given: Recipe | None = None  # --recipe
     held: tuple[np.ndarray, np.ndarray] | None = None  # --max-drop: held-out images and labels
     adapted: tuple[str, ...] = ()  # what was changed to make the checkpoint fit (a resampled position embedding)
 
 
-def check(opts) -> Method:
-    """The checks that read more than the options (bit maps, the CPU, a search): the method."""
-    BitWidths.parse(opts.bits, opts.layer_bits, opts.keep_float)
+def check(opts) -> tuple[Method, BitWidths]:
+    """The checks that read more than the options (``options.check_options`` ran first): the CPU
+    the file is for; the method and the parsed bit map."""
     check_target(opts.target_cpu, "--target-cpu vnni")  # validated here: onnxruntime must run it exactly
-    if opts.search is not None:
-        search_stage(opts.search, opts.search_budget, opts.search_fitness)
-    return get_method(opts.method)
+    return get_method(opts.method), BitWidths.parse(opts.bits, opts.layer_bits, opts.keep_float)
 
 
 def calibration_count(opts, method: Method) -> int:
@@ -62,7 +61,7 @@ def prepare(opts, times: StageTimes, model: torch.nn.Module | None = None,
     from the folder ``opts.calib`` unless preprocessed ``arrays`` [N, 3, H, W] are (then the first
     ``num_calib`` calibrate and the first ``validate_images`` validate). Every output is checked
     before anything is loaded."""
-    method = check(opts)
+    method, bits = check(opts)
     if model is None:
         name = resolve_name(opts.model)
     else:
@@ -94,12 +93,13 @@ def prepare(opts, times: StageTimes, model: torch.nn.Module | None = None,
             if arrays.ndim != 4 or arrays.shape[1:] != want:
                 raise VitqError(f"calib images must be preprocessed arrays of shape [3, {preprocess.size}, "
                                 f"{preprocess.size}] (or batches of them), got {tuple(arrays.shape)}")
-            return Inputs(model, name, preprocess, arrays[:count], arrays[:opts.validate_images], method, given)
+            return Inputs(model, name, preprocess, arrays[:count], arrays[:opts.validate_images], method, bits,
+                          given)
         images = load_images(calib_paths, preprocess)[0] if given is None or opts.search else None
         val_images, _ = load_images(val_paths, preprocess)
         held = None if opts.max_drop is None or given is not None else \
             held_out(calib_all, calib_paths, opts.calib, preprocess)
-    return Inputs(model, name, preprocess, images, val_images, method, given, held, tuple(adapted))
+    return Inputs(model, name, preprocess, images, val_images, method, bits, given, held, tuple(adapted))
 
 
 def check_files(opts, inputs: list) -> None:

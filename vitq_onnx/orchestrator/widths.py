@@ -11,7 +11,7 @@ from .inputs import Inputs
 
 def choose(inputs: Inputs, opts, times: StageTimes, say) -> tuple[BitWidths, dict | None]:
     """The bit widths to calibrate with, and what the recipe records of a mixed-precision choice."""
-    bits = BitWidths.parse(opts.bits, opts.layer_bits, opts.keep_float)
+    bits = inputs.bits
     if inputs.given is not None or (opts.avg_bits is None and opts.max_drop is None):
         return bits, None
     with times("mixed precision"):
