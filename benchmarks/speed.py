@@ -48,7 +48,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 
-from vitq_onnx import runtime
+from vitq_onnx import runtime, runtimes
 from vitq_onnx.fp32 import export_fp32
 from vitq_onnx.latency import machine_info, measure_latency, median_ms, ratio
 from vitq_onnx.images import (
@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
 
     runnable = {name: b.path for name, b in builds.items() if not b.error}
     inputs = {b: calib_images[:b] for b in BATCH_SIZES}
-    blocks = measure_latency(runnable, inputs, args.threads, args.rounds, args.runs_per_block)
+    runners = {name: runtimes.load(path, threads=args.threads) for name, path in runnable.items()}
+    blocks = measure_latency(runners, inputs, args.rounds, args.runs_per_block)
 
     fp32_size = Path(fp32.path).stat().st_size
     rows = []

@@ -23,7 +23,7 @@ LAYERS = [
     ("the recipe and torch-free code tables", ["vitq_onnx.recipe", "vitq_onnx.codes"]),
     ("utilities", ["vitq_onnx.errors", "vitq_onnx.naming", "vitq_onnx.outputs", "vitq_onnx.progress",
                    "vitq_onnx.cpu", "vitq_onnx.formats", "vitq_onnx.lazy", "vitq_onnx.runtime",
-                   "vitq_onnx.images", "vitq_onnx.latency"]),
+                   "vitq_onnx.runtimes", "vitq_onnx.images", "vitq_onnx.latency"]),
 ]
 # side by side in one layer, and never importing each other
 APART = [("vitq_onnx.calibration", "vitq_onnx.passes")]

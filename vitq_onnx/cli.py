@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import VitqError
+from .formats import RUNTIMES
 from .options import OPTIONS, ExportOptions, check_options, resolved
 
 
@@ -58,18 +59,22 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter)
     _add_export_options(e)
 
-    v = sub.add_parser("eval", help="top-1/top-5, size and latency of an ONNX model with onnxruntime")
+    v = sub.add_parser("eval", help="top-1/top-5, size and latency of an ONNX model in onnxruntime or OpenVINO")
     v.add_argument("model", type=Path)
+    v.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES,
+                   help="where to run it (default onnxruntime); openvino: its CPU plugin in float32 "
+                        "(pip install -e '.[openvino]'), with the top-1 agreement and largest output "
+                        "difference against onnxruntime's run of the same file")
     v.add_argument("--images", type=Path, required=True,
                    help="folder of <synset>_*.JPEG files or <synset>/ subfolders")
     v.add_argument("--compare", type=Path,
                    help="second model (e.g. the FP32 one): the same numbers side by side, latencies measured "
                         "interleaved, their ratio, and the top-1 agreement of the two")
     v.add_argument("--synsets", type=Path, help="synset list (default: bundled ImageNet-1k)")
-    v.add_argument("--batch-size", type=int, default=16, help="images per onnxruntime run for accuracy")
+    v.add_argument("--batch-size", type=int, default=16, help="images per run for accuracy")
     v.add_argument("--latency-batch", type=int, default=8,
                    help="batch size of the second latency measurement (batch 1 always; default 8)")
-    v.add_argument("--threads", type=int, help="onnxruntime threads for latency (default: the cores this "
+    v.add_argument("--threads", type=int, help="threads for latency (default: the cores this "
                    "process may use)")
     v.add_argument("--no-latency", action="store_true", help="accuracy and size only")
     v.add_argument("--json", type=Path, help="also write the result here (schema: README)")
@@ -115,8 +120,13 @@ def _eval(args) -> None:
     latency = None if args.no_latency else LatencyOptions(
         args.threads or len(os.sched_getaffinity(0)), args.latency_batch)
     result = evaluate(args.model, args.images, args.compare, args.synsets, args.batch_size,
-                      progress=not args.quiet, latency=latency)
-    print(_summary(result, args.model.name))
+                      progress=not args.quiet, latency=latency, runtime_name=args.runtime)
+    print(_summary(result, args.model.name) + (f"  in {args.runtime}" if args.runtime != "onnxruntime" else ""))
+    if "onnxruntime" in result:
+        ref = result["onnxruntime"]
+        print(f"the same file in onnxruntime: " + (f"top-1 {ref['top1']:.2%}  agreement {ref['top1_agreement']:.2%}  "
+                                                   if "top1" in ref else "") +
+              f"max |output difference| {ref['max_abs_output_difference']:.4g}")
     if "compare" in result:
         sim = result.get("feature_similarity")
         print(_summary(result["compare"], args.compare.name) + (
@@ -127,8 +137,9 @@ def _eval(args) -> None:
             f"batch {b} {r:.2f}x" for b, r in result["latency_ratio"].items()))
     if "machine" in result:
         m = result["machine"]
+        engine = m.get("runtime", "onnxruntime")
         print(f"on {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2'}), {m['intra_op_threads']} threads, "
-              f"onnxruntime {m['onnxruntime']}")
+              f"{engine} {m[engine]}")
     if args.json:
         with staged(args.json.parent) as tmp:
             (tmp / args.json.name).write_text(json.dumps(result, indent=1))

@@ -139,7 +139,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("search_fitness", "what the search minimizes against the FP logits (mse: the ablation)",
            default="infonce", choices=lambda: list(_methods.FITNESSES)),
     Option("format", "ort: 8-bit containers for onnxruntime's integer kernels; qdq: portable standard QDQ, int4 "
-           "packed", default="ort", choices=lambda: list(_formats.FORMATS)),
+           "packed; openvino: standard QDQ in the forms OpenVINO's CPU plugin runs (8-bit activation codes)", default="ort", choices=lambda: list(_formats.FORMATS)),
     Option("target_cpu", "portable: exact on any x86-64 or Arm CPU (8-bit weights as u8 against 8-bit inputs); "
            "vnni: full-range s8 operands, faster on CPUs with AVX-VNNI, AVX512-VNNI or AMX and refused at load "
            "on others", default="portable", choices=lambda: list(_formats.TARGETS)),

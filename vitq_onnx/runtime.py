@@ -54,6 +54,18 @@ def set_metadata(model: onnx.ModelProto, key: str, value: dict) -> None:
     model.metadata_props.add(key=key, value=json.dumps(value))
 
 
+def file_metadata(path: str | Path, key: str) -> dict | None:
+    """A vitq-onnx metadata entry read from the file itself (no session: any runtime's model)."""
+    if not Path(path).is_file():
+        raise VitqError(f"model not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise VitqError(f"{path} is not an ONNX model: {str(exc).splitlines()[0][:200]}") from None
+    value = next((p.value for p in model.metadata_props if p.key == key), None)
+    return json.loads(value) if value else None
+
+
 def get_metadata(sess: ort.InferenceSession, key: str) -> dict | None:
     value = sess.get_modelmeta().custom_metadata_map.get(key)
     return json.loads(value) if value else None

@@ -6,7 +6,7 @@ modules below registers them.
 
 from __future__ import annotations
 
-from ..formats import FORMATS
+from ..formats import FORMATS, format_spec
 from ..recipe import Recipe
 from . import insert_qdq, log2_softmax, log2_table_softmax, sulq_softmax  # noqa: F401  (register the rewrites)
 from .base import Pass, PassContext, run_passes
@@ -32,7 +32,7 @@ def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:
     if recipe.param_storage:
         passes.append(RoundParams())
     passes += deploy_passes(recipe.activations)  # each quantizer kind's registered rewrite
-    passes += [HoistQuantize(), LowerInteger() if fmt == "ort" else FactorScales(), StoreFloat16(), UnfusedNorm(), CheckPairBounds()]
+    passes += [HoistQuantize(), LowerInteger() if format_spec(fmt).ort_kernels else FactorScales(), StoreFloat16(), UnfusedNorm(), CheckPairBounds()]
     passes.append(CheckModel())
     return passes
 

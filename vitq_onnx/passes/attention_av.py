@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import VitqError
+from ..formats import format_spec
 from ..recipe import split_key
 from ..naming import tensor_label
 from .base import OpBuilder, Pass, PassContext, node_index
@@ -71,7 +72,7 @@ def scaled_integer_matmul(b: OpBuilder, part: str, a, v_codes, v_zero, scale, fm
     for ``qdq``."""
     f32 = np.float32
     a_zero = b.const(f"{part}_zero", a_zero, np.uint8)
-    if fmt == "ort":
+    if format_spec(fmt).ort_kernels:
         return b.op("MatMulIntegerToFloat", f"{part}_sum", [a, v_codes, b.const(f"{part}_a_scale", 1.0, f32),
                                                            b.const(f"{part}_unit", scale, f32), a_zero, v_zero],
                     dtype=f32, domain="com.microsoft")

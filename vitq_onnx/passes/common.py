@@ -10,6 +10,8 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..formats import format_spec
+
 
 MOVES = ("Transpose", "Squeeze", "Unsqueeze", "Reshape")  # ops that only move elements
 CODE_MOVES = (*MOVES, "Split")  # a code tensor's values come from its input's
@@ -97,9 +99,11 @@ def quantized_products(graph: gs.Graph):
             yield node, node.name.removesuffix("/" + node.op), a, b
 
 
-def packed_type(bits: int, fmt: str, signed: bool):
-    """``qdq`` stores <= 4-bit tensors as ONNX int4/uint4 (ml_dtypes arrays); ``ort`` keeps 8-bit containers."""
-    if fmt == "qdq" and bits <= 4:
+def packed_type(bits: int, fmt: str, signed: bool, weights: bool = False):
+    """<= 4-bit tensors as ONNX int4/uint4 (ml_dtypes arrays) where the format packs them (``qdq``;
+    ``openvino`` only weights), else None: an 8-bit container."""
+    spec = format_spec(fmt)
+    if bits <= 4 and (spec.int4_weights if weights else spec.int4_activations):
         return ml_dtypes.int4 if signed else ml_dtypes.uint4
     return None
 

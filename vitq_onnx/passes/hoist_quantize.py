@@ -7,7 +7,8 @@ tensor. A per-tensor QuantizeLinear, and a Clip with constant bounds, commute wi
 only moves elements; QuantizeLinear(x * 2^n, s) = QuantizeLinear(x, s / 2^n) and
 Clip(x * 2^n, lo, hi) = Clip(x, lo / 2^n, hi / 2^n) * 2^n exactly (the same real numbers are
 compared or divided and rounded once). The QuantizeLinears of every output of a Split merge into
-one per-axis QuantizeLinear of its input when they share the code type and have no Clip (8-bit).
+one per-axis QuantizeLinear of its input when they share the code type and have no Clip (8-bit),
+in the formats that allow it (not ``openvino``, which refuses per-axis activation quantizers).
 So the moves run on uint8 codes, a quarter of the bytes, the Mul disappears, and every code stays
 the same bit for bit.
 """
@@ -20,6 +21,7 @@ import os
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..formats import format_spec
 from .base import Pass, PassContext
 from .common import MOVES
 
@@ -94,7 +96,7 @@ def _absorb_mul(mul: gs.Node, node: gs.Node) -> bool:
     return True
 
 
-def _hoist(graph: gs.Graph, node: gs.Node, kept: set[str]) -> bool:
+def _hoist(graph: gs.Graph, node: gs.Node, kept: set[str], merge: bool) -> bool:
     """Move ``node`` (a QuantizeLinear or Clip) one op up if it can; True if it did."""
     x = node.inputs[0]
     producer = x.inputs[0] if x.inputs else None
@@ -112,7 +114,7 @@ def _hoist(graph: gs.Graph, node: gs.Node, kept: set[str]) -> bool:
         node.attrs["axis"] = perm[node.attrs.get("axis", 1)]
         _swap(producer, node)
         return True
-    return producer.op == "Split" and _merge_split(graph, producer, kept)
+    return merge and producer.op == "Split" and _merge_split(graph, producer, kept)
 
 
 def _merge_split(graph: gs.Graph, split: gs.Node, kept: set[str]) -> bool:
@@ -157,4 +159,4 @@ class HoistQuantize(Pass):
             moved = False
             for node in list(graph.nodes):
                 if node.op in ("QuantizeLinear", "Clip") and node.outputs and node.inputs:
-                    moved = _hoist(graph, node, kept) or moved
+                    moved = _hoist(graph, node, kept, format_spec(ctx.format).merged_qkv) or moved

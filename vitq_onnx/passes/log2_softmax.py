@@ -17,6 +17,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..formats import format_spec
 from ..codes.log2 import LOG2_STEP, SQRT2, log2_log_scale, log2_max_exponent, log2_unit, log2_zero_code
 from .attention_av import PostSoftmaxPass, dequantized_v, log_codes, scaled_integer_matmul, sum_parts
 from .base import OpBuilder
@@ -31,7 +32,7 @@ def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: s
     half = b.op("DequantizeLinear", "half_q", [q, b.const("half", 0.5, f32), b.const("half_zero", 0, u8)], dtype=f32)
     c = b.op("QuantizeLinear", "half_up", [half, b.const("below_one", 1 - 2.0**-8, f32), b.const("c_zero", 0, u8)],
              dtype=u8)
-    if fmt == "ort":
+    if not format_spec(fmt).integer_shifts:
         exponent = b.op("DequantizeLinear", "exponent", [c, b.const("minus_ln2", -math.log(2.0), f32),
                                                          b.const("e_max", e_max, u8)], dtype=f32)
         shifted = b.op("QuantizeLinear", "shifted", [b.op("Exp", "pow2", [exponent], dtype=f32),

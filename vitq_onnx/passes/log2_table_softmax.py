@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..formats import format_spec
 from ..codes.log2 import log2_log_scale
 from ..codes.log2_table import (
     DIGIT_BITS,
@@ -45,7 +46,7 @@ def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: s
     unit = b.const("unit", table_unit(scale, v_scale), f32)
     lo, hi = code_range(v_codes, v_zero.values.dtype)
     v_max = max(abs(lo - int(v_zero.values)), abs(hi - int(v_zero.values)))
-    if fmt == "ort" and table_levels(aq.bits, m)[-1] == 0 and row_sum_bound(scale, m, v_max) < FLOAT_EXACT:
+    if format_spec(fmt).ort_kernels and table_levels(aq.bits, m)[-1] == 0 and row_sum_bound(scale, m, v_max) < FLOAT_EXACT:
         steps = b.op("DequantizeLinear", "steps_below_grid", [codes, b.const("level_step", table_step(m), f32),
                                                                b.const("grid_code", GRID_BITS * m, u8)], dtype=f32)
         ln_level = b.op("Sub", "ln_level", [b.const("level_offset", level_offset(aq.bits, m), f32), steps], dtype=f32)

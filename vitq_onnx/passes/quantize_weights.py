@@ -57,7 +57,7 @@ class QuantizeWeights(Pass):
                                 f"channels, recipe {wq.scale.size}")
             scale = wq.scale.astype(np.float32)
             label = tensor_label(node_name, index)
-            dtype = packed_type(wq.bits, ctx.format, signed=True)
+            dtype = packed_type(wq.bits, ctx.format, signed=True, weights=True)
             codes, zero = _codes(key, w, wq, axis), np.zeros(scale.shape, np.int8)
             if wq.bits == 8 and ctx.recipe.activations[tensor_key(node_name, 0)].bits == 8 \
                     and ctx.target_cpu == "portable":

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..formats import format_spec
 from ..codes.sulq import PART_BITS, graph_constants, part_unit, sulq_part_shifts
 from .attention_av import PostSoftmaxPass, dequantized_v, scaled_integer_matmul, sum_parts
 from .base import OpBuilder
@@ -37,7 +38,7 @@ def _rewrite(b: OpBuilder, node: gs.Node, softmax: gs.Node, aq, key: str, fmt: s
     top = 2 ** (PART_BITS - 1)
     sums = []
     for p, shift in enumerate(shifts):
-        if fmt == "ort":
+        if not format_spec(fmt).integer_shifts:
             table = b.const(f"pow2_part{p}_table", top >> shift, u8)
             part = b.op("Gather", f"pow2_part{p}", [table, index], dtype=u8, axis=0)
         else:
