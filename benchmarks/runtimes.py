@@ -43,10 +43,9 @@ FORMATS = {"ort": "onnxruntime", "qdq": "onnxruntime", "openvino": "openvino"}  
 def export(out: Path, bits: str, method: str, fmt: str, recipe: Path | None, target_cpu: str = "portable",
            save_passes: Path | None = None) -> float:
     """``vitq-onnx export`` as a user runs it; the seconds it took."""
-    args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", "deit_t", "--bits", bits, "--method", method,
-            "--format", fmt, "--target-cpu", target_cpu, "--weights", str(WEIGHTS), "--calib", str(CALIB),
-            "-o", str(out), "-q"]
-    args += ["--recipe", str(recipe)] if recipe else []
+    args = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", "deit_t", "--format", fmt,
+            "--target-cpu", target_cpu, "--weights", str(WEIGHTS), "--calib", str(CALIB), "-o", str(out), "-q"]
+    args += ["--recipe", str(recipe)] if recipe else ["--bits", bits, "--method", method]
     args += ["--save-passes", str(save_passes)] if save_passes else []
     start = time.time()
     done = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ov_w8 = next(m for m in models if m["bits"] == "8/8" and m["runtime"] == "openvino" and m["method"] == "repq")
     data["openvino_w8a8_vs_onnxruntime_fastest_w8a8"] = {
         "fastest": fastest_ort_w8["name"],
-        **{b: round(r, 4) for b, r in ratio(blocks, ov_w8["name"], fastest_ort_w8["name"]).items()}}
+        **{str(b): round(r, 4) for b, r in ratio(blocks, ov_w8["name"], fastest_ort_w8["name"]).items()}}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
     write_markdown(data, args.output)
