@@ -10,7 +10,6 @@ from vitq_onnx import runtime
 from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import get_method
-from vitq_onnx.calibration.quant_points import instrument
 from vitq_onnx.calibration.simulation import simulate, torch_logits
 from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.errors import VitqError
@@ -20,6 +19,8 @@ from vitq_onnx.models import resolve_name
 from vitq_onnx.passes import PassContext, pipeline, run_passes
 
 from .conftest import _tiny_vit
+
+QUIET = CalibOptions(progress=False)
 
 
 def _tiny_swin():
@@ -57,8 +58,8 @@ def test_family_exports_bit_exact(family, bits, fmt, tiny_images):
     np.testing.assert_array_equal(runtime.run(runtime.session(onnx_model), tiny_images[8:]), sim)
 
 
-class MyAttention(nn.Module):
-    """An attention no family claims."""
+class TokenMixer(nn.Module):
+    """An attention by another name, which no family claims."""
 
     def __init__(self):
         super().__init__()
@@ -66,13 +67,46 @@ class MyAttention(nn.Module):
 
     def forward(self, x):
         q, k, v = self.qkv(x).chunk(3, -1)
-        return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return torch.einsum("bij,bjd->bid", (q @ k.transpose(-2, -1)).softmax(-1), v)
 
 
-def test_an_attention_no_family_claims_is_refused_naming_the_families():
-    model = nn.Sequential(nn.Linear(8, 8), MyAttention())
-    with pytest.raises(VitqError, match=r"unsupported attention module MyAttention at 1: .*vit \(.*swin \("):
-        instrument(model)
+class ToyNet(nn.Module):
+    """Patches, one TokenMixer, a head: 32-px images, 10 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch, self.mixer, self.head = nn.Conv2d(3, 8, 8, 8), TokenMixer(), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head((x + self.mixer(x)).mean(1))
+
+
+def test_an_activation_matmul_no_family_claims_is_refused_before_calibration(tiny_images, monkeypatch):
+    import vitq_onnx.calibration.calibrate as calibration
+
+    monkeypatch.setattr(calibration, "_run_stages", lambda *a: pytest.fail("a stage ran"))
+    with pytest.raises(VitqError, match=r"TokenMixer at 'mixer' multiplies two activations.*vit \(.*swin \(.*"
+                                        r"--keep-float .mixer. keeps"):
+        calibrate(ToyNet().eval(), tiny_images[:8], BitWidths(8, 8), get_method("basic"), "toy", QUIET)
+
+
+@pytest.mark.parametrize("fmt", ["ort", "qdq"])
+def test_kept_float_it_is_listed_and_the_graph_check_holds_the_recipe_to_it(tiny_images, fmt):
+    torch.manual_seed(0)
+    model = ToyNet().eval()
+    recipe = calibrate(model, tiny_images[:8], BitWidths.parse("8/8", [], ["mixer"]), get_method("basic"), "toy",
+                       QUIET)
+    assert {"mixer", "mixer.qkv"} <= set(recipe.float_layers) and recipe.keep_float == ["mixer"]
+    fp32 = export_fp32(model, 32)
+    onnx_model = run_passes(fp32, pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
+    floats = [n for n in onnx_model.graph.node if n.op_type in ("MatMul", "Einsum") and n.name.startswith("mixer/")]
+    assert len(floats) == 2  # q @ k^T and the einsum, both float and both named by the recipe
+    sim = torch_logits(simulate(model, recipe), tiny_images[8:])
+    np.testing.assert_array_equal(runtime.run(runtime.session(onnx_model), tiny_images[8:]), sim)
+    recipe.float_layers = [f for f in recipe.float_layers if f != "mixer"]
+    with pytest.raises(VitqError, match=r"2 float matmuls of two activations .* 'mixer/"):
+        run_passes(fp32, pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
 
 
 def test_a_checkpoint_saved_at_another_size_gets_its_position_embedding_resampled(tmp_path, tiny_calib_dir, capsys):
@@ -122,3 +156,39 @@ def test_a_checkpoint_of_another_width_is_still_refused(tmp_path, capsys):
     save_file(state, str(tmp_path / "w.safetensors"))
     with pytest.raises(VitqError, match="mis-shaped keys"):
         build_model(TINY, tmp_path / "w.safetensors", img_size=48)
+
+
+class ConvStemNet(nn.Module):
+    """A conv stem as XCiT's and TinyViT's: nested Sequentials of Conv2d + BatchNorm2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8)), nn.GELU(),
+                                  nn.Sequential(nn.Conv2d(8, 8, 4, 4), nn.BatchNorm2d(8)))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.stem(x).flatten(2).mean(2))
+
+
+@pytest.mark.parametrize("fmt", ["ort", "qdq"])
+def test_a_conv_stem_with_batchnorm_is_folded_and_exports_bit_exact(tiny_images, fmt):
+    """Once: 'recipe does not fit the graph: no weight at stem.0.0/Conv:1' (the exporter folded
+    the BatchNorm itself and the nested Sequential's scope became 'stem.0.stem.0.0')."""
+    from vitq_onnx.models import fold_batch_norms
+
+    torch.manual_seed(0)
+    model = ConvStemNet().eval()
+    for bn in (model.stem[0][1], model.stem[2][1]):  # statistics that move the outputs
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    x = torch.from_numpy(tiny_images[:4])
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batch_norms(model) == 2
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)  # the same function, in FP
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    recipe = calibrate(model, tiny_images[:8], BitWidths(8, 8), get_method("basic"), "toy", QUIET)
+    assert {"stem.0.0/Conv:1", "stem.2.0/Conv:1"} <= set(recipe.weights)
+    onnx_model = run_passes(export_fp32(model, 32), pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
+    sim = torch_logits(simulate(model, recipe), tiny_images[8:])
+    np.testing.assert_array_equal(runtime.run(runtime.session(onnx_model), tiny_images[8:]), sim)

@@ -98,11 +98,33 @@ def build_model(name: str, weights: str | Path | None = None, random_weights: bo
     kwargs = build_args(img_size, num_classes)
     try:
         model, notes = _create(timm_name, weights, random_weights, kwargs)
-        return model.eval(), notes
+        fold_batch_norms(model.eval())
+        return model, notes
     except (TypeError, AssertionError, ValueError) as exc:  # e.g. no img_size, or not a multiple of the patch
         if not kwargs:
             raise
         raise VitqError(f"{timm_name} cannot be built with {build_args_text(kwargs)}: {exc}") from None
+
+
+def fold_batch_norms(model: torch.nn.Module) -> int:
+    """Fold each BatchNorm that directly follows a Conv2d or Linear inside a Sequential (a conv stem,
+    timm's ConvNorm) into it, with torch's eval-mode fusion: calibration then quantizes the weight
+    the graph holds (the ONNX exporter would fold it on its own, after calibration). How many."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    folded = 0
+    for seq in [m for m in model.modules() if isinstance(m, torch.nn.Sequential)]:
+        children = list(seq.named_children())
+        for (name, layer), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(bn, torch.nn.BatchNorm2d) and isinstance(layer, torch.nn.Conv2d):
+                setattr(seq, name, fuse_conv_bn_eval(layer, bn))
+            elif isinstance(bn, torch.nn.BatchNorm1d) and isinstance(layer, torch.nn.Linear):
+                setattr(seq, name, fuse_linear_bn_eval(layer, bn))
+            else:
+                continue
+            setattr(seq, bn_name, torch.nn.Identity())
+            folded += 1
+    return folded
 
 
 def build_args(img_size: int | None = None, num_classes: int | None = None) -> dict:

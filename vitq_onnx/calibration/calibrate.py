@@ -8,13 +8,16 @@ the recipe it leaves is the seam to the ONNX passes.
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import torch
 
 from ..errors import VitqError
+from ..families import supported
 from ..progress import StageTimes
 from ..recipe import Recipe
+from .act_matmuls import unquantized_matmuls
 from .simulation import folded, load_quantized
 from .bits import BitWidths
 from .methods import Method
@@ -38,7 +41,7 @@ def calibrate(model: torch.nn.Module, images: np.ndarray, bits: BitWidths, metho
     unmatched = bits.unmatched(list(inst.points) + list(inst.weights))
     if unmatched:
         raise VitqError(f"--layer-bits pattern '{unmatched[0]}' matches no quantized layer of {model_name}")
-    floats = [*inst.float_layers, *inst.float_matmuls]
+    floats = [*inst.float_layers, *inst.float_matmuls, *_uninstrumented_matmuls(work, images[:1], bits, device)]
     for pattern in bits.keep_float:
         if not any(keeps_float(name, [pattern]) for name in floats):
             raise VitqError(f"--keep-float pattern '{pattern}' matches no Linear, Conv or attention module "
@@ -56,6 +59,22 @@ def calibrate(model: torch.nn.Module, images: np.ndarray, bits: BitWidths, metho
         raise RuntimeError(f"quant points never reached during calibration: {sorted(missing)[:3]}")
     recipe.param_storage = param_storage(work, inst)
     return recipe
+
+
+def _uninstrumented_matmuls(work: torch.nn.Module, image: np.ndarray, bits: BitWidths, device) -> list[str]:
+    """The modules that multiply two activations where no family quantizes them, each kept float by
+    a --keep-float pattern; one clear error for the first that is not (act_matmuls.py)."""
+    found = unquantized_matmuls(work, torch.from_numpy(image).to(device))
+    refused = [(path, cls) for path, cls in found.items() if not keeps_float(path, bits.keep_float)]
+    if refused:
+        path, cls = refused[0]
+        alike = [p for p, c in refused if c == cls]
+        pattern = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", path) if len(alike) > 1 else path
+        raise VitqError(f"{cls} at '{path or 'the model'}'{f' (and {len(alike) - 1} more)' if len(alike) > 1 else ''} "
+                        f"multiplies two activations where no family quantizes them (its matmuls would stay "
+                        f"float32): supported families: {supported()}; --keep-float '{pattern or '<module>'}' "
+                        "keeps them float on purpose")
+    return list(found)
 
 
 def refine(model: torch.nn.Module, recipe: Recipe, images: np.ndarray, stages: tuple[Stage, ...],

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import VitqError
-from ..families import FAMILIES, supported
+from .act_matmuls import instrumented
+from ..families import FAMILIES
 from ..naming import AV, QK, attention_nodes, conv_node, linear_node, norm_node
 from ..recipe import tensor_key
 
@@ -57,7 +57,8 @@ class QuantMatMul:
             self.a.partner = b  # lets calibration score a's quantizer by the product it feeds
             a = self.a(a)
             self.a.partner = None  # (a view of b would keep the whole layer's qkv output alive)
-        return a @ b
+        with instrumented():
+            return a @ b
 
 
 @dataclass
@@ -197,9 +198,6 @@ def instrument(model: nn.Module, keep_float: tuple[str, ...] | list[str] = ()) -
                 inst.matmuls.append(mm)
                 inst.points[mm.a.key], inst.points[mm.b.key] = mm.a, mm.b
             mod.forward = types.MethodType(forward, mod)
-        elif "Attention" in type(mod).__name__ and hasattr(mod, "qkv"):
-            raise VitqError(f"unsupported attention module {type(mod).__name__} at {name}: the supported "
-                            f"families are {supported()}")
     inst.post_norm = [(norm_node(n), norm, [linear_node(x) for x in lnames], linears)
                       for n, norm, lnames, linears in _post_norm_pairs(model)
                       if not any(x in inst.float_layers for x in lnames)]

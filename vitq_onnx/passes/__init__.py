@@ -13,6 +13,7 @@ from .base import Pass, PassContext, run_passes
 from .check_model import CheckModel
 from .deploy import deploy_passes
 from .factor_scales import FactorScales
+from .float_matmuls import CheckFloatMatmuls
 from .fold_reparam import FoldReparam
 from .hoist_quantize import HoistQuantize
 from .lower_integer import LowerInteger
@@ -33,7 +34,7 @@ def pipeline(recipe: Recipe, fmt: str = "ort") -> list[Pass]:
         passes.append(RoundParams())
     passes += deploy_passes(recipe.activations)  # each quantizer kind's registered rewrite
     passes += [HoistQuantize(), LowerInteger() if format_spec(fmt).ort_kernels else FactorScales(), StoreFloat16(), UnfusedNorm(), CheckPairBounds()]
-    passes.append(CheckModel())
+    passes += [CheckFloatMatmuls(), CheckModel()]
     return passes
 
 

@@ -25,8 +25,8 @@ def scope_name(exported: str) -> str:
     *scopes, op = exported[1:].split("/")
     path: list[str] = []
     for comp in scopes:
-        if path and "." in comp and comp.split(".")[0] == path[-1]:
-            path[-1] = comp  # a Sequential child: 'blocks' + 'blocks.1' -> 'blocks.1'
+        if path and comp.startswith(path[-1] + "."):
+            path[-1] = comp  # a Sequential child: 'blocks' + 'blocks.1' -> 'blocks.1', 'proj.0' + 'proj.0.0'
         else:
             path.append(comp)
     module = ".".join(path)
