@@ -2,11 +2,16 @@
 
     python benchmarks/export_profile.py -o benchmarks/results/export_profile.md
 
-Each config ``model[@img_size]:W/A[:real]`` runs the CLI in its own process, as a user runs it
-(imports included), with the default method (repq) and validation; random weights unless
-``real`` (DeiT-Ti from ../shared/models). The table gives the whole command's seconds, the
-seconds of each stage (from the export's report), and the process's peak memory (RSS). Run it
-alone on the machine: the numbers are times.
+    python benchmarks/export_profile.py --configs vit_small_patch14_dinov2@518:4/4:method=repq-recon:budget=15 \
+        -o benchmarks/results/export_profile_recon.md                       # an optimizing method
+
+Each config ``model[@img_size]:W/A[:real][:method=M][:budget=MIN]`` runs the CLI in its own
+process, as a user runs it (imports included), with method M (default repq) and --time-budget
+MIN; random weights unless ``real`` (DeiT-Ti from ../shared/models). The table gives the whole
+command's seconds, the seconds of each stage (from the export's report), and the process's peak
+memory (RSS); configs of an optimizing method a second table, with the iterations each block
+trained (from the recipe) and the top-1 agreement with the FP model on the validation images.
+Run it alone on the machine: the numbers are times.
 """
 
 from __future__ import annotations
@@ -39,21 +44,29 @@ def run_config(config: str, calib: Path, work: Path) -> dict:
     export's own ``ru_maxrss``, from its report)."""
     model, bits, *flags = config.split(":")
     name, _, img_size = model.partition("@")
+    settings = dict(f.split("=", 1) for f in flags if "=" in f)
+    out = work / f"{config.replace('/', '').replace(':', '_').replace('@', '_').replace('=', '-')}.onnx"
     cmd = [sys.executable, "-m", "vitq_onnx.cli", "export", "--model", name, "--bits", bits, "--calib", str(calib),
-           "-o", str(work / f"{config.replace('/', '').replace(':', '_').replace('@', '_')}.onnx"), "-q"]
+           "-o", str(out), "-q", "--method", settings.get("method", "repq")]
     cmd += ["--weights", str(WEIGHTS[name])] if "real" in flags else ["--random-weights"]
     cmd += ["--img-size", img_size] if img_size else []
+    cmd += ["--time-budget", settings["budget"]] if "budget" in settings else []
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate()
+    stdout, err = proc.communicate()
     seconds = time.time() - start
     if proc.returncode != 0:
         raise SystemExit(f"{config} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
-    report = json.loads(out.strip().splitlines()[-1])
+    report = json.loads(stdout.strip().splitlines()[-1])
     peak = max(report["stage_peak_mb"].values())
+    info = json.loads(out.with_suffix(".recipe.json").read_text())["info"]
     return {"config": config, "tokens": _tokens(name, img_size), "seconds": round(seconds, 1), "peak_mb": peak,
             "stages": report["stage_seconds"], "exact_images": report["exact_images"],
-            "validated_images": report["images"]}
+            "validated_images": report["images"], "method": settings.get("method", "repq"),
+            "budget_min": float(settings["budget"]) if "budget" in settings else None,
+            "fp_top1_agreement": report.get("fp_top1_agreement"),
+            "iters": {stage: info[stage]["iters"] for stage in ("float_weight_reconstruction", "reconstruction")
+                      if stage in info}}
 
 
 def _tokens(name: str, img_size: str) -> int:
@@ -76,10 +89,27 @@ def write_markdown(data: dict, output: Path) -> None:
              "simulation agree bit for bit.", "",
              "| config | tokens | total s | " + " | ".join(s for s, _ in STAGES) + " | peak MB | bit-exact images |",
              "|---|---|---|" + "---|" * len(STAGES) + "---|---|"]
-    for r in data["rows"]:
+    plain = [r for r in data["rows"] if not r.get("iters")]
+    for r in plain:
         stages = " | ".join(f"{r['stages'].get(key, 0):.1f}" for _, key in STAGES)
         lines.append(f"| {r['config']} | {r['tokens']} | {r['seconds']:.1f} | {stages} | {r['peak_mb']} | "
                      f"{100 * r['exact_images']:.0f} % of {r['validated_images']} |")
+    optimizing = [r for r in data["rows"] if r.get("iters")]
+    if optimizing:
+        lines = (lines if plain else lines[:1]) + [
+            "", "Optimizing methods: seconds against the budget (the whole export), calibration's share, peak RSS, "
+            "iterations each block trained (per reconstruction stage), top-1 agreement with the FP model on the "
+            "validation images.", "",
+            "| config | tokens | method | budget s | total s | calibration s | after it s | peak MB "
+            "| iterations per block | agree FP | bit-exact images |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in optimizing:
+            calib = sum(v for k, v in r["stages"].items() if k.startswith("calibration"))
+            after = sum(v for k, v in r["stages"].items() if k in ("FP32 ONNX export", "ONNX passes", "validation", "write"))
+            iters = "; ".join(f"{stage.split('_')[0]}: {min(v)}–{max(v)}" for stage, v in r["iters"].items())
+            budget = "—" if r["budget_min"] is None else f"{60 * r['budget_min']:.0f}"
+            lines.append(f"| {r['config']} | {r['tokens']} | {r['method']} | {budget} | {r['seconds']:.1f} "
+                         f"| {calib:.1f} | {after:.1f} | {r['peak_mb']} | {iters} | {100 * r['fp_top1_agreement']:.1f} % "
+                         f"| {100 * r['exact_images']:.0f} % of {r['validated_images']} |")
     output.write_text("\n".join(lines) + "\n")
 
 

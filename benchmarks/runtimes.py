@@ -2,7 +2,7 @@
 
     python benchmarks/runtimes.py -o benchmarks/results/runtimes.md              # repq 8, 6, 4, 3 bits
     python benchmarks/runtimes.py --ias -o benchmarks/results/runtimes.md        # and ias at 4/4, 3/3
-    python benchmarks/runtimes.py --reuse -o benchmarks/results/runtimes.md      # keep built models
+    python benchmarks/runtimes.py --reuse -o benchmarks/results/runtimes.md      # keep built models, scores
 
 One calibration per (method, width): ``vitq-onnx export --format ort``, then the same recipe
 redeployed with ``--recipe`` as ``qdq`` and ``openvino``, so the three files differ only in their
@@ -54,6 +54,16 @@ def export(out: Path, bits: str, method: str, fmt: str, recipe: Path | None, tar
     return round(time.time() - start, 1)
 
 
+def built(out: Path, reuse: bool, make) -> float | None:
+    """``make()``'s export seconds, or with --reuse those recorded when ``out`` was built."""
+    record = out.with_suffix(".build.json")
+    if reuse and out.is_file():
+        return json.loads(record.read_text())["export_s"] if record.is_file() else None
+    seconds = make()
+    record.write_text(json.dumps({"export_s": seconds}))
+    return seconds
+
+
 def build(work: Path, reuse: bool, ias: bool) -> list[dict]:
     """Every model file: FP32, and (method, width) x format."""
     fp32 = work / "passes" / "00_fp32.onnx"
@@ -64,16 +74,14 @@ def build(work: Path, reuse: bool, ias: bool) -> list[dict]:
         recipe = None
         for fmt in FORMATS:
             out = work / f"{method}_w{b}a{b}_{fmt}.onnx"
-            seconds = None
-            if not (reuse and out.is_file()):
-                seconds = export(out, bits, method, fmt, recipe,
-                                 save_passes=work / "passes" if not fp32.is_file() else None)
+            seconds = built(out, reuse, lambda: export(out, bits, method, fmt, recipe,
+                                                       save_passes=work / "passes" if not fp32.is_file() else None))
             recipe = out.with_suffix(".recipe.json")
             models.append({"name": out.stem, "path": out, "method": method, "bits": bits, "format": fmt,
                            "runtime": FORMATS[fmt], "export_s": seconds})
     if has_int8_dot():
         out = work / "repq_w8a8_ort_vnni.onnx"
-        seconds = None if reuse and out.is_file() else export(out, "8/8", "repq", "ort", None, "vnni")
+        seconds = built(out, reuse, lambda: export(out, "8/8", "repq", "ort", None, "vnni"))
         models.append({"name": out.stem, "path": out, "method": "repq", "bits": "8/8", "format": "ort vnni",
                        "runtime": "onnxruntime", "export_s": seconds})
     fps = [{"name": f"fp32_{r}", "path": fp32, "method": "-", "bits": "32/32", "format": "fp32", "runtime": r,
@@ -81,11 +89,27 @@ def build(work: Path, reuse: bool, ias: bool) -> list[dict]:
     return fps + models
 
 
+def score(m: dict, record: Path, reuse: bool) -> dict:
+    """Val top-1 of one model in its runtime (for OpenVINO also in onnxruntime, with the agreement),
+    and its size; kept beside the model, and read back with --reuse when the model is older."""
+    if reuse and record.is_file() and record.stat().st_mtime > Path(m["path"]).stat().st_mtime:
+        return json.loads(record.read_text())
+    print(f"scoring {m['name']} in {m['runtime']}", flush=True)
+    result = evaluate(m["path"], VAL, progress=False, runtime_name=m["runtime"])
+    row = {"top1": result["top1"], "size_mb": Path(m["path"]).stat().st_size / 2**20}
+    if "onnxruntime" in result:
+        ref = result["onnxruntime"]
+        row.update(ort_top1=ref["top1"], ort_agreement=ref["top1_agreement"],
+                   ort_max_diff=ref["max_abs_output_difference"])
+    record.write_text(json.dumps(row))
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--work", type=Path, default=REPO / "runs" / "runtimes")
-    p.add_argument("--reuse", action="store_true", help="keep model files already built in --work")
+    p.add_argument("--reuse", action="store_true", help="keep model files (and their scores) already in --work")
     p.add_argument("--ias", action="store_true", help="also ias at 4/4 and 3/3 (about 15 minutes each)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--rounds", type=int, default=7)
@@ -96,12 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     models = build(args.work, args.reuse, args.ias)
 
     for m in models:
-        print(f"scoring {m['name']} in {m['runtime']}", flush=True)
-        result = evaluate(m["path"], VAL, progress=False, runtime_name=m["runtime"])
-        m.update(top1=result["top1"], size_mb=m["path"].stat().st_size / 2**20)
-        if "onnxruntime" in result:
-            m.update(ort_top1=result["onnxruntime"]["top1"], ort_agreement=result["onnxruntime"]["top1_agreement"],
-                     ort_max_diff=result["onnxruntime"]["max_abs_output_difference"])
+        m.update(score(m, args.work / f"{m['name']}.score.json", args.reuse))
 
     x = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
     runners = {m["name"]: runtimes.load(m["path"], m["runtime"], args.threads) for m in models}

@@ -128,8 +128,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", "seed of every random choice in calibration", type=int, default=0),
     Option("device", "torch device for calibration, e.g. cuda; the simulation and validation always run the CPU "
            "kernels the graph runs", default="cpu"),
-    Option("time_budget", "minutes for the optimizing stages (block reconstruction): fewer iterations when they "
-           "would take longer; without it the method's iterations, deterministic", type=float, metavar="MIN",
+    Option("time_budget", "minutes for the whole export: the optimizing stages (block reconstruction) take "
+           "fewer iterations to end within it; without it the method's iterations, deterministic", type=float,
+           metavar="MIN",
            check=_positive("number of minutes")),
     Option("search", "end the calibration (or refine a --recipe) with a search: evol = Evol-Q's evolutionary "
            "search of the scales (at least 96 images unless --num-calib, a quarter of them held out to stop it)",

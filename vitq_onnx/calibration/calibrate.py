@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 
 import numpy as np
 import torch
@@ -99,9 +100,15 @@ def refine(model: torch.nn.Module, recipe: Recipe, images: np.ndarray, stages: t
 
 
 def _run_stages(state: CalibState, stages: tuple[Stage, ...]) -> None:
+    """Each stage in turn. Under a deadline (--time-budget) each optimizing stage (one with
+    ``iters``) gets the time left in proportion to its iterations among those still to run."""
     times = state.options.times if state.options.times is not None else StageTimes()
     for i, stage in enumerate(stages, 1):
         step = f"calibration {i}/{len(stages)}"
+        deadline = state.options.deadline
+        if deadline is not None and hasattr(stage, "iters"):
+            share = stage.iters / sum(s.iters for s in stages[i - 1:] if hasattr(s, "iters"))
+            state.stage_deadline = time.time() + max(0.0, deadline - time.time()) * share
         state.say(f"{step}: {stage.describe(state)}")
         with times(f"{step}: {stage.name}"):
             stage.run(state)

@@ -9,17 +9,23 @@ and the recipe: weight codes and scales, bias changes, quantizer parameters; the
 and the simulation then compute exactly what the recipe says, as for any other method.
 
 Memory: the cache holds one float tensor per block and image (DeiT-Ti: 12 x 197 x 192 floats,
-1.8 MB per image), plus the current block's inputs.
+1.8 MB per image), and as much again for the Fisher weights, in temporary files past CACHE_BYTES;
+the Fisher pass takes as many images at once as fit GRAD_PASS_BYTES; plus the current block's
+inputs and its training batch.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import time
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +38,8 @@ from .stages import Stage, quantize_as_recipe, set_activation
 from .state import CalibState
 
 CHUNK = 32  # images per no-grad forward (bounds the attention maps held at once)
+GRAD_PASS_BYTES = 2 * 2**30  # what the Fisher pass's autograd may hold at once (grad_chunk)
+CACHE_BYTES = 2**30  # block outputs (and Fisher weights) held in memory up to this, else on disk
 HEAD = "head"  # the unit after the last block: final norm and classifier, trained against the logits
 LEARNABLE = ("weights", "weight_scales", "act_scales", "biases")
 
@@ -75,39 +83,111 @@ def block_inputs(model: nn.Module, block: nn.Module, images: torch.Tensor) -> to
     return torch.cat(seen)
 
 
+class BlockCache(Mapping):
+    """Per block, a tensor built chunk by chunk along the image axis: in memory, or, once the whole
+    cache would pass CACHE_BYTES, in temporary files read back one block at a time (a 518-px
+    ViT-S's outputs and Fisher weights: 6.8 GB). Either way a block reads back bit for bit the
+    concatenation of its chunks; ``transform`` is applied as it is read."""
+
+    def __init__(self, expected_bytes: int, transform: Callable | None = None):
+        self.folder = tempfile.TemporaryDirectory(prefix="vitq-cache-") if expected_bytes > CACHE_BYTES else None
+        self.transform = transform or (lambda t: t)
+        self.chunks: dict[str, list[torch.Tensor]] = {}
+        self.shapes: dict[str, tuple[torch.Size, torch.dtype, int]] = {}
+
+    def add(self, name: str, chunk: torch.Tensor) -> None:
+        chunk = chunk.detach()
+        if self.folder is None:
+            self.chunks.setdefault(name, []).append(chunk)
+            return
+        with open(self._path(name), "ab") as f:
+            f.write(chunk.contiguous().cpu().numpy().tobytes())
+        shape, dtype, n = self.shapes.get(name, (chunk.shape[1:], chunk.dtype, 0))
+        self.shapes[name] = (shape, dtype, n + chunk.shape[0])
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.folder.name, name.replace("/", "_"))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self.folder is None:
+            return self.transform(torch.cat(self.chunks[name]))
+        shape, dtype, n = self.shapes[name]
+        values = np.fromfile(self._path(name), dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+        return self.transform(torch.from_numpy(values).reshape(n, *shape))
+
+    def pop(self, name: str, *default):
+        if name not in self:
+            return default[0] if default else self[name]
+        value = self[name]
+        self.chunks.pop(name, None)
+        if self.folder is not None:
+            os.remove(self._path(name))
+            self.shapes.pop(name)
+        return value
+
+    def __contains__(self, name) -> bool:
+        return name in (self.chunks if self.folder is None else self.shapes)
+
+    def __iter__(self):
+        return iter(self.chunks if self.folder is None else self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.chunks if self.folder is None else self.shapes)
+
+
+def _fisher_weights(g2: torch.Tensor) -> torch.Tensor:
+    return 1 + g2 / g2.mean().clamp_min(1e-30)
+
+
+def grad_chunk(model: nn.Module, image: torch.Tensor) -> int:
+    """Images per gradient pass: CHUNK, or fewer where the tensors autograd saves for CHUNK images
+    (measured on one) would pass GRAD_PASS_BYTES (a 518-px ViT-S: 840 MB per image)."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(image)
+    return max(1, min(CHUNK, GRAD_PASS_BYTES // max(1, sum(saved.values()))))
+
+
 @torch.no_grad()
 def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor,
-                  fisher: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                  fisher: bool = False) -> tuple[BlockCache, BlockCache | dict]:
     """Every named block's output on ``images``, and the model's (as ``HEAD``), from one pass; with
     ``fisher`` also each block output's weights for the reconstruction loss, 1 + g^2 / mean(g^2),
     g the gradient of the float model's cross-entropy against its own prediction at that output
     (the diagonal of the empirical Fisher, as BRECQ's loss): errors where the prediction is
     sensitive count more; the 1 keeps every element's plain squared error in the loss. (The
     outputs are the same with gradients on: checked bitwise on DeiT-Ti, CPU.)"""
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names + [HEAD]}
-    grads: dict[str, list[torch.Tensor]] = {n: [] for n in names} if fisher else {}
+    chunk = grad_chunk(model, images[:1]) if fisher else CHUNK
     outs: dict[str, torch.Tensor] = {}
     handles = [model.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
                for n in names]
+    seen = grads = None
     try:
-        for i in range(0, len(images), CHUNK):
+        for i in range(0, len(images), chunk):
             with torch.set_grad_enabled(fisher):
-                logits = model(images[i:i + CHUNK])
+                logits = model(images[i:i + chunk])
                 if fisher:  # autograd.grad: only these outputs' gradients, none kept in the parameters
                     loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
-                    for n, g in zip(names, torch.autograd.grad(loss, [outs[n] for n in names])):
-                        grads[n].append(g.pow(2))
+                    g2 = [g.pow(2) for g in torch.autograd.grad(loss, [outs[n] for n in names])]
+            if seen is None:  # the whole cache's size, from the first chunk's
+                per_image = sum(outs[n][0].nbytes for n in names) + logits[0].nbytes
+                seen = BlockCache(per_image * len(images))
+                grads = BlockCache(per_image * len(images), _fisher_weights) if fisher else {}
             for n in names:
-                seen[n].append(outs[n].detach())
-            seen[HEAD].append(logits.detach())
+                seen.add(n, outs[n])
+            seen.add(HEAD, logits)
+            for n, g in zip(names, g2 if fisher else []):
+                grads.add(n, g)
+            outs.clear()
     finally:
         for h in handles:
             h.remove()
-    weights = {}
-    for n, chunks in grads.items():
-        g2 = torch.cat(chunks)
-        weights[n] = 1 + g2 / g2.mean().clamp_min(1e-30)
-    return {n: torch.cat(v) for n, v in seen.items()}, weights
+    return seen, grads
 
 
 @torch.no_grad()
@@ -291,13 +371,15 @@ class BlockReconstruction(Stage):
                "biases": self.lr_biases}
         gen = torch.Generator().manual_seed(state.options.seed)
         torch.manual_seed(state.options.seed)  # QDrop's masks
-        budget, start = state.options.time_budget, time.time()
+        deadline = state.stage_deadline if state.options.deadline is not None else None
+        step_s = overhead_s = None  # under a deadline: seconds per training step, per unit outside its steps
         iters = [self.unit_iters(state, u) for u in units]
         bar = state.progress(sum(iters), f"calibration: block reconstruction "
                                          f"({'quantized' if self.quantized_weights else 'float'} weights)")
         report = {"units": [u.name for u in units], "iters": [], "loss_before": [], "loss_after": []}
         x = None
         for i, unit in enumerate(units):
+            unit_start = time.time()
             if x is None or not (unit.name == HEAD or _follows(units[i - 1].name, unit.name)):
                 x = block_inputs(state.model, unit.forward, state.images)
             y, w = targets.pop(unit.name), weights.pop(unit.name, None)
@@ -307,16 +389,22 @@ class BlockReconstruction(Stage):
 
             trainable = _Trainable(state, unit, self.learn, self.drop, self.quantized_weights, self.lr_width)
             opt = torch.optim.Adam(trainable.param_groups(lrs))
-            if budget is not None and i > 0:  # share what is left of the budget among the units left
-                per_iter = (time.time() - start) / max(1, sum(report["iters"]))
-                left = max(0.0, budget - (time.time() - start)) / (len(units) - i)
-                iters[i] = max(1, min(iters[i], int(left / per_iter)))
-                bar.set_total(sum(report["iters"]) + sum(iters[i:]))
-            elif budget is not None:
-                iters[0] = max(1, min(iters[0], int(budget / len(units) / self._step_seconds(unit.forward, x, y, opt))))
-                bar.set_total(sum(iters))
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters[i], eta_min=0.0)
+            eval_start = time.time()
             report["loss_before"].append(round(loss_of(run_chunked(unit.forward, x)).item(), 6))
+            if deadline is not None:  # the steps that fit: what is left, less every unit's work outside its steps
+                eval_s = time.time() - eval_start  # (the output pass after training costs as much)
+                step_s = step_s or self._step_seconds(unit.forward, x, y, opt)
+                overhead_s = overhead_s or (time.time() - unit_start + eval_s)
+                left = deadline - time.time() - eval_s - (len(units) - i - 1) * overhead_s
+                unit_end = time.time() + left / (len(units) - i)  # its share, held to by the clock below
+                iters[i] = max(1, min(iters[i], int(left / (len(units) - i) / step_s)))
+                bar.set_total(sum(report["iters"]) + sum(iters[i:]))
+                if i == 0:
+                    state.say(f"  plan: {len(units)} units x {iters[0]} iterations of {step_s:.2f} s, "
+                              f"{overhead_s:.1f} s per unit besides, {(deadline - time.time()) / 60:.1f} minutes "
+                              "left for this stage")
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters[i], eta_min=0.0)
+            steps_start, done = time.time(), 0
             for _ in range(iters[i]):
                 idx = torch.randint(0, len(x), (min(self.batch_size, len(x)),), generator=gen).to(x.device)
                 loss = loss_of(unit.forward(x[idx]), idx)
@@ -325,8 +413,15 @@ class BlockReconstruction(Stage):
                 opt.step()
                 schedule.step()
                 bar.update(1, unit=f"{i + 1}/{len(units)}", loss=loss.item())
+                done += 1
+                if deadline is not None and time.time() > unit_end:  # slower steps than measured
+                    break
+            if deadline is not None:  # measured, for the units left
+                step_s, iters[i] = (time.time() - steps_start) / done, done
             trainable.write_back()
             x_next = run_chunked(unit.forward, x)
+            if deadline is not None:
+                overhead_s = time.time() - unit_start - (iters[i] * step_s)
             report["iters"].append(iters[i])
             report["loss_after"].append(round(loss_of(x_next).item(), 6))
             x = x_next

@@ -26,7 +26,7 @@ from .quantizers.weights import fake_weight, weight_codes
 class CalibOptions:
     seed: int = 0
     device: str = "cpu"
-    time_budget: float | None = None  # seconds for the optimizing stages; None: their own iterations
+    deadline: float | None = None  # time.time() by which calibration must end (--time-budget); None: no limit
     progress: bool = True
     times: StageTimes | None = None  # filled with each stage's seconds when given
 
@@ -43,6 +43,7 @@ class CalibState:
     fp_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # weight key -> float weight
     ref_biases: dict[str, torch.Tensor] = field(default_factory=dict)  # weight key -> bias before corrections
     retrained: set[str] = field(default_factory=set)  # weight keys whose float weight a stage trained
+    stage_deadline: float | None = None  # when the running optimizing stage must end (calibrate._run_stages)
 
     @torch.no_grad()
     def keep_float_reference(self) -> None:

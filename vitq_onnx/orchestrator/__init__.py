@@ -37,11 +37,11 @@ def quantize(opts, model: torch.nn.Module | None = None, arrays: np.ndarray | No
     """The quantized model (with its metadata), its recipe and the validation report; nothing is
     written. ``model``, ``arrays``: a module and preprocessed images instead of ``opts.model`` and
     the folder ``opts.calib`` (``inputs.prepare``)."""
-    times = StageTimes() if times is None else times
+    started, times = time.time(), StageTimes() if times is None else times
     say = sayer(opts.progress)
     inputs = prepare(opts, times, model, arrays)
     bits, mixed = choose(inputs, opts, times, say)
-    recipe = make_recipe(inputs, bits, mixed, opts, times, say)
+    recipe = make_recipe(inputs, bits, mixed, opts, times, say, started)
     qmodel = lower(inputs.model, recipe, inputs.preprocess, opts.format, opts.target_cpu, opts.save_passes,
                    opts.progress, times)
     with times("validation"):
@@ -66,6 +66,8 @@ def export(opts) -> dict:
         write(qmodel, recipe, opts.output)
     seconds = round(time.time() - start, 1)
     sayer(opts.progress)(f"wrote {opts.output}, {recipe_path(opts.output)} and "
-                         f"{recipe_path(opts.output).with_suffix('.npz')} in {seconds} s")
+                         f"{recipe_path(opts.output).with_suffix('.npz')} in {seconds} s" + (
+                             f" ({seconds / 60:.1f} of the {opts.time_budget:g}-minute budget)"
+                             if opts.time_budget is not None else ""))
     return {**report, "export_seconds": seconds, "stage_seconds": {k: round(v, 2) for k, v in times.items()},
             "stage_peak_mb": {k: round(v) for k, v in times.peak_mb.items()}}
