@@ -75,7 +75,7 @@ def test_w4a4_graph_equals_simulation_bit_for_bit_with_per_tensor_qdq_only(deit,
     assert saved == ["00_fp32.onnx", "01_name_nodes.onnx", "02_fold_reparam.onnx", "03_quantize_weights.onnx",
                      "04_round_params.onnx", "05_insert_qdq.onnx", "06_log2_softmax.onnx", "07_hoist_quantize.onnx",
                      "08_lower_integer.onnx", "09_store_float16.onnx", "10_unfused_norm.onnx",
-                     "11_check_pair_bounds.onnx", "12_check_model.onnx"]
+                     "11_check_pair_bounds.onnx", "12_check_float_matmuls.onnx", "13_check_model.onnx"]
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.name.endswith("_q")]
     assert len(quantize) == 12 * 7 + 2  # 4 Linear + q, k, v per block (softmax: log2 codes); patch embed, head

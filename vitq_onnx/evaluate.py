@@ -84,7 +84,8 @@ def _agreement(reference: np.ndarray, logits: np.ndarray, headless: bool) -> dic
     and the largest absolute difference of any output."""
     close = {"feature_similarity": feature_similarity(reference, logits)} if headless else {
         "top1_agreement": float((reference.argmax(1) == logits.argmax(1)).mean())}
-    return {**close, "max_abs_output_difference": float(np.abs(reference - logits).max())}
+    same = reference.shape == logits.shape  # (--compare may hold a model of other outputs)
+    return {**close, **({"max_abs_output_difference": float(np.abs(reference - logits).max())} if same else {})}
 
 
 @dataclass(frozen=True)

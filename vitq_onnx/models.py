@@ -116,9 +116,11 @@ def fold_batch_norms(model: torch.nn.Module) -> int:
     for seq in [m for m in model.modules() if isinstance(m, torch.nn.Sequential)]:
         children = list(seq.named_children())
         for (name, layer), (bn_name, bn) in zip(children, children[1:]):
-            if isinstance(bn, torch.nn.BatchNorm2d) and isinstance(layer, torch.nn.Conv2d):
+            if bn.__class__ not in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) or bn.running_mean is None:
+                continue  # exact classes only: timm's BatchNormAct2d adds an activation, StdConv2d re-standardizes
+            if type(layer) is torch.nn.Conv2d and type(bn) is torch.nn.BatchNorm2d:
                 setattr(seq, name, fuse_conv_bn_eval(layer, bn))
-            elif isinstance(bn, torch.nn.BatchNorm1d) and isinstance(layer, torch.nn.Linear):
+            elif type(layer) is torch.nn.Linear and type(bn) is torch.nn.BatchNorm1d:
                 setattr(seq, name, fuse_linear_bn_eval(layer, bn))
             else:
                 continue

@@ -21,7 +21,8 @@ from torch.overrides import TorchFunctionMode
 # set while a QuantMatMul multiplies its quantized inputs: those products are the instrumented ones
 INSTRUMENTED = contextvars.ContextVar("vitq_instrumented_matmul", default=False)
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
-            torch.Tensor.bmm, torch.baddbmm, torch.einsum, F.scaled_dot_product_attention}
+            torch.Tensor.bmm, torch.mm, torch.Tensor.mm, torch.einsum, F.scaled_dot_product_attention}
+_ADDED = {torch.baddbmm, torch.Tensor.baddbmm, torch.addmm, torch.Tensor.addmm}  # (input, a, b): a @ b added
 
 
 class _Watch(TorchFunctionMode):
@@ -31,11 +32,13 @@ class _Watch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _MATMULS and not INSTRUMENTED.get():
-            operands = [a for a in (args[1:] if func is torch.einsum else args) if isinstance(a, torch.Tensor)]
+        if (func in _MATMULS or func in _ADDED) and not INSTRUMENTED.get():
+            operands = args[1:] if func is torch.einsum or func in _ADDED else args
             if func is torch.einsum and len(args) == 2 and isinstance(args[1], (list, tuple)):
-                operands = list(args[1])
-            if sum(t.requires_grad for t in operands[:3]) >= 2:
+                operands = args[1]
+            tensors = [t for t in operands if isinstance(t, torch.Tensor)]
+            factors = tensors[:3] if func is F.scaled_dot_product_attention else tensors[:2]  # (q, k, v)
+            if sum(t.requires_grad for t in factors) >= 2:
                 self.found.setdefault(self.stack[-1], getattr(func, "__name__", str(func)))
         return func(*args, **kwargs)
 
