@@ -111,6 +111,16 @@ def test_search_budget_stops_it_and_says_so(tiny, tiny_images):
     assert len(recipe.info["search"]["passes"]) < 50
 
 
+def test_the_exports_time_budget_stops_the_search_too(tiny, tiny_images):
+    """--time-budget's deadline (past here) ends the search however large its own budget."""
+    import time
+
+    base = calibrate(tiny, tiny_images, BitWidths(4, 4), get_method("repq"), "tiny", QUIET)
+    stage = (dataclasses.replace(SMALL, passes=50, budget=3600.0),)
+    recipe = refine(tiny, base, tiny_images, stage, CalibOptions(deadline=time.time() - 1, progress=False))
+    assert recipe.info["search"]["stopped"] == "budget" and len(recipe.info["search"]["passes"]) <= 1
+
+
 def test_search_without_enough_images_is_a_clear_error(tiny, tiny_images):
     with pytest.raises(VitqError, match="raise --num-calib"):
         calibrate(tiny, tiny_images[:7], BitWidths(4, 4), _with("repq", SMALL), "tiny", QUIET)

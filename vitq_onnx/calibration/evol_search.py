@@ -33,6 +33,7 @@ and at W8/A8 a gate on any fall kept noise. A pass that keeps no block ends the 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from functools import reduce
@@ -180,7 +181,9 @@ class EvolSearch(Stage):
         fp_train, fp_held = run_chunked(fp, train), run_chunked(fp, held)
         del fp
         gen = torch.Generator().manual_seed(state.options.seed)
-        start, evals = time.time(), 0
+        evals = 0
+        until = min(time.time() + self.budget if self.budget is not None else math.inf,  # its own cap, and
+                    state.options.deadline if state.options.deadline is not None else math.inf)  # --time-budget's
         bar = state.progress(self.passes * len(blocks) * (self.population + self.cycles), "search: Evol-Q",
                              unit="eval")
         fit = first = fitness(run_chunked(state.model, train), fp_train).item()
@@ -213,7 +216,7 @@ class EvolSearch(Stage):
                     bar.update(1, block=name, fitness=f"{fit:.5f}")
                     return fitness(on_train(), fp_train).item()
 
-                best_fit, best = self._evolve(scales, score, gen, start)
+                best_fit, best = self._evolve(scales, score, gen, until)
                 scales.apply(best)
                 new_kl = kl_per_image(on_held(), fp_held)
                 if significantly_lower(new_kl, kl):  # better on images the search never scored: keep it
@@ -222,11 +225,11 @@ class EvolSearch(Stage):
                     kept.append(name)
                 else:
                     scales.apply(scales.zero())
-                if self._spent(start):
+                if self._spent(until):
                     break
             report["passes"].append({"blocks_kept": kept, "fitness": round(fit, 6),
                                      "held_out_kl": round(kl.mean().item(), 6)})
-            if self._spent(start):
+            if self._spent(until):
                 report["stopped"] = "budget"
                 break
             if not kept:
@@ -238,7 +241,7 @@ class EvolSearch(Stage):
         state.say(f"  search: fitness {first:.4f} -> {fit:.4f}, held-out KL {report['held_out_kl_before']:.4f}"
                   f" -> {report['held_out_kl_after']:.4f} ({evals} evaluations, stopped by {report['stopped']})")
 
-    def _evolve(self, scales: _BlockScales, score, gen: torch.Generator, start: float):
+    def _evolve(self, scales: _BlockScales, score, gen: torch.Generator, until: float):
         """Regularized evolution from the block's current scales: (fitness, offsets) of the fittest."""
         def mutate(offsets):
             return [o + (torch.rand(o.shape if self.per_channel else (), generator=gen) * 2 - 1)
@@ -246,11 +249,11 @@ class EvolSearch(Stage):
 
         zero = scales.zero()
         pop = [(score(zero), zero)]
-        while len(pop) < self.population and not self._spent(start):
+        while len(pop) < self.population and not self._spent(until):
             child = mutate(zero)
             pop.append((score(child), child))
         for _ in range(self.cycles):
-            if self._spent(start):
+            if self._spent(until):
                 break
             idx = torch.randperm(len(pop), generator=gen)[:self.sample].tolist()
             child = mutate(min((pop[j] for j in idx), key=lambda m: m[0])[1])
@@ -258,5 +261,6 @@ class EvolSearch(Stage):
             pop.remove(max(pop, key=lambda m: m[0]))
         return min(pop, key=lambda m: m[0])
 
-    def _spent(self, start: float) -> bool:
-        return self.budget is not None and time.time() - start >= self.budget
+    @staticmethod
+    def _spent(until: float) -> bool:
+        return time.time() >= until
