@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     rows = []
     for path in args.models:
-        x, _ = load_images(list_images(VAL)[:args.images], preprocess_of(path))
+        x, _ = load_images(list_images(VAL)[:args.images], preprocess_of(path, runtime.file_metadata(path)))
         model = onnx.load(path)
         ours = runtime.run(runtime.session(model), x)
         theirs = np.concatenate([ReferenceEvaluator(model).run(None, {"image": x[i:i + 1]})[0] for i in range(len(x))])

@@ -16,8 +16,9 @@ from .latency import machine_info, measure_latency, median_ms, ratio
 from .validate import feature_similarity
 
 
-def preprocess_of(model_path) -> Preprocess:
-    meta = runtime.file_metadata(model_path, runtime.META_PREPROCESS)
+def preprocess_of(model_path, metadata: dict[str, dict]) -> Preprocess:
+    """The preprocessing stored in a model's metadata (``runtime.file_metadata``)."""
+    meta = metadata.get(runtime.META_PREPROCESS)
     if meta is None:
         raise VitqError(f"{model_path} has no '{runtime.META_PREPROCESS}' metadata: "
                         "export it with vitq-onnx, or copy that entry from one that was")
@@ -35,13 +36,14 @@ def evaluate(model_path: str | Path, images_dir: str | Path, compare: str | Path
     onnxruntime, the model also runs in onnxruntime: its scores there, the top-1 agreement and the
     largest output difference of the two runtimes."""
     paths_models = [Path(model_path)] + ([Path(compare)] if compare is not None else [])
-    preprocess = preprocess_of(model_path)
-    if compare is not None and preprocess_of(compare) != preprocess:
+    metadata = runtime.file_metadata(model_path)
+    preprocess = preprocess_of(model_path, metadata)
+    if compare is not None and preprocess_of(compare, runtime.file_metadata(compare)) != preprocess:
         raise VitqError(f"{model_path} and {compare} take differently preprocessed images: compare models of one input")
     runners = [runtimes.load(p, runtime_name) for p in paths_models]
     if runtime_name != "onnxruntime":
         runners.append(runtimes.load(model_path, "onnxruntime"))
-    headless = (runtime.file_metadata(model_path, runtime.META_RECIPE) or {}).get("headless", False)
+    headless = metadata.get(runtime.META_RECIPE, {}).get("headless", False)
     root = Path(images_dir)
     paths = list_images(root)
     classes = load_synsets(synsets)

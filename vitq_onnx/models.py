@@ -112,20 +112,18 @@ def fold_batch_norms(model: torch.nn.Module) -> int:
     the graph holds (the ONNX exporter would fold it on its own, after calibration). How many."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+    # exact classes only: timm's BatchNormAct2d adds an activation, its StdConv2d re-standardizes
+    fusions = {(torch.nn.Conv2d, torch.nn.BatchNorm2d): fuse_conv_bn_eval,
+               (torch.nn.Linear, torch.nn.BatchNorm1d): fuse_linear_bn_eval}
     folded = 0
     for seq in [m for m in model.modules() if isinstance(m, torch.nn.Sequential)]:
         children = list(seq.named_children())
         for (name, layer), (bn_name, bn) in zip(children, children[1:]):
-            if bn.__class__ not in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) or bn.running_mean is None:
-                continue  # exact classes only: timm's BatchNormAct2d adds an activation, StdConv2d re-standardizes
-            if type(layer) is torch.nn.Conv2d and type(bn) is torch.nn.BatchNorm2d:
-                setattr(seq, name, fuse_conv_bn_eval(layer, bn))
-            elif type(layer) is torch.nn.Linear and type(bn) is torch.nn.BatchNorm1d:
-                setattr(seq, name, fuse_linear_bn_eval(layer, bn))
-            else:
-                continue
-            setattr(seq, bn_name, torch.nn.Identity())
-            folded += 1
+            fuse = fusions.get((type(layer), type(bn)))
+            if fuse is not None and bn.running_mean is not None:
+                setattr(seq, name, fuse(layer, bn))
+                setattr(seq, bn_name, torch.nn.Identity())
+                folded += 1
     return folded
 
 

@@ -54,16 +54,16 @@ def set_metadata(model: onnx.ModelProto, key: str, value: dict) -> None:
     model.metadata_props.add(key=key, value=json.dumps(value))
 
 
-def file_metadata(path: str | Path, key: str) -> dict | None:
-    """A vitq-onnx metadata entry read from the file itself (no session: any runtime's model)."""
+def file_metadata(path: str | Path) -> dict[str, dict]:
+    """The vitq-onnx metadata entries (key -> value) read from the file itself (no session: any
+    runtime's model); one read of the file for all of them."""
     if not Path(path).is_file():
         raise VitqError(f"model not found: {path}")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise VitqError(f"{path} is not an ONNX model: {str(exc).splitlines()[0][:200]}") from None
-    value = next((p.value for p in model.metadata_props if p.key == key), None)
-    return json.loads(value) if value else None
+    return {p.key: json.loads(p.value) for p in model.metadata_props if p.key.startswith("vitq.") and p.value}
 
 
 def get_metadata(sess: ort.InferenceSession, key: str) -> dict | None:

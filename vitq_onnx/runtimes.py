@@ -58,7 +58,7 @@ OPENVINO_REFUSED = {
 
 def _openvino(path: Path, threads: int | None) -> Runner:
     ov = _import_openvino()
-    fmt = (runtime.file_metadata(path, runtime.META_RECIPE) or {}).get("format")
+    fmt = runtime.file_metadata(path).get(runtime.META_RECIPE, {}).get("format")
     if fmt in OPENVINO_REFUSED:
         raise VitqError(f"{path} is a --format {fmt} file, which {OPENVINO_REFUSED[fmt]}: "
                         "export it with --format openvino (the same recipe: --recipe)")

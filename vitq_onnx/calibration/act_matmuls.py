@@ -49,8 +49,12 @@ def unquantized_matmuls(model: nn.Module, image: torch.Tensor) -> dict[str, str]
     names = {id(m): n for n, m in model.named_modules()}
     classes = {n: type(m).__name__ for n, m in model.named_modules()}
     stack = [""]
+
+    def leave(_mod, _args, _out) -> None:  # (a forward hook that returned a value would replace the output)
+        stack.pop()
+
     hooks = [m.register_forward_pre_hook(lambda mod, _: stack.append(names[id(mod)])) for m in model.modules()]
-    hooks += [m.register_forward_hook(lambda mod, _i, _o: stack.pop() and None) for m in model.modules()]
+    hooks += [m.register_forward_hook(leave) for m in model.modules()]
     frozen = [p for p in model.parameters() if p.requires_grad]
     watch = _Watch(stack)
     try:

@@ -374,7 +374,7 @@ class BlockReconstruction(Stage):
                "biases": self.lr_biases}
         gen = torch.Generator().manual_seed(state.options.seed)
         torch.manual_seed(state.options.seed)  # QDrop's masks
-        deadline = state.stage_deadline if state.options.deadline is not None else None
+        deadline = state.stage_deadline  # set by calibrate._run_stages under --time-budget, else None
         step_s = overhead_s = None  # under a deadline: seconds per training step, per unit outside its steps
         iters = [self.unit_iters(state, u) for u in units]
         bar = state.progress(sum(iters), f"calibration: block reconstruction "

@@ -154,9 +154,10 @@ class HoistQuantize(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> None:
         kept = {t.name for t in graph.outputs}  # graph outputs keep their producers
+        merge = format_spec(ctx.format).merged_qkv
         moved = True
         while moved:  # one sweep per op a node climbs: a few, each linear in the graph
             moved = False
             for node in list(graph.nodes):
                 if node.op in ("QuantizeLinear", "Clip") and node.outputs and node.inputs:
-                    moved = _hoist(graph, node, kept, format_spec(ctx.format).merged_qkv) or moved
+                    moved = _hoist(graph, node, kept, merge) or moved
