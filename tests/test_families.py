@@ -15,7 +15,7 @@ from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.errors import VitqError
 from vitq_onnx.families import FAMILIES, short_names
 from vitq_onnx.fp32 import export_fp32
-from vitq_onnx.models import resolve_name
+from vitq_onnx.models import prepare_model, resolve_name
 from vitq_onnx.passes import PassContext, pipeline, run_passes
 
 from .conftest import _tiny_vit
@@ -44,7 +44,7 @@ def test_every_family_has_a_tiny_model_and_short_names_that_timm_knows():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_exports_bit_exact(family, bits, fmt, tiny_images):
     torch.manual_seed(0)
-    model = TINY_MODELS[family]().eval()
+    model = prepare_model(TINY_MODELS[family]())
     recipe = calibrate(model, tiny_images[:8], BitWidths.parse(bits), get_method("repq"), family,
                        CalibOptions(progress=False))
     attention = [k for k in recipe.activations if "/matmul_" in k]

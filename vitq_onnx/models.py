@@ -16,7 +16,7 @@ import timm
 import torch
 
 from .errors import VitqError
-from .families import adapt_checkpoint, short_names
+from .families import adapt_checkpoint, prepare, short_names
 
 SHORT_NAMES = short_names()
 
@@ -98,12 +98,20 @@ def build_model(name: str, weights: str | Path | None = None, random_weights: bo
     kwargs = build_args(img_size, num_classes)
     try:
         model, notes = _create(timm_name, weights, random_weights, kwargs)
-        fold_batch_norms(model.eval())
+        prepare_model(model)
         return model, notes
     except (TypeError, AssertionError, ValueError) as exc:  # e.g. no img_size, or not a multiple of the patch
         if not kwargs:
             raise
         raise VitqError(f"{timm_name} cannot be built with {build_args_text(kwargs)}: {exc}") from None
+
+
+def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode, with the same float outputs in the form calibration quantizes:
+    BatchNorm folded, each family's ``prepare`` applied (in place)."""
+    fold_batch_norms(model.eval())
+    prepare(model)
+    return model
 
 
 def fold_batch_norms(model: torch.nn.Module) -> int:

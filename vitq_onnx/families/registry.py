@@ -27,6 +27,10 @@ class Family:
         for each change, [] when there is none to make."""
         return []
 
+    def prepare(self, module) -> None:
+        """Rewrite ``module`` in place into a form with the same float outputs whose weights the
+        quant points see (e.g. a bias passed to ``F.linear`` beside the Linear moved into it)."""
+
     def norm_linear_pairs(self, module) -> list[tuple[str, str]]:
         """(LayerNorm attribute, Linear path) pairs of ``module`` when it is a block of this family
         whose Linear reads only that norm (RepQ-ViT's channel-wise fold), else []."""
@@ -41,6 +45,13 @@ def register_family(cls: type[Family]) -> type[Family]:
 def adapt_checkpoint(state: dict, model) -> list[str]:
     """Every family's adaptation of ``state`` to ``model`` (``Family.adapt_checkpoint``)."""
     return [note for family in FAMILIES.values() for note in family.adapt_checkpoint(state, model)]
+
+
+def prepare(model) -> None:
+    """Every family's ``Family.prepare`` on every module of ``model``."""
+    for module in list(model.modules()):
+        for family in FAMILIES.values():
+            family.prepare(module)
 
 
 def short_names() -> dict[str, str]:

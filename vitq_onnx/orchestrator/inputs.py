@@ -8,6 +8,7 @@ preprocessed arrays). Outputs are checked here too, so that nothing heavy runs b
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from ..calibration.methods import SEARCH_IMAGES, Method, get_method
 from ..cpu import check_target
 from ..errors import VitqError
 from ..images import Preprocess, calibration_subset, label_of, list_images, load_images, load_synsets
-from ..models import build_args, build_args_text, build_model, resolve_name
+from ..models import build_args, build_args_text, build_model, prepare_model, resolve_name
 from ..outputs import check_outputs
 from ..progress import StageTimes, sayer
 from ..recipe import Recipe, export_files
@@ -86,7 +87,8 @@ def prepare(opts, times: StageTimes, model: torch.nn.Module | None = None,
                                          **build_args(opts.img_size, opts.num_classes))
             for note in adapted:
                 sayer(opts.progress)(f"weights {opts.weights.name}: {note}")
-        model = model.eval()
+        else:  # the caller's module stays as it was: calibration works on a prepared copy
+            model = prepare_model(copy.deepcopy(model))
         preprocess = Preprocess.from_model(model)
         if arrays is not None:
             want = (3, preprocess.size, preprocess.size)
