@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vitq_onnx"
 LAYERS = [
     ("interface", ["vitq_onnx", "vitq_onnx.cli", "vitq_onnx.api"]),
     ("commands", ["vitq_onnx.orchestrator", "vitq_onnx.layer_report", "vitq_onnx.evaluate"]),
-    ("checks and model building", ["vitq_onnx.options", "vitq_onnx.validate", "vitq_onnx.models",
+    ("checks and model building", ["vitq_onnx.options", "vitq_onnx.validate", "vitq_onnx.models", "vitq_onnx.hf_models",
                                    "vitq_onnx.fp32"]),
     ("engines", ["vitq_onnx.calibration", "vitq_onnx.passes"]),
     ("families and float kernels", ["vitq_onnx.families", "vitq_onnx.runtime_kernels"]),

@@ -24,16 +24,20 @@ _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Im
 
 @dataclass(frozen=True)
 class Preprocess:
-    """timm's eval transform: resize the short side to size/crop_pct, center-crop, normalize."""
+    """timm's eval transform: resize the short side to size/crop_pct, center-crop, normalize (or a
+    Hugging Face processor's square resize)."""
 
     size: int
     crop_pct: float
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize: str = "short_side"  # or "square": both sides to size, no crop (Hugging Face's ViT, SigLIP)
 
     @classmethod
     def from_model(cls, model) -> "Preprocess":
+        if getattr(model, "vitq_preprocess", None) is not None:  # a wrapped Hugging Face tower
+            return model.vitq_preprocess
         from timm.data import resolve_data_config
 
         built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # --img-size, if given
@@ -44,21 +48,30 @@ class Preprocess:
                    tuple(cfg["mean"]), tuple(cfg["std"]))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["resize"] == "short_side":  # the default is not written (files made before it read the same)
+            del d["resize"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
         return cls(int(d["size"]), float(d["crop_pct"]), d["interpolation"],
-                   tuple(d["mean"]), tuple(d["std"]))
+                   tuple(d["mean"]), tuple(d["std"]), d.get("resize", "short_side"))
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         img = img.convert("RGB")
+        if self.resize == "square":
+            img = img.resize((self.size, self.size), _RESAMPLE[self.interpolation])
+            return self._normalize(img)
         scale = math.floor(self.size / self.crop_pct)
         w, h = img.size
         nw, nh = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
         img = img.resize((nw, nh), _RESAMPLE[self.interpolation])
         top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))
         img = img.crop((left, top, left + self.size, top + self.size))
+        return self._normalize(img)
+
+    def _normalize(self, img: Image.Image) -> np.ndarray:
         arr = np.asarray(img, dtype=np.float32) / 255.0
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))

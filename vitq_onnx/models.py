@@ -16,17 +16,22 @@ import timm
 import torch
 
 from .errors import VitqError
+from . import hf_models
 from .families import adapt_checkpoint, prepare, short_names
 
 SHORT_NAMES = short_names()
 
 
 def resolve_name(name: str) -> str:
-    """Short name or timm name -> timm name; unknown names fail with the list of short names."""
+    """Short name or timm name -> timm name (``hf:DIR`` -> the name a recipe records for it); unknown
+    names fail with the list of short names."""
+    if hf_models.is_hf(name):
+        return hf_models.model_name(name)
     timm_name = SHORT_NAMES.get(name, name)
     if not timm.is_model(timm_name):
         raise VitqError(
-            f"unknown model '{name}': use one of {', '.join(SHORT_NAMES)} or a timm model name"
+            f"unknown model '{name}': use one of {', '.join(SHORT_NAMES)}, a timm model name, or hf:DIR "
+            "(a Hugging Face model folder)"
         )
     return timm_name
 
@@ -96,6 +101,11 @@ def build_model(name: str, weights: str | Path | None = None, random_weights: bo
     if num_classes is not None and num_classes < 0:
         raise VitqError("--num-classes must be 0 (features) or more")
     kwargs = build_args(img_size, num_classes)
+    if hf_models.is_hf(name):
+        if weights is not None or kwargs:
+            raise VitqError("--weights, --img-size and --num-classes build a timm model: a Hugging Face folder "
+                            "brings its own (set image_size or the labels in its config.json)")
+        return prepare_model(hf_models.load(name, random_weights)), []
     try:
         model, notes = _create(timm_name, weights, random_weights, kwargs)
         prepare_model(model)

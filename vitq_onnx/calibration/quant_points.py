@@ -107,13 +107,15 @@ def attend(self, q, k, v, adjust=None, align: int = 1):
         return F.scaled_dot_product_attention(q, k, v, scale=1.0)
     k_t = k.transpose(-2, -1)
     calibrating = qk.exact is None
+    drop = getattr(self, "attn_drop", None)  # (timm's; Hugging Face's attention functions take no module)
     if calibrating:
         k_t, q, v = qk.b(k_t), qk.a(q), av.b(v)
 
     def one_slice(q, k_t, v):
         attn = qk(q, k_t, calibrating, calibrating)
         attn = attn if adjust is None else adjust(attn)
-        return av(self.attn_drop(self.vq_softmax(attn)), v, b_quantized=calibrating)
+        probs = self.vq_softmax(attn)
+        return av(probs if drop is None else drop(probs), v, b_quantized=calibrating)
 
     if len(parts) == 1:  # the whole batch (always so for the ONNX export's one image: no Slice in the graph)
         return one_slice(q, k_t, v)
@@ -141,16 +143,19 @@ def _attention_forward(module: nn.Module):
 
 
 def _post_norm_pairs(model: nn.Module):
-    """(LayerNorm name, LayerNorm, Linear names, Linears) whose Linear reads only that norm, as the
-    families declare them for their blocks."""
+    """(LayerNorm name, LayerNorm, Linear names, Linears) whose Linears read only that norm, as the
+    families declare them for their blocks (a norm may feed several: q, k and v)."""
     pairs = []
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
+        found: dict[str, list[str]] = {}
         for norm_attr, path in (p for family in FAMILIES.values() for p in family.norm_linear_pairs(mod)):
+            found.setdefault(norm_attr, []).append(path)
+        for norm_attr, paths in found.items():
             norm = getattr(mod, norm_attr, None)
-            linear = mod.get_submodule(path) if _has(mod, path) else None
-            if isinstance(norm, nn.LayerNorm) and isinstance(linear, nn.Linear):
-                pairs.append((prefix + norm_attr, norm, [prefix + path], [linear]))
+            linears = [mod.get_submodule(p) if _has(mod, p) else None for p in paths]
+            if isinstance(norm, nn.LayerNorm) and all(isinstance(lin, nn.Linear) for lin in linears):
+                pairs.append((prefix + norm_attr, norm, [prefix + p for p in paths], linears))
     return pairs
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import VitqError
 from ..recipe import WeightQuant, split_key
 from .bits import module_of
 from .quantizers import get_kind, torch_params
@@ -49,10 +50,19 @@ class _Stop(Exception):
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every child of a Sequential named ``blocks`` (ViT/DeiT ``blocks.N``, Swin ``layers.M.blocks.N``)."""
-    return [(f"{name}.{i}", child) for name, mod in model.named_modules()
-            if isinstance(mod, nn.Sequential) and name.rpartition(".")[2] == "blocks"
+    """Every child of a Sequential or ModuleList named ``blocks`` (ViT/DeiT ``blocks.N``, Swin
+    ``layers.M.blocks.N``, BEiT/EVA ``blocks.N``, PVT v2 ``stages.M.blocks.N``), and the layers of a
+    Hugging Face encoder (a ModuleList named ``layer`` or ``layers`` of transformers modules)."""
+    return [(f"{name}.{i}", child) for name, mod in model.named_modules() if _holds_blocks(name, mod)
             for i, child in enumerate(mod)]
+
+
+def _holds_blocks(name: str, mod: nn.Module) -> bool:
+    last = name.rpartition(".")[2]
+    if last == "blocks":
+        return isinstance(mod, (nn.Sequential, nn.ModuleList))
+    return last in ("layer", "layers") and isinstance(mod, nn.ModuleList) and len(mod) > 0 \
+        and all(type(child).__module__.startswith("transformers.") for child in mod)
 
 
 def _follows(prev: str, name: str) -> bool:
@@ -64,14 +74,23 @@ def _follows(prev: str, name: str) -> bool:
 
 @torch.no_grad()
 def block_inputs(model: nn.Module, block: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """What ``block`` receives when ``model`` runs on ``images`` (the forward stops there)."""
-    seen = []
+    """What ``block`` receives as its first input when ``model`` runs on ``images``."""
+    return block_call(model, block, images)[0]
 
-    def stop(_mod, args):
+
+@torch.no_grad()
+def block_call(model: nn.Module, block: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
+    """What ``block`` receives when ``model`` runs on ``images`` (the forward stops there): its
+    input, and the other arguments the model passes it (EVA's rotary embedding, PVT's feature
+    size), which must be the same for every image (``bound`` makes the block a function of x)."""
+    seen, extra = [], []
+
+    def stop(_mod, args, kwargs):
         seen.append(args[0].detach())
+        extra.append((args[1:], kwargs))
         raise _Stop
 
-    handle = block.register_forward_pre_hook(stop)
+    handle = block.register_forward_pre_hook(stop, with_kwargs=True)
     try:
         for i in range(0, len(images), CHUNK):
             try:
@@ -80,7 +99,35 @@ def block_inputs(model: nn.Module, block: nn.Module, images: torch.Tensor) -> to
                 pass
     finally:
         handle.remove()
-    return torch.cat(seen)
+    args, kwargs = extra[0]
+    if any(not _same(e, extra[0]) for e in extra[1:]) or _per_image(extra[0], len(seen[0])):
+        raise VitqError(f"block reconstruction: a {type(block).__name__} block takes per-image arguments "
+                        "besides its input; reconstruct with another method (--method repq)")
+    return torch.cat(seen), args, kwargs
+
+
+def bound(block: Callable, args: tuple, kwargs: dict) -> Callable:
+    """``block`` as a function of its input alone, the other arguments bound."""
+    return block if not args and not kwargs else lambda x: block(x, *args, **kwargs)
+
+
+def _same(a, b) -> bool:
+    """Equal argument structures (tensors compared by value)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _per_image(extra, batch: int) -> bool:
+    """Does an argument hold one entry per image (a tensor with the batch on its first axis)?"""
+    args, kwargs = extra
+    return batch > 1 and any(isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[0] == batch
+                             for t in (*args, *kwargs.values()))
 
 
 class BlockCache(Mapping):
@@ -384,7 +431,9 @@ class BlockReconstruction(Stage):
         for i, unit in enumerate(units):
             unit_start = time.time()
             if x is None or not (unit.name == HEAD or _follows(units[i - 1].name, unit.name)):
-                x = block_inputs(state.model, unit.forward, state.images)
+                x, args, kwargs = block_call(state.model, unit.forward, state.images)
+            if unit.name != HEAD:  # (a block next in line takes the same arguments as the one before)
+                unit.forward = bound(unit.forward, args, kwargs)
             y, w = targets.pop(unit.name), weights.pop(unit.name, None)
 
             def loss_of(out, idx=slice(None)):

@@ -13,6 +13,8 @@ class Family:
     name = ""
     description = ""  # the architectures it covers, as ``--help`` and errors list them
     short_names: dict[str, str] = {}  # --model short name -> timm name
+    # the float pieces of its attention and blocks a recipe lists (besides calibrate.FLOAT_OPS)
+    float_ops: tuple[str, ...] = ()
 
     def attention_forward(self, module) -> Callable | None:
         """The quant-point forward for ``module`` when it is an attention of this family, else None.
@@ -52,6 +54,13 @@ def prepare(model) -> None:
     for module in list(model.modules()):
         for family in FAMILIES.values():
             family.prepare(module)
+
+
+def family_float_ops(model) -> list[str]:
+    """The ``float_ops`` of every family that instruments a module of ``model``."""
+    used = [f for f in FAMILIES.values()
+            if f.float_ops and any(f.attention_forward(m) is not None or f.norm_linear_pairs(m) for m in model.modules())]
+    return [op for f in used for op in f.float_ops]
 
 
 def short_names() -> dict[str, str]:

@@ -22,6 +22,7 @@ from ..calibration.methods import SEARCH_IMAGES, Method, get_method
 from ..cpu import check_target
 from ..errors import VitqError
 from ..images import Preprocess, calibration_subset, label_of, list_images, load_images, load_synsets
+from .. import hf_models
 from ..models import build_args, build_args_text, build_model, prepare_model, resolve_name
 from ..outputs import check_outputs
 from ..progress import StageTimes, sayer
@@ -69,7 +70,10 @@ def prepare(opts, times: StageTimes, model: torch.nn.Module | None = None,
         if opts.img_size is not None or opts.num_classes is not None or opts.weights is not None:
             raise VitqError("--img-size, --num-classes and --weights build a model by name: set them on your "
                             "module instead")
+        if hf_models.is_tower(model):
+            model = hf_models.wrap(model)
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+        name = f"{hf_models.PREFIX}{model.architecture}" if isinstance(model, hf_models.HFVision) else name
     if arrays is not None and opts.max_drop is not None:
         raise VitqError("--max-drop measures top-1 on labelled held-out images: give --calib as a folder")
     calib_all = list_images(opts.calib) if arrays is None else []
