@@ -141,17 +141,20 @@ def _attention_forward(module: nn.Module):
 
 
 def _post_norm_pairs(model: nn.Module):
-    """(LayerNorm name, LayerNorm, Linear names, Linears) whose Linear reads only that norm, as the
-    families declare them for their blocks."""
-    pairs = []
+    """(LayerNorm name, LayerNorm, Linear names, Linears) whose Linears read only that norm, as the
+    families declare them for their blocks (a norm declared with several Linears, e.g. separate
+    q/k/v projections, is one entry: it is folded once, into all of them)."""
+    pairs: dict[str, tuple[nn.LayerNorm, list[str], list[nn.Linear]]] = {}
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
         for norm_attr, path in (p for family in FAMILIES.values() for p in family.norm_linear_pairs(mod)):
             norm = getattr(mod, norm_attr, None)
             linear = mod.get_submodule(path) if _has(mod, path) else None
             if isinstance(norm, nn.LayerNorm) and isinstance(linear, nn.Linear):
-                pairs.append((prefix + norm_attr, norm, [prefix + path], [linear]))
-    return pairs
+                _, names, linears = pairs.setdefault(prefix + norm_attr, (norm, [], []))
+                names.append(prefix + path)
+                linears.append(linear)
+    return [(name, norm, names, linears) for name, (norm, names, linears) in pairs.items()]
 
 
 def keeps_float(name: str, patterns) -> list[str]:
