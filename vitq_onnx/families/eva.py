@@ -12,7 +12,7 @@ MLP: SwiGLU (``GluMlp`` with packed ``fc1``, or ``SwiGLU`` with ``fc1_g``/``fc1_
 ``silu(gate) * x`` is elementwise, float like GELU. LayerScale's gamma products stay float.
 
 norm -> Linear pairs: a pre-norm block's ``norm1`` feeds only ``attn.qkv`` (or ``q_proj``,
-``k_proj`` and ``v_proj``, folded together; not with a gate, whose Linear reads it too) and
+``k_proj`` and ``v_proj``; and a gated attention's ``gate``: all folded together) and
 ``norm2`` only ``mlp.fc1`` (or ``fc1_g`` and ``fc1_x``); the attention's inner norm
 (``scale_attn_inner``) only ``proj`` (not with a gate: the gate's product sits between them); an
 MLP's inner norm (``scale_mlp``) only ``fc2``: declared for timm's ``Mlp``, ``GluMlp`` and
@@ -92,8 +92,7 @@ class Eva(Family):
         if not isinstance(module, EvaBlock) or not isinstance(module.attn, EvaAttention):
             return []
         attn = module.attn
-        pairs = []
-        if attn.gate is None:
-            projections = ["qkv"] if attn.qkv is not None else ["q_proj", "k_proj", "v_proj"]
-            pairs += [("norm1", f"attn.{p}") for p in projections]
-        return pairs + [("norm2", f"mlp.{fc}") for fc in mlp_input_linears(module.mlp)]
+        reads_x = (["qkv"] if attn.qkv is not None else ["q_proj", "k_proj", "v_proj"]) \
+            + (["gate"] if attn.gate is not None else [])
+        return [("norm1", f"attn.{p}") for p in reads_x] \
+            + [("norm2", f"mlp.{fc}") for fc in mlp_input_linears(module.mlp)]
