@@ -48,10 +48,14 @@ def _tiny_beit():
 
 
 def _tiny_eva():
+    """EVA-02 with rotary embedding, q/v biases beside the qkv Linear, inner attention norm; block 0 has
+    EVA-02 B/L's SwiGLU (fc1_g and fc1_x read norm2, a norm before fc2), block 1 EVA-02 Ti/S's packed one."""
+    from timm.layers import GluMlp
     from timm.models.eva import Eva
 
     model = Eva(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4 * 2 / 3, swiglu_mlp=True,
-                use_rot_pos_emb=True, ref_feat_shape=(4, 4), num_classes=10)
+                scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4), num_classes=10)
+    model.blocks[1].mlp = GluMlp(32, 2 * 85, act_layer=nn.SiLU, gate_last=False)
     return _randomize(model, "q_bias", "v_bias")
 
 
