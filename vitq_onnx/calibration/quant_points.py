@@ -144,19 +144,19 @@ def _attention_forward(module: nn.Module):
 
 def _post_norm_pairs(model: nn.Module):
     """(LayerNorm name, LayerNorm, Linear names, Linears) whose Linears read only that norm, as the
-    families declare them for their blocks (a norm may feed several: q, k and v)."""
-    pairs = []
+    families declare them for their blocks (a norm declared with several Linears, e.g. separate
+    q/k/v projections, is one entry: it is folded once, into all of them)."""
+    pairs: dict[str, tuple[nn.LayerNorm, list[str], list[nn.Linear]]] = {}
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
-        found: dict[str, list[str]] = {}
         for norm_attr, path in (p for family in FAMILIES.values() for p in family.norm_linear_pairs(mod)):
-            found.setdefault(norm_attr, []).append(path)
-        for norm_attr, paths in found.items():
             norm = getattr(mod, norm_attr, None)
-            linears = [mod.get_submodule(p) if _has(mod, p) else None for p in paths]
-            if isinstance(norm, nn.LayerNorm) and all(isinstance(lin, nn.Linear) for lin in linears):
-                pairs.append((prefix + norm_attr, norm, [prefix + p for p in paths], linears))
-    return pairs
+            linear = mod.get_submodule(path) if _has(mod, path) else None
+            if isinstance(norm, nn.LayerNorm) and isinstance(linear, nn.Linear):
+                _, names, linears = pairs.setdefault(prefix + norm_attr, (norm, [], []))
+                names.append(prefix + path)
+                linears.append(linear)
+    return [(name, norm, names, linears) for name, (norm, names, linears) in pairs.items()]
 
 
 def keeps_float(name: str, patterns) -> list[str]:
