@@ -16,6 +16,6 @@ the command line lists their names without loading torch.
 """
 
 from .registry import FAMILIES, Family, adapt_checkpoint, prepare, register_family, short_names, supported
-from . import vit, swin  # noqa: E402,F401  (registers the families, in this order)
+from . import vit, swin, swin_v2, tiny_vit  # noqa: E402,F401  (registers the families, in this order)
 
 __all__ = ["FAMILIES", "Family", "adapt_checkpoint", "prepare", "register_family", "short_names", "supported"]
