@@ -127,4 +127,4 @@ class SwinV2(Family):
             bias = 16 * torch.sigmoid(bias.permute(2, 0, 1).contiguous())
         module.register_buffer("vq_logit_scale", logit_scale, persistent=False)
         module.register_buffer("vq_position_bias", bias, persistent=False)
-        module.vq_normalize = _normalize  # the simulation's: onnxruntime's ReduceL2
+        module.vq_normalize = _normalize  # the simulation puts onnxruntime's ReduceL2 in its place

@@ -10,7 +10,12 @@ quantized like any Conv2d's.
 
 norm -> Linear pairs: ``attn.norm`` feeds only ``attn.qkv`` and ``mlp.norm`` (``NormMlp``) only
 ``mlp.fc1``: both fold. The head's ``LayerNorm2d`` (after global pooling, before ``fc``) is
-left out, as for the other families' heads.
+left out, as for the other families' heads (the simulation runs it on onnxruntime's LayerNorm,
+channels last, as the graph does).
+
+Blocks: ``stages.N.blocks`` are Sequentials of ``MBConv`` (stage 0) and ``TinyVitBlock``, each
+reading one (B, H, W, C) or (B, C, H, W) tensor; the attention bias and window partition are the
+block's own.
 """
 
 from __future__ import annotations
