@@ -1,12 +1,13 @@
-"""onnxruntime's own float kernels (LayerNorm, Softmax, LogSoftmax, Gelu; MatMul and Conv of the
-layers kept float) on torch tensors.
+"""onnxruntime's own float kernels (LayerNorm, Softmax, LogSoftmax, Gelu, ReduceL2; MatMul and Conv
+of the layers kept float) on torch tensors.
 
 The simulation must round every activation to the same code the exported model does; at 4 bits
 one last-bit difference moves a code and the change spreads through the network. Integer
-matmuls and IEEE add/mul/div already agree bit for bit, but LayerNorm, (Log)Softmax and GELU are
-implemented differently in PyTorch and onnxruntime. So the simulation evaluates exactly those ops
-with onnxruntime's kernels, in one-node models, and the exported graph keeps them as fast native
-float32 ops (LogSoftmax feeds the log2 quantizer, which saves a Log).
+matmuls and IEEE add/mul/div already agree bit for bit, but LayerNorm, (Log)Softmax, GELU and the
+L2 norm of ``F.normalize`` are implemented differently in PyTorch and onnxruntime. So the
+simulation evaluates exactly those ops with onnxruntime's kernels, in one-node models, and the
+exported graph keeps them as fast native float32 ops (LogSoftmax feeds the log2 quantizer, which
+saves a Log).
 """
 
 from __future__ import annotations
@@ -61,6 +62,21 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:
     return run("LogSoftmax", x, axis=-1)
+
+
+@cache
+def _reduce_l2() -> ort.InferenceSession:
+    axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")
+    node = helper.make_node("ReduceL2", ["x0", "axes"], ["y"], keepdims=1)
+    return _load([node], [helper.make_tensor_value_info("x0", TensorProto.FLOAT, None)], [axes])
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)`` as its export computes it: onnxruntime's ReduceL2 (its sum of
+    squares has other last bits than torch's norm), then Clip and Div (exact in both)."""
+    feed = np.ascontiguousarray(x.detach().float().cpu().numpy())
+    norm = torch.from_numpy(_reduce_l2().run(None, {"x0": feed})[0]).to(x.device)
+    return x / norm.clamp_min(eps).expand_as(x)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -129,13 +129,20 @@ def _runtime_float_layers(inst) -> None:
 
 
 def _runtime_float_ops(model: torch.nn.Module, softmax_kernels: dict) -> None:
-    """LayerNorm, GELU and (Log)Softmax on the onnxruntime kernels the exported graph runs."""
+    """LayerNorm, GELU, (Log)Softmax and L2 normalization on the onnxruntime kernels the exported graph runs."""
+    from timm.layers import LayerNorm2d
+
     for mod in model.modules():
-        if isinstance(mod, torch.nn.LayerNorm):
+        if isinstance(mod, LayerNorm2d):  # NCHW: channels last, normalized, back (Transpose, LN, Transpose)
+            mod.forward = types.MethodType(lambda self, x: runtime_kernels.layer_norm(
+                x.permute(0, 2, 3, 1), self.weight, self.bias, self.eps).permute(0, 3, 1, 2), mod)
+        elif isinstance(mod, torch.nn.LayerNorm):
             mod.forward = types.MethodType(
                 lambda self, x: runtime_kernels.layer_norm(x, self.weight, self.bias, self.eps), mod)
         elif isinstance(mod, torch.nn.GELU):
             mod.forward = types.MethodType(lambda self, x: runtime_kernels.gelu(x), mod)
+        if hasattr(mod, "vq_normalize"):  # a family's F.normalize(x, dim=-1) (Swin V2's cosine attention)
+            mod.vq_normalize = runtime_kernels.l2_normalize
         if hasattr(mod, "vq_softmax"):
             mod.vq_softmax = softmax_kernels.get(mod.vq_av.node, runtime_kernels.softmax)  # float: Softmax
 
