@@ -70,6 +70,8 @@ def _tiny_swin_v2():
                 p.normal_(0, 0.5)
             elif name.endswith("logit_scale"):
                 p.uniform_(1, 5)  # some above the clamp, log(100)
+            elif name.endswith(("norm1.weight", "norm2.weight")):
+                p.normal_(1, 0.5)  # timm's post-norms start at 0: every block the identity
     return model
 
 
