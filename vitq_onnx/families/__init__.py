@@ -16,6 +16,6 @@ the command line lists their names without loading torch.
 """
 
 from .registry import FAMILIES, Family, adapt_checkpoint, prepare, register_family, short_names, supported
-from . import vit, swin  # noqa: E402,F401  (registers the families, in this order)
+from . import vit, swin, cait, pvt_v2, siglip  # noqa: E402,F401  (registers the families, in this order)
 
 __all__ = ["FAMILIES", "Family", "adapt_checkpoint", "prepare", "register_family", "short_names", "supported"]
