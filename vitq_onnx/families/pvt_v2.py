@@ -7,16 +7,17 @@ on the tokens themselves (``sr_ratio`` 1), on a strided-Conv2d-reduced grid afte
 1x1 Conv2d, a LayerNorm and a GELU. q @ k^T and softmax @ v are quantized as ViT's (q, k, the
 probabilities, v); the reduction conv and kv are ordinary quantized Conv2d/Linear layers. The
 MLP's depthwise 3x3 Conv2d between fc1 and fc2 is a quantized Conv2d (its input is fc1's output,
-after the extra ReLU of the linear variant), and GELU runs on fc2's side as timm has it.
+after the extra ReLU of the linear variant); GELU then feeds fc2, as in timm.
 
 Blocks (``stages.<i>.blocks``, a ModuleList) take ``(x, feat_size)``: the token grid's (H, W).
 
 norm -> Linear folds: ``norm2`` feeds only ``mlp.fc1``, and the reduction's ``attn.norm`` only
-``attn.kv`` (not in the linear variant: a GELU sits between them). ``norm1`` does not fold: it
-feeds ``attn.q`` and, with ``sr_ratio`` > 1, the reduction Conv2d (the fold scales a Linear's
-input columns, not a conv's), with ``sr_ratio`` 1 both ``attn.q`` and ``attn.kv``, which fold
-together (one r1 for both Linears). The stages' ``downsample.norm`` (a LayerNorm after the
-patch-embedding conv) feeds the first block's residual stream, not a Linear.
+``attn.kv`` (not in the linear variant: a GELU sits between them). ``norm1`` folds only where
+``sr_ratio`` is 1: it then feeds ``attn.q`` and ``attn.kv``, which fold together (one r1 for both
+Linears); with ``sr_ratio`` > 1 (or the linear variant) it also feeds the reduction Conv2d, which
+the fold does not handle (it scales a Linear's input columns), so it stays per-tensor. The
+stages' ``downsample.norm`` (after the overlapping patch-embedding conv) feeds the residual
+stream, not a Linear.
 """
 
 from __future__ import annotations
