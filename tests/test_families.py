@@ -90,8 +90,34 @@ def _tiny_tiny_vit():
     return model
 
 
+def _tiny_cait():
+    """Two talking-heads blocks over 4 heads, one class-attention block; LayerScale at 1 (not
+    timm's 1e-5), so that every branch moves the logits."""
+    from timm.models.cait import Cait
+
+    return Cait(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, depth_token_only=1,
+                init_values=1.0, num_classes=10)
+
+
+def _tiny_siglip():
+    """The tiny ViT's trunk without a class token, pooled by attention to a learned latent (SigLIP's 'map')."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                             class_token=False, global_pool="map", num_classes=10)
+
+
+def _tiny_pvt_v2():
+    """Two stages of one block: spatial reduction (sr_ratio 2, an 8x8 grid) and none (4x4)."""
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+
+    return PyramidVisionTransformerV2(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), sr_ratios=(2, 1),
+                                      mlp_ratios=(2, 2), num_classes=10)
+
+
 # one tiny model per family: a family without one here fails test_every_family_has_a_tiny_model
-TINY_MODELS = {"vit": _tiny_vit, "swin": _tiny_swin, "beit": _tiny_beit, "eva": _tiny_eva, "swin_v2": _tiny_swin_v2, "tiny_vit": _tiny_tiny_vit}
+TINY_MODELS = {"vit": _tiny_vit, "swin": _tiny_swin, "beit": _tiny_beit, "eva": _tiny_eva, "swin_v2": _tiny_swin_v2,
+               "tiny_vit": _tiny_tiny_vit, "cait": _tiny_cait, "pvt_v2": _tiny_pvt_v2, "siglip": _tiny_siglip}
 
 
 def test_every_family_has_a_tiny_model_and_short_names_that_timm_knows():

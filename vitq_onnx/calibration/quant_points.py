@@ -94,20 +94,23 @@ def _float_pass(*matmuls: QuantMatMul) -> bool:
     return all(mm.exact is None and mm.a.action is None and mm.b.action is None for mm in matmuls)
 
 
-def attend(self, q, k, v, adjust=None, align: int = 1):
+def attend(self, q, k, v, adjust=None, align: int = 1, mix=None):
     """softmax(q @ k^T, adjusted) @ v over slices of the batch, so that an attention map of
     thousands of tokens never exists for every image at once; q, k and v pass their quant points
     on the whole batch (their fits see every image), the attention map in slices (its fit sees
-    the first slice). ``align``: slices hold whole multiples of it (Swin's windows per image)."""
+    the first slice). ``align``: slices hold whole multiples of it (Swin's windows per image).
+    ``mix`` maps the probabilities before they meet v (talking heads' Linear across heads): the
+    first input of attn @ v is then ``mix``'s output, which the family's forward says by its
+    ``av_role`` (see ``instrument``)."""
     qk, av = self.vq_qk, self.vq_av
     parts = _chunks(q.shape[0], q.shape[1] * q.shape[2] * k.shape[-2], align)
-    if len(parts) > 1 and adjust is None and _float_pass(qk, av):
+    if len(parts) > 1 and adjust is None and mix is None and _float_pass(qk, av):
         # a map too large to hold, in a pass that quantizes nothing here (RepQ-ViT's float ranges):
         # the fused kernel, which never holds it at all (q is already scaled)
         return F.scaled_dot_product_attention(q, k, v, scale=1.0)
     k_t = k.transpose(-2, -1)
     calibrating = qk.exact is None
-    drop = getattr(self, "attn_drop", None)  # (timm's; Hugging Face's attention functions take no module)
+    drop = getattr(self, "attn_drop", None) or (lambda probs: probs)  # (timm's; others may have none)
     if calibrating:
         k_t, q, v = qk.b(k_t), qk.a(q), av.b(v)
 
@@ -115,7 +118,7 @@ def attend(self, q, k, v, adjust=None, align: int = 1):
         attn = qk(q, k_t, calibrating, calibrating)
         attn = attn if adjust is None else adjust(attn)
         probs = self.vq_softmax(attn)
-        return av(probs if drop is None else drop(probs), v, b_quantized=calibrating)
+        return av(drop(probs if mix is None else mix(probs)), v, b_quantized=calibrating)
 
     if len(parts) == 1:  # the whole batch (always so for the ONNX export's one image: no Slice in the graph)
         return one_slice(q, k_t, v)
@@ -144,18 +147,20 @@ def _attention_forward(module: nn.Module):
 
 def _post_norm_pairs(model: nn.Module):
     """(LayerNorm name, LayerNorm, Linear names, Linears) whose Linears read only that norm, as the
-    families declare them for their blocks (a norm declared with several Linears, e.g. separate
-    q/k/v projections, is one entry: it is folded once, into all of them)."""
+    families declare them for their blocks: one Linear path, or a tuple of paths that all read the
+    norm, the widest reader first (its input's ranges are fitted); every path declared for one norm
+    makes one entry, folded once into all of them (separate q/k/v projections)."""
     pairs: dict[str, tuple[nn.LayerNorm, list[str], list[nn.Linear]]] = {}
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
-        for norm_attr, path in (p for family in FAMILIES.values() for p in family.norm_linear_pairs(mod)):
+        for norm_attr, paths in (p for family in FAMILIES.values() for p in family.norm_linear_pairs(mod)):
+            paths = (paths,) if isinstance(paths, str) else tuple(paths)
             norm = getattr(mod, norm_attr, None)
-            linear = mod.get_submodule(path) if _has(mod, path) else None
-            if isinstance(norm, nn.LayerNorm) and isinstance(linear, nn.Linear):
-                _, names, linears = pairs.setdefault(prefix + norm_attr, (norm, [], []))
-                names.append(prefix + path)
-                linears.append(linear)
+            linears = [mod.get_submodule(path) if _has(mod, path) else None for path in paths]
+            if isinstance(norm, nn.LayerNorm) and linears and all(isinstance(lin, nn.Linear) for lin in linears):
+                _, names, found = pairs.setdefault(prefix + norm_attr, (norm, [], []))
+                names.extend(prefix + path for path in paths)
+                found.extend(linears)
     return [(name, norm, names, linears) for name, (norm, names, linears) in pairs.items()]
 
 
@@ -193,7 +198,9 @@ def instrument(model: nn.Module, keep_float: tuple[str, ...] | list[str] = ()) -
         if forward is not None:
             mod.fused_attn = False
             qk, av = attention_nodes(name)
-            mod.vq_qk, mod.vq_av = QuantMatMul(qk, "q", "k"), QuantMatMul(av, "softmax", "v")
+            # attn @ v's first input: the Softmax's output, unless the forward mixes it first (talking
+            # heads: ``av_role = "attn"``, a general activation that the post-Softmax kinds cannot take)
+            mod.vq_qk, mod.vq_av = QuantMatMul(qk, "q", "k"), QuantMatMul(av, getattr(forward, "av_role", "softmax"), "v")
             mod.vq_softmax = _softmax
             mod.vq_attend = types.MethodType(attend, mod)
             for mm, op in ((mod.vq_qk, QK), (mod.vq_av, AV)):

@@ -20,7 +20,9 @@ class Family:
         """The quant-point forward for ``module`` when it is an attention of this family, else None.
 
         The forward computes the attention as timm's non-fused path does and calls
-        ``self.vq_attend(q_scaled, k, v[, adjust, align])`` for softmax(q @ k^T [adjusted]) @ v."""
+        ``self.vq_attend(q_scaled, k, v[, adjust, align, mix])`` for softmax(q @ k^T [adjusted]) @ v
+        (``mix``: a map of the probabilities before attn @ v, e.g. talking heads; its forward then
+        carries ``av_role = "attn"``, so attn @ v's first input is quantized as any activation)."""
         return None
 
     def adapt_checkpoint(self, state: dict, model) -> list[str]:
@@ -35,7 +37,9 @@ class Family:
 
     def norm_linear_pairs(self, module) -> list[tuple[str, str]]:
         """(LayerNorm attribute, Linear path) pairs of ``module`` when it is a block of this family
-        whose Linear reads only that norm (RepQ-ViT's channel-wise fold), else []."""
+        whose Linear reads only that norm (RepQ-ViT's channel-wise fold), else []. A norm read by
+        several Linears (and nothing else) names them all in a tuple of paths, the one that reads
+        every token first (its input's ranges are the ones fitted)."""
         return []
 
 

@@ -52,15 +52,6 @@ class TinyViT(Family):
 
         return _forward if isinstance(module, Attention) else None
 
-    def prepare(self, module):
-        """``vq_attend`` applies the module's ``attn_drop``, which TinyViT's attention has not (it
-        has no attention dropout): an Identity, nothing in the graph."""
-        from torch import nn
-        from timm.models.tiny_vit import Attention
-
-        if isinstance(module, Attention) and not hasattr(module, "attn_drop"):
-            module.attn_drop = nn.Identity()
-
     def norm_linear_pairs(self, module):
         from timm.models.tiny_vit import Attention, NormMlp
 

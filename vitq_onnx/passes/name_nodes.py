@@ -53,17 +53,47 @@ def _gemm_to_matmul(graph: gs.Graph, node: gs.Node) -> None:
     node.inputs.clear()
 
 
+def _activation_matmul(node: gs.Node) -> bool:
+    return node.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in node.inputs)
+
+
+MIXED_PROBABILITIES_DEPTH = 6  # ops between a Softmax and attn@v when the probabilities are mixed
+
+
+def _mixed_reader(softmax: gs.Node) -> gs.Node | None:
+    """The activation-only MatMul that reads the Softmax's output through a chain of single-reader
+    ops (talking heads: Transpose, a Linear across heads, Transpose), or None."""
+    tensor = softmax.outputs[0]
+    for _ in range(MIXED_PROBABILITIES_DEPTH):
+        if len(tensor.outputs) != 1:
+            return None
+        node = tensor.outputs[0]
+        if _activation_matmul(node):
+            return node
+        if len(node.outputs) != 1:
+            return None
+        tensor = node.outputs[0]
+    return None
+
+
 def _name_attention(graph: gs.Graph) -> None:
-    """The MatMul that reads a Softmax is attn@v; the activation-only MatMul before it is q@k^T."""
+    """The MatMul that reads a Softmax is attn@v; the activation-only MatMul before it is q@k^T.
+    A Softmax no MatMul reads may reach attn@v through a few single-reader ops (``_mixed_reader``);
+    the walk back to q@k^T follows each op's first input that is not a constant."""
     for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
         readers = [n for n in softmax.outputs[0].outputs if n.op == "MatMul"]
+        if not readers and _mixed_reader(softmax) is not None:
+            readers = [_mixed_reader(softmax)]
         if len(readers) != 1:
             continue
         av = readers[0]
         qk, node = None, softmax
-        while qk is None and node.inputs and node.inputs[0].inputs:
-            node = node.inputs[0].inputs[0]
-            if node.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in node.inputs):
+        while qk is None:
+            inputs = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.inputs]
+            if not inputs:
+                break
+            node = inputs[0].inputs[0]
+            if _activation_matmul(node):
                 qk = node
         if qk is None:
             raise VitqError(f"no q@k^T MatMul found before {softmax.name}")
