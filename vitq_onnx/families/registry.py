@@ -61,9 +61,8 @@ def prepare(model) -> None:
 
 
 def family_float_ops(model) -> list[str]:
-    """The ``float_ops`` of every family that instruments a module of ``model``."""
-    used = [f for f in FAMILIES.values()
-            if f.float_ops and any(f.attention_forward(m) is not None or f.norm_linear_pairs(m) for m in model.modules())]
+    """The ``float_ops`` of every family whose attention ``model`` has."""
+    used = [f for f in FAMILIES.values() if f.float_ops and any(f.attention_forward(m) is not None for m in model.modules())]
     return [op for f in used for op in f.float_ops]
 
 
