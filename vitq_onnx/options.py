@@ -80,8 +80,8 @@ def _method_help() -> str:
 def _model_help() -> str:
     from .families import short_names, supported
 
-    return (f"a short name ({', '.join(short_names())}) or a timm model name of a supported family: "
-            f"{supported()}")
+    return (f"a short name ({', '.join(short_names())}), a timm model name, or hf:DIR (a Hugging Face "
+            f"save_pretrained folder); supported families: {supported()}")
 
 
 def _avg_bits_check(v) -> str | None:
