@@ -1,10 +1,10 @@
-"""onnxruntime's own float kernels (LayerNorm, Softmax, LogSoftmax, Gelu, ReduceL2; MatMul and Conv
+"""onnxruntime's own float kernels (LayerNorm, Softmax, LogSoftmax, Gelu, ReduceL2, ReduceMean; MatMul and Conv
 of the layers kept float) on torch tensors.
 
 The simulation must round every activation to the same code the exported model does; at 4 bits
 one last-bit difference moves a code and the change spreads through the network. Integer
 matmuls and IEEE add/mul/div already agree bit for bit, but LayerNorm, (Log)Softmax, GELU and the
-L2 norm of ``F.normalize`` are implemented differently in PyTorch and onnxruntime. So the
+L2 norm of ``F.normalize`` and a pooled head's mean are implemented differently in PyTorch and onnxruntime. So the
 simulation evaluates exactly those ops with onnxruntime's kernels, in one-node models, and the
 exported graph keeps them as fast native float32 ops (LogSoftmax feeds the log2 quantizer, which
 saves a Log).
@@ -77,6 +77,24 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     feed = np.ascontiguousarray(x.detach().float().cpu().numpy())
     norm = torch.from_numpy(_reduce_l2().run(None, {"x0": feed})[0]).to(x.device)
     return x / norm.clamp_min(eps).expand_as(x)
+
+
+@cache
+def _reduce_mean(axes: tuple[int, ...], keepdims: bool) -> ort.InferenceSession:
+    node = helper.make_node("ReduceMean", ["x0", "axes"], ["y"], keepdims=int(keepdims))
+    return _load([node], [helper.make_tensor_value_info("x0", TensorProto.FLOAT, None)],
+                 [numpy_helper.from_array(np.array(axes, dtype=np.int64), "axes")])
+
+
+def reduce_mean(x: torch.Tensor, axes: tuple[int, ...], keepdims: bool = False) -> torch.Tensor:
+    """``x.mean(axes)`` as its export computes it (ReduceMean: a pooled head's average has other
+    last bits than torch's, and the head's input quantizer reads every one)."""
+    feed = np.ascontiguousarray(x.detach().float().cpu().numpy())
+    return torch.from_numpy(_reduce_mean(tuple(axes), keepdims).run(None, {"x0": feed})[0]).to(x.device)
+
+
+def global_average_pool(x: torch.Tensor) -> torch.Tensor:
+    return run("GlobalAveragePool", x).to(x.device)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -128,9 +128,37 @@ def _runtime_float_layers(inst) -> None:
         mm.exact = runtime_kernels.matmul
 
 
+class _RuntimeMeans(torch.overrides.TorchFunctionMode):
+    """Means over given axes (a pooled head: ``x.mean(1)``, ``x.mean((1, 2))``) and global average
+    pooling run onnxruntime's ReduceMean and GlobalAveragePool, as the exported graph does."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.mean, torch.mean) and args and isinstance(args[0], torch.Tensor) \
+                and args[0].dtype == torch.float32 and kwargs.get("dtype") is None:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if dim is not None:
+                keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+                axes = (dim,) if isinstance(dim, int) else tuple(dim)
+                return runtime_kernels.reduce_mean(args[0], axes, keep)
+        if func is F.adaptive_avg_pool2d and args[0].dtype == torch.float32 and \
+                (args[1] if len(args) > 1 else kwargs.get("output_size")) in (1, (1, 1), [1, 1]):
+            return runtime_kernels.global_average_pool(args[0])
+        return func(*args, **kwargs)
+
+
 def _runtime_float_ops(model: torch.nn.Module, softmax_kernels: dict) -> None:
-    """LayerNorm, GELU, (Log)Softmax and L2 normalization on the onnxruntime kernels the exported graph runs."""
+    """LayerNorm, GELU, (Log)Softmax, L2 normalization and a head's mean on the onnxruntime kernels
+    the exported graph runs."""
     from timm.layers import LayerNorm2d
+
+    forward = model.forward
+
+    def with_runtime_means(*args, **kwargs):
+        with _RuntimeMeans():
+            return forward(*args, **kwargs)
+
+    model.forward = with_runtime_means
 
     for mod in model.modules():
         if isinstance(mod, LayerNorm2d):  # NCHW: channels last, normalized, back (Transpose, LN, Transpose)
