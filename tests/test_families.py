@@ -279,3 +279,18 @@ def test_a_conv_stem_with_batchnorm_is_folded_and_exports_bit_exact(tiny_images,
     onnx_model = run_passes(export_fp32(model, 32), pipeline(recipe, fmt), PassContext(recipe, fmt), progress=False)
     sim = torch_logits(simulate(model, recipe), tiny_images[8:])
     np.testing.assert_array_equal(runtime.run(runtime.session(onnx_model), tiny_images[8:]), sim)
+
+
+def test_a_pooled_heads_mean_is_simulated_with_onnxruntimes_kernel():
+    """Swin, PVT and TinyViT heads average the tokens: torch's mean and onnxruntime's ReduceMean
+    round differently, so the simulation's forward runs ReduceMean (and GlobalAveragePool)."""
+    from vitq_onnx import runtime_kernels
+    from vitq_onnx.calibration.simulation import _RuntimeMeans
+
+    x = torch.randn(4, 7, 7, 320, generator=torch.Generator().manual_seed(0)) * 3
+    with _RuntimeMeans():
+        pooled = x.mean((1, 2))
+        pooled_nchw = torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), 1)
+    assert torch.equal(pooled, runtime_kernels.reduce_mean(x, (1, 2)))
+    assert not torch.equal(pooled, x.mean((1, 2)))  # (else the mode would be pointless)
+    assert torch.equal(pooled_nchw, runtime_kernels.global_average_pool(x.permute(0, 3, 1, 2)))
