@@ -285,10 +285,10 @@ def test_a_pooled_heads_mean_is_simulated_with_onnxruntimes_kernel():
     """Swin, PVT and TinyViT heads average the tokens: torch's mean and onnxruntime's ReduceMean
     round differently, so the simulation's forward runs ReduceMean (and GlobalAveragePool)."""
     from vitq_onnx import runtime_kernels
-    from vitq_onnx.calibration.simulation import _RuntimeMeans
+    from vitq_onnx.calibration.simulation import _RuntimeFunctions
 
     x = torch.randn(4, 7, 7, 320, generator=torch.Generator().manual_seed(0)) * 3
-    with _RuntimeMeans():
+    with _RuntimeFunctions():
         pooled = x.mean((1, 2))
         pooled_nchw = torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), 1)
     assert torch.equal(pooled, runtime_kernels.reduce_mean(x, (1, 2)))

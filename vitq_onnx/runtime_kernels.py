@@ -1,4 +1,4 @@
-"""onnxruntime's own float kernels (LayerNorm, Softmax, LogSoftmax, Gelu, ReduceL2, ReduceMean; MatMul and Conv
+"""onnxruntime's own float kernels (LayerNorm, Softmax, LogSoftmax, Gelu, Sigmoid, ReduceL2, ReduceMean; MatMul and Conv
 of the layers kept float) on torch tensors.
 
 The simulation must round every activation to the same code the exported model does; at 4 bits
@@ -56,8 +56,12 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
     return run("Softmax", x, axis=-1)
 
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    return run("Gelu", x)
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    return (run("Gelu", x) if approximate == "none" else run("Gelu", x, approximate=approximate)).to(x.device)
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return run("Sigmoid", x).to(x.device)
 
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:

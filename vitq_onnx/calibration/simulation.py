@@ -128,37 +128,45 @@ def _runtime_float_layers(inst) -> None:
         mm.exact = runtime_kernels.matmul
 
 
-class _RuntimeMeans(torch.overrides.TorchFunctionMode):
-    """Means over given axes (a pooled head: ``x.mean(1)``, ``x.mean((1, 2))``) and global average
-    pooling run onnxruntime's ReduceMean and GlobalAveragePool, as the exported graph does."""
+class _RuntimeFunctions(torch.overrides.TorchFunctionMode):
+    """Float functions whose torch and onnxruntime kernels round differently, called inside a
+    model's forward, run onnxruntime's, as the exported graph does: GELU (exact or tanh: timm's and
+    Hugging Face's GELU modules call ``F.gelu``), SiLU (exported as x * Sigmoid(x)), means over
+    given axes (a pooled head: ``x.mean(1)``, ``x.mean((1, 2))``: ReduceMean) and global average
+    pooling (GlobalAveragePool)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.Tensor.mean, torch.mean) and args and isinstance(args[0], torch.Tensor) \
-                and args[0].dtype == torch.float32 and kwargs.get("dtype") is None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+            return func(*args, **kwargs)
+        if func in (torch.Tensor.mean, torch.mean) and kwargs.get("dtype") is None:
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             if dim is not None:
                 keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-                axes = (dim,) if isinstance(dim, int) else tuple(dim)
-                return runtime_kernels.reduce_mean(args[0], axes, keep)
-        if func is F.adaptive_avg_pool2d and args[0].dtype == torch.float32 and \
-                (args[1] if len(args) > 1 else kwargs.get("output_size")) in (1, (1, 1), [1, 1]):
-            return runtime_kernels.global_average_pool(args[0])
+                return runtime_kernels.reduce_mean(x, (dim,) if isinstance(dim, int) else tuple(dim), keep)
+        if func is F.adaptive_avg_pool2d and (args[1] if len(args) > 1 else kwargs.get("output_size")) in \
+                (1, (1, 1), [1, 1]):
+            return runtime_kernels.global_average_pool(x)
+        if func is F.gelu:
+            return runtime_kernels.gelu(x, kwargs.get("approximate", args[1] if len(args) > 1 else "none"))
+        if func is F.silu:
+            return x * runtime_kernels.sigmoid(x)
         return func(*args, **kwargs)
 
 
 def _runtime_float_ops(model: torch.nn.Module, softmax_kernels: dict) -> None:
-    """LayerNorm, GELU, (Log)Softmax, L2 normalization and a head's mean on the onnxruntime kernels
-    the exported graph runs."""
+    """LayerNorm, GELU, SiLU's Sigmoid, (Log)Softmax, L2 normalization and a head's mean on the
+    onnxruntime kernels the exported graph runs."""
     from timm.layers import LayerNorm2d
 
     forward = model.forward
 
-    def with_runtime_means(*args, **kwargs):
-        with _RuntimeMeans():
+    def with_runtime_functions(*args, **kwargs):
+        with _RuntimeFunctions():
             return forward(*args, **kwargs)
 
-    model.forward = with_runtime_means
+    model.forward = with_runtime_functions
 
     for mod in model.modules():
         if isinstance(mod, LayerNorm2d):  # NCHW: channels last, normalized, back (Transpose, LN, Transpose)
@@ -167,8 +175,6 @@ def _runtime_float_ops(model: torch.nn.Module, softmax_kernels: dict) -> None:
         elif isinstance(mod, torch.nn.LayerNorm):
             mod.forward = types.MethodType(
                 lambda self, x: runtime_kernels.layer_norm(x, self.weight, self.bias, self.eps), mod)
-        elif isinstance(mod, torch.nn.GELU):
-            mod.forward = types.MethodType(lambda self, x: runtime_kernels.gelu(x), mod)
         if hasattr(mod, "vq_normalize"):  # a family's F.normalize(x, dim=-1) (Swin V2's cosine attention)
             mod.vq_normalize = runtime_kernels.l2_normalize
         if hasattr(mod, "vq_softmax"):

@@ -54,5 +54,7 @@ def fit_weight(w: torch.Tensor, bits: int, importance: torch.Tensor | None = Non
 
 
 def float16_values(scale: torch.Tensor) -> torch.Tensor:
-    """Scales as float16 values: the file stores them in half the bytes, exactly."""
-    return scale.half().float()
+    """Scales as float16 values: the file stores them in half the bytes, exactly. A scale below
+    float16's smallest (an all-zero channel: TinyViT's MBConv ends in a BatchNorm initialized to
+    0) becomes that smallest, not 0, which would divide by zero."""
+    return scale.clamp(min=2.0**-24).half().float()
