@@ -281,16 +281,24 @@ def test_a_conv_stem_with_batchnorm_is_folded_and_exports_bit_exact(tiny_images,
     np.testing.assert_array_equal(runtime.run(runtime.session(onnx_model), tiny_images[8:]), sim)
 
 
-def test_a_pooled_heads_mean_is_simulated_with_onnxruntimes_kernel():
-    """Swin, PVT and TinyViT heads average the tokens: torch's mean and onnxruntime's ReduceMean
-    round differently, so the simulation's forward runs ReduceMean (and GlobalAveragePool)."""
+def test_float_functions_inside_a_forward_are_simulated_with_onnxruntimes_kernels():
+    """Pooled heads (Swin, PVT, TinyViT) average the tokens, EVA-02's SwiGLU takes a SiLU, CLIP's
+    quick GELU a sigmoid, SigLIP a tanh GELU: torch's kernels round these differently from
+    onnxruntime's, so the simulation's forward runs onnxruntime's (ReduceMean, GlobalAveragePool,
+    Sigmoid, Gelu)."""
     from vitq_onnx import runtime_kernels
     from vitq_onnx.calibration.simulation import _RuntimeFunctions
 
+    F = torch.nn.functional
     x = torch.randn(4, 7, 7, 320, generator=torch.Generator().manual_seed(0)) * 3
+    nchw = x.permute(0, 3, 1, 2)
     with _RuntimeFunctions():
-        pooled = x.mean((1, 2))
-        pooled_nchw = torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), 1)
-    assert torch.equal(pooled, runtime_kernels.reduce_mean(x, (1, 2)))
-    assert not torch.equal(pooled, x.mean((1, 2)))  # (else the mode would be pointless)
-    assert torch.equal(pooled_nchw, runtime_kernels.global_average_pool(x.permute(0, 3, 1, 2)))
+        got = [x.mean((1, 2)), F.adaptive_avg_pool2d(nchw, 1), torch.sigmoid(x), F.silu(x),
+               F.gelu(x, approximate="tanh"), torch.nn.GELU()(x)]
+    want = [runtime_kernels.reduce_mean(x, (1, 2)), runtime_kernels.global_average_pool(nchw),
+            runtime_kernels.sigmoid(x), x * runtime_kernels.sigmoid(x), runtime_kernels.gelu(x, "tanh"),
+            runtime_kernels.gelu(x)]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    torch_own = [x.mean((1, 2)), None, torch.sigmoid(x), F.silu(x), F.gelu(x, approximate="tanh"), F.gelu(x)]
+    assert sum(t is not None and not torch.equal(t, g) for t, g in zip(torch_own, got)) >= 3  # they do differ

@@ -131,7 +131,8 @@ def _runtime_float_layers(inst) -> None:
 class _RuntimeFunctions(torch.overrides.TorchFunctionMode):
     """Float functions whose torch and onnxruntime kernels round differently, called inside a
     model's forward, run onnxruntime's, as the exported graph does: GELU (exact or tanh: timm's and
-    Hugging Face's GELU modules call ``F.gelu``), SiLU (exported as x * Sigmoid(x)), means over
+    Hugging Face's GELU modules call ``F.gelu``), Sigmoid (also in SiLU, exported as x * Sigmoid(x),
+    and CLIP's quick GELU), means over
     given axes (a pooled head: ``x.mean(1)``, ``x.mean((1, 2))``: ReduceMean) and global average
     pooling (GlobalAveragePool)."""
 
@@ -152,6 +153,8 @@ class _RuntimeFunctions(torch.overrides.TorchFunctionMode):
             return runtime_kernels.gelu(x, kwargs.get("approximate", args[1] if len(args) > 1 else "none"))
         if func is F.silu:
             return x * runtime_kernels.sigmoid(x)
+        if func in (torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid):  # (CLIP's quick GELU: x * sigmoid(1.702 x))
+            return runtime_kernels.sigmoid(x)
         return func(*args, **kwargs)
 
 
