@@ -112,3 +112,18 @@ def test_bad_folders_get_one_line(towers, tmp_path, tiny_calib_dir, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code != 0 and err[-1].startswith("vitq-onnx: error:") and message in err[-1]
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_preprocessor_configs_as_older_files_write_them(towers, tmp_path):
+    from vitq_onnx.hf_models import preprocess_of
+
+    config = T.ViTConfig(image_size=32)
+    for cfg, want in [({"size": 40, "do_center_crop": True, "crop_size": 32, "resample": 3}, (32, "short_side", 40)),
+                      ({"size": 32, "resample": 2}, (32, "square", 32))]:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+        pre = preprocess_of(tmp_path, config)
+        side = int(pre.size / pre.crop_pct) if pre.resize == "short_side" else pre.size
+        assert (pre.size, pre.resize, side) == want
+    (tmp_path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(VitqError, match="not readable JSON"):
+        preprocess_of(tmp_path, config)

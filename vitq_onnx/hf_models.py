@@ -62,7 +62,8 @@ def folder_of(name: str) -> Path:
 
 
 def model_name(name: str) -> str:
-    """The name a recipe records for ``hf:DIR``: the folder's name and its architecture."""
+    """The name a recipe records for ``hf:DIR`` (or a tower loaded from DIR): the folder's name
+    and its architecture."""
     folder = folder_of(name)
     return f"{PREFIX}{folder.resolve().name}/{_architecture(folder)}"
 
@@ -94,7 +95,8 @@ def load(name: str, random_weights: bool = False) -> HFVision:
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise VitqError(f"--model {name}: no weights (*.safetensors, *.bin) in {folder}; "
                             "--random-weights for graph tests")
-        tower = cls.from_pretrained(folder, use_safetensors=any(folder.glob("*.safetensors")))
+        tower = cls.from_pretrained(folder, use_safetensors=any(folder.glob("*.safetensors")),
+                                    dtype=torch.float32)  # (a half-precision checkpoint is calibrated in float32)
     return HFVision(tower.eval(), architecture, preprocess_of(folder, tower.config))
 
 
@@ -111,11 +113,11 @@ def wrap(tower: nn.Module) -> HFVision:
     if architecture not in SUPPORTED:
         raise VitqError(f"{architecture} is not supported; supported Hugging Face architectures: "
                         f"{', '.join(SUPPORTED)}")
-    folder = Path(getattr(tower.config, "_name_or_path", "") or ".")
-    if not (folder / "preprocessor_config.json").is_file():
+    folder = Path(getattr(tower.config, "_name_or_path", "") or "")
+    if not str(folder) or not (folder / "preprocessor_config.json").is_file():
         raise VitqError(f"{architecture}: its preprocessing is unknown (loaded from '{folder}', which holds no "
                         "preprocessor_config.json): load it with from_pretrained from a folder that has one")
-    return HFVision(tower, architecture, preprocess_of(folder, tower.config))
+    return HFVision(tower.float(), architecture, preprocess_of(folder, tower.config))
 
 
 def preprocess_of(folder: Path, config):
@@ -127,8 +129,15 @@ def preprocess_of(folder: Path, config):
     if not path.is_file():
         raise VitqError(f"no preprocessor_config.json in {folder}: it says how images are resized and "
                         "normalized for this model")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise VitqError(f"{path} is not readable JSON: {exc}") from None
     size, crop = cfg.get("size") or {}, cfg.get("crop_size") or {}
+    if isinstance(size, int):  # older files: a number is the short side with a crop, else the square's side
+        size = {"shortest_edge": size} if cfg.get("do_center_crop") else {"height": size, "width": size}
+    if isinstance(crop, int):
+        crop = {"height": crop, "width": crop}
     interpolation = _RESAMPLE.get(cfg.get("resample", 2))
     if interpolation is None:
         raise VitqError(f"{path}: resample {cfg.get('resample')} is not supported (nearest, bilinear, bicubic)")
@@ -140,6 +149,8 @@ def preprocess_of(folder: Path, config):
     std = tuple(cfg.get("image_std", (0.5,) * 3)) if normalize else (1.0,) * 3
     image_size = getattr(config, "image_size", None)
     if cfg.get("do_center_crop") and "shortest_edge" in size:
+        if crop.get("height", image_size) is None:
+            raise VitqError(f"{path}: a center crop without a crop_size")
         side, out = int(size["shortest_edge"]), int(crop.get("height", image_size))
         if crop.get("width", out) != out:
             raise VitqError(f"{path}: only square crops are supported, got {crop}")

@@ -138,6 +138,9 @@ def layer_report(model_path: str | Path, images_dir: str | Path, num_images: int
     subset), rows in forward order; with the model's output error and its check against onnxruntime."""
     model_path = Path(model_path)
     recipe, meta = read_model(model_path)
+    if recipe.model.startswith("hf:"):
+        raise VitqError(f"report rebuilds the FP model by its timm name; {model_path.name} is a Hugging Face tower "
+                        f"({recipe.model}): not supported yet")
     preprocess = Preprocess.from_dict(meta[runtime.META_PREPROCESS])
     paths = calibration_subset(list_images(images_dir), num_images, "--num-images")
     if weights is None and not random_weights and cached_pretrained_file(recipe.model) is None:

@@ -136,7 +136,8 @@ def _tail(model: nn.Module, blocks: list[tuple[str, nn.Module]], i: int):
     """The network from block ``i`` to the logits, where timm's ViT layout allows (one ``blocks``
     Sequential, then ``norm`` and ``forward_head``); else None (Swin: whole forwards)."""
     if not (hasattr(model, "forward_head") and isinstance(getattr(model, "norm", None), nn.Module)
-            and all(name.startswith("blocks.") for name, _ in blocks)):
+            and isinstance(getattr(model, "blocks", None), nn.Sequential)  # (EVA's ModuleList blocks take
+            and all(name.startswith("blocks.") for name, _ in blocks)):     # a rope; CaiT has more after them)
         return None
     rest = [b for _, b in blocks[i:]]
     return lambda x: model.forward_head(model.norm(reduce(lambda h, b: b(h), rest, x)))

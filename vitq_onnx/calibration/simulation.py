@@ -146,14 +146,14 @@ class _RuntimeFunctions(torch.overrides.TorchFunctionMode):
             if dim is not None:
                 keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
                 return runtime_kernels.reduce_mean(x, (dim,) if isinstance(dim, int) else tuple(dim), keep)
-        if func is F.adaptive_avg_pool2d and (args[1] if len(args) > 1 else kwargs.get("output_size")) in \
-                (1, (1, 1), [1, 1]):
+        if func is F.adaptive_avg_pool2d and x.dim() == 4 and \
+                (args[1] if len(args) > 1 else kwargs.get("output_size")) in (1, (1, 1), [1, 1]):
             return runtime_kernels.global_average_pool(x)
         if func is F.gelu:
             return runtime_kernels.gelu(x, kwargs.get("approximate", args[1] if len(args) > 1 else "none"))
-        if func is F.silu:
+        if func is F.silu and not kwargs.get("inplace", args[1] if len(args) > 1 else False):
             return x * runtime_kernels.sigmoid(x)
-        if func in (torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid):  # (CLIP's quick GELU: x * sigmoid(1.702 x))
+        if func in (torch.sigmoid, torch.Tensor.sigmoid):  # (CLIP's quick GELU: x * sigmoid(1.702 x))
             return runtime_kernels.sigmoid(x)
         return func(*args, **kwargs)
 

@@ -73,7 +73,9 @@ def prepare(opts, times: StageTimes, model: torch.nn.Module | None = None,
         if hf_models.is_tower(model):
             model = hf_models.wrap(model)
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-        name = f"{hf_models.PREFIX}{model.architecture}" if isinstance(model, hf_models.HFVision) else name
+        if isinstance(model, hf_models.HFVision):  # the name --model hf:DIR gives the same folder
+            folder = Path(getattr(model.tower.config, "_name_or_path", "") or model.architecture)
+            name = f"{hf_models.PREFIX}{folder.resolve().name}/{model.architecture}"
     if arrays is not None and opts.max_drop is not None:
         raise VitqError("--max-drop measures top-1 on labelled held-out images: give --calib as a folder")
     calib_all = list_images(opts.calib) if arrays is None else []
