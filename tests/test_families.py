@@ -294,11 +294,12 @@ def test_float_functions_inside_a_forward_are_simulated_with_onnxruntimes_kernel
     nchw = x.permute(0, 3, 1, 2)
     with _RuntimeFunctions():
         got = [x.mean((1, 2)), F.adaptive_avg_pool2d(nchw, 1), torch.sigmoid(x), F.silu(x),
-               F.gelu(x, approximate="tanh"), torch.nn.GELU()(x)]
+               F.gelu(x, approximate="tanh"), torch.nn.GELU()(x), F.normalize(x, dim=-1)]
     want = [runtime_kernels.reduce_mean(x, (1, 2)), runtime_kernels.global_average_pool(nchw),
             runtime_kernels.sigmoid(x), x * runtime_kernels.sigmoid(x), runtime_kernels.gelu(x, "tanh"),
-            runtime_kernels.gelu(x)]
+            runtime_kernels.gelu(x), runtime_kernels.l2_normalize(x)]
     for g, w in zip(got, want):
         assert torch.equal(g, w)
-    torch_own = [x.mean((1, 2)), None, torch.sigmoid(x), F.silu(x), F.gelu(x, approximate="tanh"), F.gelu(x)]
+    torch_own = [x.mean((1, 2)), None, torch.sigmoid(x), F.silu(x), F.gelu(x, approximate="tanh"), F.gelu(x),
+                 F.normalize(x, dim=-1)]
     assert sum(t is not None and not torch.equal(t, g) for t, g in zip(torch_own, got)) >= 3  # they do differ

@@ -69,32 +69,27 @@ def log_softmax(x: torch.Tensor) -> torch.Tensor:
 
 
 @cache
-def _reduce_l2() -> ort.InferenceSession:
-    axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")
-    node = helper.make_node("ReduceL2", ["x0", "axes"], ["y"], keepdims=1)
-    return _load([node], [helper.make_tensor_value_info("x0", TensorProto.FLOAT, None)], [axes])
+def _reduce(op: str, axes: tuple[int, ...], keepdims: bool) -> ort.InferenceSession:
+    node = helper.make_node(op, ["x0", "axes"], ["y"], keepdims=int(keepdims))
+    return _load([node], [helper.make_tensor_value_info("x0", TensorProto.FLOAT, None)],
+                 [numpy_helper.from_array(np.array(axes, dtype=np.int64), "axes")])
+
+
+def _reduced(op: str, x: torch.Tensor, axes: tuple[int, ...], keepdims: bool) -> torch.Tensor:
+    feed = np.ascontiguousarray(x.detach().float().cpu().numpy())
+    return torch.from_numpy(_reduce(op, tuple(axes), keepdims).run(None, {"x0": feed})[0]).to(x.device)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``F.normalize(x, dim=-1)`` as its export computes it: onnxruntime's ReduceL2 (its sum of
     squares has other last bits than torch's norm), then Clip and Div (exact in both)."""
-    feed = np.ascontiguousarray(x.detach().float().cpu().numpy())
-    norm = torch.from_numpy(_reduce_l2().run(None, {"x0": feed})[0]).to(x.device)
-    return x / norm.clamp_min(eps).expand_as(x)
-
-
-@cache
-def _reduce_mean(axes: tuple[int, ...], keepdims: bool) -> ort.InferenceSession:
-    node = helper.make_node("ReduceMean", ["x0", "axes"], ["y"], keepdims=int(keepdims))
-    return _load([node], [helper.make_tensor_value_info("x0", TensorProto.FLOAT, None)],
-                 [numpy_helper.from_array(np.array(axes, dtype=np.int64), "axes")])
+    return x / _reduced("ReduceL2", x, (-1,), True).clamp_min(eps).expand_as(x)
 
 
 def reduce_mean(x: torch.Tensor, axes: tuple[int, ...], keepdims: bool = False) -> torch.Tensor:
     """``x.mean(axes)`` as its export computes it (ReduceMean: a pooled head's average has other
     last bits than torch's, and the head's input quantizer reads every one)."""
-    feed = np.ascontiguousarray(x.detach().float().cpu().numpy())
-    return torch.from_numpy(_reduce_mean(tuple(axes), keepdims).run(None, {"x0": feed})[0]).to(x.device)
+    return _reduced("ReduceMean", x, axes, keepdims)
 
 
 def global_average_pool(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import VitqError
-from ..families import family_float_ops, supported
+from ..families import supported
 from ..progress import StageTimes
 from ..recipe import Recipe
 from .act_matmuls import unquantized_matmuls
@@ -52,7 +52,7 @@ def calibrate(model: torch.nn.Module, images: np.ndarray, bits: BitWidths, metho
         raise VitqError("--keep-float keeps every layer float: nothing is left to quantize")
     recipe = Recipe(model=model_name, method=method.name, w_bits=bits.w, a_bits=bits.a,
                     keep_float=list(bits.keep_float), float_layers=floats,
-                    float_ops=FLOAT_OPS + family_float_ops(work), info={"num_calib": int(len(images)), "bits": bits.to_dict(),
+                    float_ops=FLOAT_OPS + inst.float_ops(), info={"num_calib": int(len(images)), "bits": bits.to_dict(),
                                                      "seed": options.seed})
     state = CalibState(model, work, inst, torch.from_numpy(images).to(device), bits, recipe, options)
     _run_stages(state, method.stages)

@@ -73,6 +73,11 @@ class Instrumented:
     post_norm: list[tuple[str, nn.LayerNorm, list[str], list[nn.Linear]]] = field(default_factory=list)
     float_layers: dict[str, nn.Module] = field(default_factory=dict)
     float_matmuls: dict[str, QuantMatMul] = field(default_factory=dict)
+    families: set[str] = field(default_factory=set)  # the families whose attention the model has
+
+    def float_ops(self) -> list[str]:
+        """Those families' float pieces (``Family.float_ops``), in registry order."""
+        return [op for f in FAMILIES.values() if f.name in self.families for op in f.float_ops]
 
     def set_action(self, action, keys=None) -> None:
         for key, point in self.points.items():
@@ -137,12 +142,12 @@ def _input_hook(point: QuantPoint):
 
 
 def _attention_forward(module: nn.Module):
-    """The first registered family's quant-point forward for ``module``, if any claims it."""
+    """The first registered family that claims ``module`` and its quant-point forward, or (None, None)."""
     for family in FAMILIES.values():
         forward = family.attention_forward(module)
         if forward is not None:
-            return forward
-    return None
+            return family, forward
+    return None, None
 
 
 def _post_norm_pairs(model: nn.Module):
@@ -194,8 +199,9 @@ def instrument(model: nn.Module, keep_float: tuple[str, ...] | list[str] = ()) -
             mod.register_forward_pre_hook(_input_hook(point))
             inst.points[point.key] = point
             inst.weights[tensor_key(node, 1)] = mod
-        forward = _attention_forward(mod)
+        family, forward = _attention_forward(mod)
         if forward is not None:
+            inst.families.add(family.name)
             mod.fused_attn = False
             qk, av = attention_nodes(name)
             # attn @ v's first input: the Softmax's output, unless the forward mixes it first (talking

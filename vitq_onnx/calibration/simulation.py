@@ -132,9 +132,9 @@ class _RuntimeFunctions(torch.overrides.TorchFunctionMode):
     """Float functions whose torch and onnxruntime kernels round differently, called inside a
     model's forward, run onnxruntime's, as the exported graph does: GELU (exact or tanh: timm's and
     Hugging Face's GELU modules call ``F.gelu``), Sigmoid (also in SiLU, exported as x * Sigmoid(x),
-    and CLIP's quick GELU), means over
-    given axes (a pooled head: ``x.mean(1)``, ``x.mean((1, 2))``: ReduceMean) and global average
-    pooling (GlobalAveragePool)."""
+    and CLIP's quick GELU), L2 normalization over the last axis (Swin V2's cosine attention:
+    ReduceL2), means over given axes (a pooled head: ``x.mean(1)``, ``x.mean((1, 2))``: ReduceMean)
+    and global average pooling (GlobalAveragePool)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -153,6 +153,9 @@ class _RuntimeFunctions(torch.overrides.TorchFunctionMode):
             return runtime_kernels.gelu(x, kwargs.get("approximate", args[1] if len(args) > 1 else "none"))
         if func is F.silu and not kwargs.get("inplace", args[1] if len(args) > 1 else False):
             return x * runtime_kernels.sigmoid(x)
+        if func is F.normalize and kwargs.get("p", args[1] if len(args) > 1 else 2.0) == 2 and \
+                kwargs.get("dim", args[2] if len(args) > 2 else 1) in (-1, x.dim() - 1) and kwargs.get("out") is None:
+            return runtime_kernels.l2_normalize(x, kwargs.get("eps", args[3] if len(args) > 3 else 1e-12))
         if func in (torch.sigmoid, torch.Tensor.sigmoid):  # (CLIP's quick GELU: x * sigmoid(1.702 x))
             return runtime_kernels.sigmoid(x)
         return func(*args, **kwargs)
@@ -178,8 +181,6 @@ def _runtime_float_ops(model: torch.nn.Module, softmax_kernels: dict) -> None:
         elif isinstance(mod, torch.nn.LayerNorm):
             mod.forward = types.MethodType(
                 lambda self, x: runtime_kernels.layer_norm(x, self.weight, self.bias, self.eps), mod)
-        if hasattr(mod, "vq_normalize"):  # a family's F.normalize(x, dim=-1) (Swin V2's cosine attention)
-            mod.vq_normalize = runtime_kernels.l2_normalize
         if hasattr(mod, "vq_softmax"):
             mod.vq_softmax = softmax_kernels.get(mod.vq_av.node, runtime_kernels.softmax)  # float: Softmax
 

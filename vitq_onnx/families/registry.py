@@ -60,12 +60,6 @@ def prepare(model) -> None:
             family.prepare(module)
 
 
-def family_float_ops(model) -> list[str]:
-    """The ``float_ops`` of every family whose attention ``model`` has."""
-    used = [f for f in FAMILIES.values() if f.float_ops and any(f.attention_forward(m) is not None for m in model.modules())]
-    return [op for f in used for op in f.float_ops]
-
-
 def short_names() -> dict[str, str]:
     """Every family's --model short names."""
     return {short: full for family in FAMILIES.values() for short, full in family.short_names.items()}

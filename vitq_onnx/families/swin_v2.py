@@ -55,13 +55,9 @@ def _float_linear_class():
     return _FLOAT_LINEAR
 
 
-def _normalize(x):
+def _forward(self, x, mask=None):
     import torch.nn.functional as F
 
-    return F.normalize(x, dim=-1)
-
-
-def _forward(self, x, mask=None):
     if not hasattr(self, "vq_position_bias"):
         raise VitqError("Swin V2 attention needs vitq_onnx.models.prepare_model(model) before calibration")
     B_, N, C = x.shape
@@ -78,7 +74,7 @@ def _forward(self, x, mask=None):
             attn = attn.view(-1, self.num_heads, N, N)
         return attn
 
-    x = self.vq_attend(self.vq_normalize(q), self.vq_normalize(k), v, adjust, num_win)
+    x = self.vq_attend(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, adjust, num_win)
     x = x.transpose(1, 2).reshape(B_, N, C)
     x = self.proj(x)
     return self.proj_drop(x)
@@ -129,4 +125,3 @@ class SwinV2(Family):
             bias = 16 * torch.sigmoid(bias.permute(2, 0, 1).contiguous())
         module.register_buffer("vq_logit_scale", logit_scale, persistent=False)
         module.register_buffer("vq_position_bias", bias, persistent=False)
-        module.vq_normalize = _normalize  # the simulation puts onnxruntime's ReduceL2 in its place

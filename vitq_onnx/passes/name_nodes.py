@@ -82,8 +82,8 @@ def _name_attention(graph: gs.Graph) -> None:
     the walk back to q@k^T follows each op's first input that is not a constant."""
     for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
         readers = [n for n in softmax.outputs[0].outputs if n.op == "MatMul"]
-        if not readers and _mixed_reader(softmax) is not None:
-            readers = [_mixed_reader(softmax)]
+        if not readers:
+            readers = [n for n in (_mixed_reader(softmax),) if n is not None]
         if len(readers) != 1:
             continue
         av = readers[0]
