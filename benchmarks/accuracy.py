@@ -2,13 +2,15 @@
 
     python benchmarks/accuracy.py --configs deit_t:8/8:repq deit_t:4/4:repq -o benchmarks/results/accuracy.md
 
-Each config ``model:W/A:method[:qdq][:reuse][:random]`` is exported (``--format ort`` unless ``qdq``) by ``vitq-onnx export`` (timed as a user runs it,
+Each config ``model[@img_size]:W/A:method[:qdq][:reuse][:random][:budget=MIN]`` is exported (``--format ort`` unless ``qdq``) by ``vitq-onnx export`` (timed as a user runs it,
 imports included), calibrated on ../shared calib (each method's default number of images unless
 --num-calib), then evaluated on all of val:
 onnxruntime top-1/top-5, the PyTorch simulation's top-1 and the top-1 agreement between the two.
 With ``reuse`` the export deploys the recipe of the same config's
 ``ort`` export (run earlier in the list) with ``--recipe`` instead of calibrating again
-(calibration is deterministic: it would compute the same recipe). A ``fp32`` config scores the exported FP32 graph and checks it against torch. Models without real
+(calibration is deterministic: it would compute the same recipe); ``@img_size`` builds the model
+at that input size (a checkpoint's position embedding resampled) and scores val at it;
+``budget=MIN`` exports with ``--time-budget MIN`` (its peak memory is recorded). A ``fp32`` config scores the exported FP32 graph and checks it against torch. Models without real
 weights (``model:W/A:method:random``) are scored for agreement only.
 """
 
@@ -74,22 +76,29 @@ def main() -> None:
 
     rows, cache = [], {}
     for config in args.configs:
-        model_name, bits, method, *rest = config.split(":")
+        model_at, bits, method, *rest = config.split(":")
+        model_name, _, img_size = model_at.partition("@")
+        settings = dict(f.split("=", 1) for f in rest if "=" in f)
         random = "random" in rest
         fmt = "qdq" if "qdq" in rest else "ort"
-        if model_name not in cache:
-            fp = create_model(model_name, None if random else WEIGHTS[model_name], random_weights=random)
+        size_args = ("--img-size", img_size) if img_size else ()
+        budget_args = ("--time-budget", settings["budget"]) if "budget" in settings else ()
+        if model_at not in cache:
+            fp = create_model(model_name, None if random else WEIGHTS[model_name], random_weights=random,
+                              img_size=int(img_size) if img_size else None)
             pre = Preprocess.from_model(fp)
             paths = list_images(VAL)[: args.val_limit or None] if not random else list_images(CALIB)[-8:]
             images, kept = load_images(paths, pre)
             labels = np.array([label_of(p, VAL, load_synsets()) for p in kept]) if not random else None
             fp32_onnx = runtime.run(runtime.session(export_fp32(fp, pre.size)), images)
-            cache[model_name] = (fp, images, labels, torch_logits(fp, images), fp32_onnx)
-        fp, images, labels, fp_logits, fp32_onnx = cache[model_name]
-        out = args.work / f"{model_name}_w{bits.replace('/', 'a')}_{method}{'_qdq' if fmt == 'qdq' else ''}.onnx"
+            cache[model_at] = (fp, images, labels, torch_logits(fp, images), fp32_onnx)
+        fp, images, labels, fp_logits, fp32_onnx = cache[model_at]
+        tag = f"{model_name}{'_' + img_size if img_size else ''}_w{bits.replace('/', 'a')}_{method}" \
+              f"{'_b' + settings['budget'] if 'budget' in settings else ''}"
+        out = args.work / f"{tag}{'_qdq' if fmt == 'qdq' else ''}.onnx"
         ort_recipe = out.with_name(out.stem.removesuffix("_qdq") + ".recipe.json")
-        seconds, _ = export(model_name, bits, method, random, fmt, out, args.num_calib,
-                         ort_recipe if "reuse" in rest else None)
+        seconds, report = export(model_name, bits, method, random, fmt, out, args.num_calib,
+                                 ort_recipe if "reuse" in rest else None, size_args + budget_args)
         print(f"{config}: exported in {seconds:.1f} s; scoring", file=sys.stderr)
         ort_logits = runtime.run(runtime.session(out), images)
         sim_logits = None if args.no_sim else torch_logits(
@@ -97,7 +106,8 @@ def main() -> None:
         row = {"config": config, "images": len(images),
                "export_s": f"{seconds:.1f} (recipe reused)" if "reuse" in rest else round(seconds, 1),
                "ort_vs_sim": None if sim_logits is None else compare_logits(sim_logits, ort_logits),
-               "fp32_onnx_vs_torch": compare_logits(fp_logits, fp32_onnx)}
+               "fp32_onnx_vs_torch": compare_logits(fp_logits, fp32_onnx),
+               "peak_mb": max(report.get("stage_peak_mb", {0: 0}).values())}
         if labels is not None:
             row.update({
                 "torch_fp32_top1": float((fp_logits.argmax(1) == labels).mean()),
@@ -119,15 +129,15 @@ def write(rows: list[dict], output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = ["| config | images | FP32 torch top-1 | FP32 ONNX top-1 | sim top-1 | ONNX top-1 | ONNX top-5 "
-             "| ONNX vs sim top-1 agreement | max / mean \\|Δlogit\\| | export s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ONNX vs sim top-1 agreement | max / mean \\|Δlogit\\| | export s | export peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["ort_vs_sim"] or {"top1_agreement": None}
         delta = "—" if r["ort_vs_sim"] is None else f"{a['max_abs_logit_error']:.3f} / {a['mean_abs_logit_error']:.4f}"
         lines.append(f"| {r['config']} | {r['images']} | {pct(r.get('torch_fp32_top1'))} | {pct(r.get('onnx_fp32_top1'))} "
                      f"| {pct(r.get('sim_top1'))} | {pct(r.get('onnx_top1'))} | {pct(r.get('onnx_top5'))} "
                      f"| {pct(a['top1_agreement'])} | {delta} "
-                     f"| {r['export_s']} |")
+                     f"| {r['export_s']} | {r.get('peak_mb') or '—'} |")
     output.write_text("\n".join(lines) + "\n")
 
 

@@ -3,7 +3,7 @@
     python benchmarks/export_profile.py -o benchmarks/results/export_profile.md
 
     python benchmarks/export_profile.py --configs vit_small_patch14_dinov2@518:4/4:method=repq-recon:budget=15 \
-        -o benchmarks/results/export_profile_recon.md                       # an optimizing method
+        -o benchmarks/results/export_profile_recon.md --append              # an optimizing method
 
 Each config ``model[@img_size]:W/A[:real][:method=M][:budget=MIN]`` runs the CLI in its own
 process, as a user runs it (imports included), with method M (default repq) and --time-budget
@@ -67,7 +67,11 @@ def run_config(config: str, calib: Path, work: Path) -> dict:
             "fp_agreement": (f"{100 * report['fp_top1_agreement']:.1f} % top-1" if "fp_top1_agreement" in report
                              else f"cosine {report['fp_cosine_mean']:.4f}" if "fp_cosine_mean" in report else "—"),
             "iters": {stage: info[stage]["iters"] for stage in ("float_weight_reconstruction", "reconstruction")
-                      if stage in info}}
+                      if stage in info},
+            "images": info["num_calib"],
+            "batch_rows": {stage: [info[stage].get("budget_batch_size", info[stage]["batch_size"]),
+                                   info[stage].get("budget_rows")] for stage in
+                           ("float_weight_reconstruction", "reconstruction") if stage in info}}
 
 
 def _tokens(name: str, img_size: str) -> int:
@@ -100,16 +104,20 @@ def write_markdown(data: dict, output: Path) -> None:
         lines = (lines if plain else lines[:1]) + [
             "", "Optimizing methods: seconds against the budget (the whole export), calibration's share, peak RSS, "
             "iterations each block trained (per reconstruction stage), top-1 agreement with the FP model on the "
-            "validation images (a headless model: the mean cosine of its features).", "",
-            "| config | tokens | method | budget s | total s | calibration s | after it s | peak MB "
-            "| iterations per block | agree FP | bit-exact images |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "validation images (a headless model: the mean cosine of its features); the calibration images, "
+            "the batch and the token rows per image each stage trained on (all: every token).", "",
+            "| config | tokens | method | budget s | total s | calibration s | after it s | peak MB | images "
+            "| batch, rows | iterations per block | agree FP | bit-exact images |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in optimizing:
             calib = sum(v for k, v in r["stages"].items() if k.startswith("calibration"))
             after = sum(v for k, v in r["stages"].items() if k in ("FP32 ONNX export", "ONNX passes", "validation", "write"))
             iters = "; ".join(f"{stage.split('_')[0]}: {min(v)}–{max(v)}" for stage, v in r["iters"].items())
             budget = "—" if r["budget_min"] is None else f"{60 * r['budget_min']:.0f}"
+            batch = "; ".join(f"{b}, {rows or 'all'}" for b, rows in r.get("batch_rows", {}).values()) or "—"
             lines.append(f"| {r['config']} | {r['tokens']} | {r['method']} | {budget} | {r['seconds']:.1f} "
-                         f"| {calib:.1f} | {after:.1f} | {r['peak_mb']} | {iters} | {r['fp_agreement']} "
+                         f"| {calib:.1f} | {after:.1f} | {r['peak_mb']} | {r.get('images', '—')} | {batch} "
+                         f"| {iters} | {r['fp_agreement']} "
                          f"| {100 * r['exact_images']:.0f} % of {r['validated_images']} |")
     output.write_text("\n".join(lines) + "\n")
 
@@ -119,8 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     p.add_argument("--calib", type=Path, default=SHARED / "data" / "imagenet-sample" / "calib")
     p.add_argument("-o", "--output", type=Path, required=True, help=".md (a .json beside it)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of the output's .json, a config run again replacing its row")
     args = p.parse_args(argv)
     data = {"machine": machine_info(len(os.sched_getaffinity(0))), "rows": []}
+    if args.append and args.output.with_suffix(".json").is_file():
+        data["rows"] = [r for r in json.loads(args.output.with_suffix(".json").read_text())["rows"]
+                        if r["config"] not in args.configs]
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             row = run_config(config, args.calib, Path(tmp))

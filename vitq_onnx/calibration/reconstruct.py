@@ -17,6 +17,7 @@ inputs and its training batch.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tempfile
 import time
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitqError
+from ..families import block_rows
 from ..recipe import WeightQuant, split_key
 from .bits import module_of
 from .quantizers import get_kind, torch_params
@@ -39,8 +41,16 @@ from .stages import Stage, quantize_as_recipe, set_activation
 from .state import CalibState
 
 CHUNK = 32  # images per no-grad forward (bounds the attention maps held at once)
-GRAD_PASS_BYTES = 4 * 2**30  # what the Fisher pass's autograd may hold at once (grad_chunk)
+CHUNK_TOKENS = 32 * 197  # tokens per no-grad block pass (DeiT-Ti's CHUNK images; fewer images of more tokens)
+GRAD_PASS_BYTES = 2**30  # what the Fisher pass's autograd may hold at once (grad_chunk; the gradients are the same bit for bit)
 CACHE_BYTES = 2**30  # block outputs (and Fisher weights) held in memory up to this, else on disk
+# under a time budget: a block whose family computes chosen rows (Family.block_rows) trains on
+# TRAIN_ROWS random token rows of each image once it has more than twice as many (a 518-px ViT: 256
+# of 1370), the batch may shrink to MIN_BATCH images for more steps, and the losses reported before
+# and after each unit are measured on BUDGET_LOSS_IMAGES images
+TRAIN_ROWS = 256
+MIN_BATCH = 4
+BUDGET_LOSS_IMAGES = 8
 HEAD = "head"  # the unit after the last block: final norm and classifier, trained against the logits
 LEARNABLE = ("weights", "weight_scales", "act_scales", "biases")
 
@@ -224,10 +234,10 @@ def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor,
                 if fisher:  # autograd.grad: only these outputs' gradients, none kept in the parameters
                     loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
                     g2 = [g.pow(2) for g in torch.autograd.grad(loss, [outs[n] for n in names])]
-            if seen is None:  # the whole cache's size, from the first chunk's
-                per_image = sum(outs[n][0].nbytes for n in names) + logits[0].nbytes
-                seen = BlockCache(per_image * len(images))
-                grads = BlockCache(per_image * len(images), _fisher_weights) if fisher else {}
+            if seen is None:  # both caches' size, from the first chunk's
+                total = (sum(outs[n][0].nbytes for n in names) + logits[0].nbytes) * len(images) * (1 + fisher)
+                seen = BlockCache(total)
+                grads = BlockCache(total, _fisher_weights) if fisher else {}
             for n in names:
                 seen.add(n, outs[n])
             seen.add(HEAD, logits)
@@ -242,8 +252,10 @@ def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor,
 
 @torch.no_grad()
 def run_chunked(forward: Callable, x: torch.Tensor) -> torch.Tensor:
-    """``forward`` on ``x`` in chunks of CHUNK images, without gradients."""
-    return torch.cat([forward(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])
+    """``forward`` on ``x`` (images x tokens (or rows x columns) x channels) in chunks of CHUNK
+    images, or of as many as hold CHUNK_TOKENS tokens (4 images of 1370), without gradients."""
+    chunk = max(1, min(CHUNK, CHUNK_TOKENS // math.prod(x.shape[1:-1]))) if x.dim() >= 3 else CHUNK
+    return torch.cat([forward(x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
 
 # weights wider than this many bits are near float: they learn slower (``lr_width``) and, where a
@@ -395,6 +407,11 @@ class BlockReconstruction(Stage):
     wide_iters: int | None = None
     name = "block_reconstruction"
 
+    @property
+    def image_passes(self) -> float:
+        """The Fisher pass (forward and backward), and each block's quantized pass after training."""
+        return 8.0 if self.fisher else 4.0
+
     def unit_iters(self, state: CalibState, unit: "_Unit") -> int:
         """This unit's iterations: ``wide_iters`` when all its weights are wider than 4 bits."""
         widths = [state.bits.weight(k) for k in state.inst.weights if unit.owns(k)]
@@ -421,9 +438,10 @@ class BlockReconstruction(Stage):
                "biases": self.lr_biases}
         gen = torch.Generator().manual_seed(state.options.seed)
         torch.manual_seed(state.options.seed)  # QDrop's masks
-        deadline = state.stage_deadline  # set by calibrate._run_stages under --time-budget, else None
-        step_s = overhead_s = None  # under a deadline: seconds per training step, per unit outside its steps
         iters = [self.unit_iters(state, u) for u in units]
+        defaults = list(iters)
+        # under --time-budget (calibrate._run_stages sets the stage's deadline; else None)
+        plan = None if state.stage_deadline is None else _Budget(state.stage_deadline, len(units), self.batch_size)
         bar = state.progress(sum(iters), f"calibration: block reconstruction "
                                          f"({'quantized' if self.quantized_weights else 'float'} weights)")
         report = {"units": [u.name for u in units], "iters": [], "loss_before": [], "loss_after": []}
@@ -432,63 +450,111 @@ class BlockReconstruction(Stage):
             unit_start = time.time()
             if x is None or not (unit.name == HEAD or _follows(units[i - 1].name, unit.name)):
                 x, args, kwargs = block_call(state.model, unit.forward, state.images)
+            rows_forward = None
             if unit.name != HEAD:  # (a block next in line takes the same arguments as the one before)
+                rows_forward = block_rows(unit.forward) if plan and not args and not kwargs else None
                 unit.forward = bound(unit.forward, args, kwargs)
             y, w = targets.pop(unit.name), weights.pop(unit.name, None)
+            rows = None if rows_forward is None or x.shape[1] <= 2 * TRAIN_ROWS else TRAIN_ROWS
 
-            def loss_of(out, idx=slice(None)):
-                return F.mse_loss(out, y[idx]) if w is None else (w[idx] * (out - y[idx]).pow(2)).mean()
+            def loss_of(out, idx=slice(None), r=slice(None)):
+                if w is None:
+                    return F.mse_loss(out, y[idx][:, r])
+                return (w[idx][:, r] * (out - y[idx][:, r]).pow(2)).mean()
+
+            def step_loss(batch: int):
+                idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen).to(x.device)
+                if rows is None:
+                    return loss_of(unit.forward(x[idx]), idx)
+                r = torch.randperm(x.shape[1], generator=gen)[:rows].sort().values.to(x.device)
+                return loss_of(rows_forward(x[idx], r), idx, r)
 
             trainable = _Trainable(state, unit, self.learn, self.drop, self.quantized_weights, self.lr_width)
             opt = torch.optim.Adam(trainable.param_groups(lrs))
-            eval_start = time.time()
-            report["loss_before"].append(round(loss_of(run_chunked(unit.forward, x)).item(), 6))
-            if deadline is not None:  # the steps that fit: what is left, less every unit's work outside its steps
-                eval_s = time.time() - eval_start  # (the output pass after training costs as much)
-                step_s = step_s or self._step_seconds(unit.forward, x, y, opt)
-                overhead_s = overhead_s or (time.time() - unit_start + eval_s)
-                left = deadline - time.time() - eval_s - (len(units) - i - 1) * overhead_s
-                unit_end = time.time() + left / (len(units) - i)  # its share, held to by the clock below
-                iters[i] = max(1, min(iters[i], int(left / (len(units) - i) / step_s)))
+            seen = slice(None) if plan is None else slice(0, BUDGET_LOSS_IMAGES)  # (a budget: a few images)
+            pass_start = time.time()
+            report["loss_before"].append(round(loss_of(run_chunked(unit.forward, x[seen]), seen).item(), 6))
+            if plan is not None:  # the steps that fit in this unit's share of what is left
+                pass_s = (time.time() - pass_start) * len(x) / len(x[seen])  # the pass over every image after it
+                n = plan.unit_iters(i, defaults[i], pass_s, lambda b: self._step_seconds(step_loss, b, opt),
+                                    state.say, rows, x.shape[1])
+                iters[i:] = [n] + [min(d, n) for d in defaults[i + 1:]]  # (the rest: an estimate, for the bar)
                 bar.set_total(sum(report["iters"]) + sum(iters[i:]))
-                if i == 0:
-                    state.say(f"  plan: {len(units)} units x {iters[0]} iterations of {step_s:.2f} s, "
-                              f"{overhead_s:.1f} s per unit besides, {(deadline - time.time()) / 60:.1f} minutes "
-                              "left for this stage")
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters[i], eta_min=0.0)
             steps_start, done = time.time(), 0
             for _ in range(iters[i]):
-                idx = torch.randint(0, len(x), (min(self.batch_size, len(x)),), generator=gen).to(x.device)
-                loss = loss_of(unit.forward(x[idx]), idx)
+                loss = step_loss(self.batch_size if plan is None else plan.batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 schedule.step()
                 bar.update(1, unit=f"{i + 1}/{len(units)}", loss=loss.item())
                 done += 1
-                if deadline is not None and time.time() > unit_end:  # slower steps than measured
+                if plan is not None and plan.past_share():  # slower steps than measured
                     break
-            if deadline is not None:  # measured, for the units left
-                step_s, iters[i] = (time.time() - steps_start) / done, done
+            iters[i] = done
             trainable.write_back()
             x_next = run_chunked(unit.forward, x)
-            if deadline is not None:
-                overhead_s = time.time() - unit_start - (iters[i] * step_s)
+            if plan is not None:
+                plan.measured(time.time() - steps_start, done, time.time() - unit_start)
             report["iters"].append(iters[i])
-            report["loss_after"].append(round(loss_of(x_next).item(), 6))
+            report["loss_after"].append(round(loss_of(x_next[seen], seen).item(), 6))
             x = x_next
         bar.close()
         stage = "reconstruction" if self.quantized_weights else "float_weight_reconstruction"
+        extra = {} if plan is None else {"budget_batch_size": plan.batch, "budget_rows": plan.rows,
+                                         "loss_images": BUDGET_LOSS_IMAGES}
         state.recipe.info[stage] = {"batch_size": self.batch_size, "images": len(state.images),
                                     "drop": self.drop, "loss": "fisher" if self.fisher else "mse",
-                                    "lr_width": self.lr_width and self.quantized_weights, **report}
+                                    "lr_width": self.lr_width and self.quantized_weights, **extra, **report}
 
-    def _step_seconds(self, forward, x, y, opt) -> float:
-        """Time of one training step (forward and backward, Adam's step on top), to size the
-        first unit under a time budget."""
-        batch = slice(0, min(self.batch_size, len(x)))
+    @staticmethod
+    def _step_seconds(step_loss, batch: int, opt) -> float:
+        """Time of one training step of ``batch`` images (forward and backward, Adam's step on
+        top), to size the units under a time budget; no parameter changes."""
         t = time.time()
         for _ in range(2):
-            F.mse_loss(forward(x[batch]), y[batch]).backward()
+            step_loss(batch).backward()
         opt.zero_grad(set_to_none=True)
         return max(1e-3, (time.time() - t) / 2 * 1.1)
+
+
+class _Budget:
+    """How reconstruction fits its deadline: each unit gets an equal share of the time left after
+    the work every unit does outside its steps (its input's pass, measured as it goes); where the
+    method's iterations do not fit that share, a smaller batch (down to MIN_BATCH images) buys
+    more steps (and holds less memory), and the clock ends a unit's steps at its share."""
+
+    def __init__(self, deadline: float, units: int, batch: int):
+        self.deadline, self.units, self.batch, self.rows = deadline, units, batch, None
+        self.step_s = self.outside_s = None  # seconds per step; per unit outside its steps
+        self.unit_end = deadline
+
+    def unit_iters(self, i: int, iters: int, pass_s: float, step_seconds, say, rows, tokens) -> int:
+        """Unit ``i``'s iterations (at most ``iters``); ``pass_s``: its pass over every image."""
+        left = self.units - i
+        if self.step_s is None:  # the first unit: measure a step of MIN_BATCH images, then of the batch
+            self.outside_s, small = pass_s, min(MIN_BATCH, self.batch)
+            self.step_s = step_seconds(small)
+            share = (self.deadline - time.time() - (left - 1) * self.outside_s) / left
+            # the method's batch where its iterations fit (steps cost about their images), else fewer
+            self.batch = max(small, min(self.batch, int(small * share / (iters * self.step_s))))
+            if self.batch > small:
+                self.step_s = step_seconds(self.batch)
+            self.rows = rows
+        share = (self.deadline - time.time() - (left - 1) * self.outside_s) / left
+        self.unit_end = time.time() + share
+        n = max(1, min(iters, int(share / self.step_s)))
+        if i == 0:
+            say(f"  plan: {self.units} units x {n} iterations of {self.step_s:.2f} s (batch {self.batch}"
+                f"{f', {rows} of {tokens} token rows per image' if rows else ''}), about {self.outside_s:.0f} s "
+                f"per unit besides, {(self.deadline - time.time()) / 60:.1f} minutes left for this stage")
+        return n
+
+    def past_share(self) -> bool:
+        return time.time() > self.unit_end
+
+    def measured(self, steps_s: float, steps: int, unit_s: float) -> None:
+        """A unit's measured seconds per step and outside its steps, for the units left."""
+        self.step_s = steps_s / max(steps, 1)
+        self.outside_s = max(0.0, unit_s - steps_s)

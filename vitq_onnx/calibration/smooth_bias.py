@@ -53,6 +53,7 @@ class SmoothBias(Stage):
 
     alphas: tuple[float, ...] = SQB_ALPHAS
     name = "smooth_bias"
+    image_passes = 1.5
 
     def describe(self, state):
         return f"SmoothQuant with bias, alpha in {list(self.alphas)} per norm ({len(state.inst.post_norm)} norms)"

@@ -26,6 +26,9 @@ OPT_M_ROWS = 1024  # calibration rows OPT-m scores each candidate range on
 
 class Stage:
     name = "stage"
+    # its work besides any training steps, in float forwards of every calibration image (measured
+    # on a 518-px ViT-S, 2 CPU cores): how --time-budget chooses how many images to calibrate on
+    image_passes = 0.0
 
     def describe(self, state: CalibState) -> str:
         return self.name
@@ -77,6 +80,7 @@ class ChannelwiseReparam(Stage):
     """
 
     name = "channelwise_reparam"
+    image_passes = 1.5
 
     def describe(self, state):
         return f"channel-wise post-LayerNorm ranges ({len(state.inst.post_norm)} norms)"
@@ -130,6 +134,7 @@ class FitActivations(Stage):
     weights: bool = True
     opt_m: bool = False  # fc2 inputs (post-GELU) ranged by fc2's output error (MPTQ-ViT's OPT-m)
     name = "fit_activations"
+    image_passes = 5.0
 
     def describe(self, state):
         return "activations" + ("" if self.weights else " (float weights)")

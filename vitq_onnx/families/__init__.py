@@ -15,7 +15,8 @@ the command line lists their names without loading torch.
         ...
 """
 
-from .registry import FAMILIES, Family, adapt_checkpoint, prepare, register_family, short_names, supported
+from .registry import (FAMILIES, Family, adapt_checkpoint, block_rows, prepare, register_family, short_names,
+                       supported)
 from . import vit, swin, beit, eva, swin_v2, tiny_vit, cait, pvt_v2, siglip, hf  # noqa: E402,F401  (registers the families, in this order)
 
-__all__ = ["FAMILIES", "Family", "adapt_checkpoint", "prepare", "register_family", "short_names", "supported"]
+__all__ = ["FAMILIES", "Family", "adapt_checkpoint", "block_rows", "prepare", "register_family", "short_names", "supported"]

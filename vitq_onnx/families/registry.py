@@ -35,6 +35,13 @@ class Family:
         """Rewrite ``module`` in place into a form with the same float outputs whose weights the
         quant points see (e.g. a bias passed to ``F.linear`` beside the Linear moved into it)."""
 
+    def block_rows(self, block) -> Callable | None:
+        """For an instrumented block of this family, ``f(x, rows)``: the block's output on input
+        ``x`` at token ``rows`` only, computed only there (the attention's queries and what follows
+        them; its keys and values on every token): reconstruction at high resolution trains on a
+        sample of each image's rows at a fraction of the cost. None where the family has none."""
+        return None
+
     def norm_linear_pairs(self, module) -> list[tuple[str, str]]:
         """(LayerNorm attribute, Linear path) pairs of ``module`` when it is a block of this family
         whose Linear reads only that norm (RepQ-ViT's channel-wise fold), else []. A norm read by
@@ -58,6 +65,11 @@ def prepare(model) -> None:
     for module in list(model.modules()):
         for family in FAMILIES.values():
             family.prepare(module)
+
+
+def block_rows(block) -> Callable | None:
+    """The first family's ``Family.block_rows`` for ``block``, or None."""
+    return next((f for f in (family.block_rows(block) for family in FAMILIES.values()) if f is not None), None)
 
 
 def short_names() -> dict[str, str]:

@@ -11,18 +11,31 @@ from ..errors import VitqError
 from .registry import Family, register_family
 
 
-def _forward(self, x, attn_mask=None, is_causal=False):
+def _forward(self, x, attn_mask=None, is_causal=False, rows=None):
+    """``rows``: only these query rows (``_block_rows``), which see every key and value."""
     if attn_mask is not None or is_causal:
         raise VitqError("masked or causal attention is not supported")
     B, N, _ = x.shape
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
+    if rows is not None:
+        q = q[:, :, rows]
     x = self.vq_attend(q * self.scale, k, v)
-    x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+    x = x.transpose(1, 2).reshape(B, q.shape[2], self.attn_dim)
     x = self.norm(x)
     x = self.proj(x)
     return self.proj_drop(x)
+
+
+def _block_rows(block):
+    """timm's ``Block.forward`` at some token rows only: the attention's queries and everything
+    after them on those rows, its keys and values on every token (the same values there)."""
+    def forward(x, rows):
+        kept = x[:, rows] + block.drop_path1(block.ls1(block.attn(block.norm1(x), rows=rows)))
+        return kept + block.drop_path2(block.ls2(block.mlp(block.norm2(kept))))
+
+    return forward
 
 
 @register_family
@@ -61,6 +74,11 @@ class ViT(Family):
                                                     num_prefix_tokens=prefix)
         return [f"pos_embed resampled from {tuple(old.shape)} to {tuple(state['pos_embed'].shape)} "
                 f"(bicubic, for a {model.patch_embed.img_size[0]}-px input)"]
+
+    def block_rows(self, block):
+        from timm.models.vision_transformer import Block
+
+        return _block_rows(block) if type(block) is Block and getattr(block.attn, "vq_attend", None) else None
 
     def norm_linear_pairs(self, module):
         from timm.models.vision_transformer import Block

@@ -20,15 +20,20 @@ from .inputs import Inputs
 def make_recipe(inputs: Inputs, bits: BitWidths, mixed: dict | None, opts, times: StageTimes, say,
                 started: float) -> Recipe:
     method, given = inputs.method, inputs.given
-    deadline = None if opts.time_budget is None else calibration_deadline(inputs, opts, started, say)
-    options = CalibOptions(opts.seed, opts.device, deadline, opts.progress, times)
     search = () if opts.search is None else (search_stage(opts.search, opts.search_budget, opts.search_fitness),)
+    images = inputs.images
+    deadline = None
+    if opts.time_budget is not None:
+        deadline, image_s = calibration_deadline(inputs, opts, started, say)
+        if given is None:
+            images = images[:planned_images(method.stages, len(images), image_s, deadline - time.time(), say)]
+    options = CalibOptions(opts.seed, opts.device, deadline, opts.progress, times)
     if given is None:
         at = "the mixed-precision map" if bits.rules and not opts.layer_bits else f"W{bits.w}/A{bits.a}"
         say(f"calibrating {inputs.name} at {at} ({method.name}{' + ' + opts.search if search else ''}) "
-            f"on {len(inputs.images)} images")
-        recipe = calibrate(inputs.model, inputs.images, bits, Method(method.name, method.description,
-                                                                     method.stages + search), inputs.name, options)
+            f"on {len(images)} images")
+        recipe = calibrate(inputs.model, images, bits, Method(method.name, method.description,
+                                                              method.stages + search), inputs.name, options)
         model_args = build_args(opts.img_size, opts.num_classes)
         if model_args:
             recipe.info["model_args"] = model_args
@@ -47,17 +52,38 @@ def make_recipe(inputs: Inputs, bits: BitWidths, mixed: dict | None, opts, times
     return recipe
 
 
-def calibration_deadline(inputs: Inputs, opts, started: float, say) -> float:
+def calibration_deadline(inputs: Inputs, opts, started: float, say) -> tuple[float, float]:
     """When calibration must end for the whole export to fit --time-budget (counted from the
     export's start): the budget, less the time the graph and its validation will take after it,
-    estimated from a float forward of the validation images (20 of them, plus 5 s: the passes,
-    the simulation and onnxruntime on those images; 52 s of a 518-px ViT-S's export, 4 s of
-    DeiT-Ti's)."""
+    estimated from a float forward of the validation images (8 of them, plus 10 s: the passes,
+    the simulation and onnxruntime on those images; 28 s of a 518-px ViT-S's export, 4 s of
+    DeiT-Ti's). Also that forward's seconds per image."""
     t = time.time()
     with torch.no_grad():
         inputs.model(torch.from_numpy(inputs.val_images))
-    after = 5.0 + 20 * (time.time() - t)
+    forward_s = time.time() - t
+    after = 10.0 + 8 * forward_s
     deadline = started + 60 * opts.time_budget - after
     say(f"time budget {opts.time_budget:g} min: calibration has {(deadline - time.time()) / 60:.1f} min, "
         f"about {after:.0f} s kept for the graph and its validation")
-    return deadline
+    return deadline, forward_s / len(inputs.val_images)
+
+
+# under --time-budget, the share of calibration's time its passes over the images may take (the
+# rest trains), and the fewest images it keeps
+PASSES_SHARE = 0.4
+MIN_IMAGES = 16
+
+
+def planned_images(stages, available: int, image_s: float, seconds: float, say) -> int:
+    """How many calibration images fit ``seconds``: their passes (each stage's ``image_passes``
+    float forwards of ``image_s`` seconds an image) take at most PASSES_SHARE of it, so that
+    training keeps the rest; all of them where they fit (DeiT-Ti at 224 px), at least MIN_IMAGES."""
+    passes = sum(getattr(stage, "image_passes", 0.0) for stage in stages)
+    if passes == 0 or available <= MIN_IMAGES:
+        return available
+    n = max(MIN_IMAGES, min(available, int(PASSES_SHARE * seconds / (passes * image_s))))
+    say(f"  plan: {n} of {available} calibration images, their passes about {n * passes * image_s / 60:.1f} min "
+        f"({passes:g} float forwards of each image, {image_s:.2f} s each)"
+        + ("" if n == available else f"; the rest of the {seconds / 60:.1f} min trains"))
+    return n
