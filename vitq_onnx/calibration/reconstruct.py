@@ -10,7 +10,8 @@ and the simulation then compute exactly what the recipe says, as for any other m
 
 Memory: the cache holds one float tensor per block and image (DeiT-Ti: 12 x 197 x 192 floats,
 1.8 MB per image), and as much again for the Fisher weights, in temporary files past CACHE_BYTES;
-the Fisher pass takes as many images at once as fit GRAD_PASS_BYTES; plus the current block's
+the Fisher pass takes as many images at once as fit GRAD_PASS_BYTES (BUDGET_GRAD_PASS_BYTES under a
+time budget); plus the current block's
 inputs and its training batch.
 """
 
@@ -42,7 +43,11 @@ from .state import CalibState
 
 CHUNK = 32  # images per no-grad forward (bounds the attention maps held at once)
 CHUNK_TOKENS = 32 * 197  # tokens per no-grad block pass (DeiT-Ti's CHUNK images; fewer images of more tokens)
-GRAD_PASS_BYTES = 2**30  # what the Fisher pass's autograd may hold at once (grad_chunk; the gradients are the same bit for bit)
+# what the Fisher pass's autograd may hold at once (grad_chunk): 4 GiB keeps DeiT-Ti's 32 images at
+# once (another chunk changes the gradients' last bits, so the bytes); under a time budget 1 GiB
+# (a 518-px ViT-S: one image at a time, peak RSS 4.4 GB against 7.1 with 4 GiB)
+GRAD_PASS_BYTES = 4 * 2**30
+BUDGET_GRAD_PASS_BYTES = 2**30
 CACHE_BYTES = 2**30  # block outputs (and Fisher weights) held in memory up to this, else on disk
 # under a time budget: a block whose family computes chosen rows (Family.block_rows) trains on
 # TRAIN_ROWS random token rows of each image once it has more than twice as many (a 518-px ViT: 256
@@ -197,9 +202,10 @@ def _fisher_weights(g2: torch.Tensor) -> torch.Tensor:
     return 1 + g2 / g2.mean().clamp_min(1e-30)
 
 
-def grad_chunk(model: nn.Module, image: torch.Tensor) -> int:
+def grad_chunk(model: nn.Module, image: torch.Tensor, limit: int | None = None) -> int:
     """Images per gradient pass: CHUNK, or fewer where the activations autograd saves for CHUNK
-    images (measured on one) would pass GRAD_PASS_BYTES (a 518-px ViT-S: about 0.8 GB per image)."""
+    images (measured on one) would pass ``limit`` bytes (default GRAD_PASS_BYTES; a 518-px ViT-S
+    saves about 0.8 GB per image)."""
     saved: dict[int, int] = {}
     fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
@@ -210,19 +216,19 @@ def grad_chunk(model: nn.Module, image: torch.Tensor) -> int:
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(image)
-    return max(1, min(CHUNK, GRAD_PASS_BYTES // max(1, sum(saved.values()))))
+    return max(1, min(CHUNK, (limit or GRAD_PASS_BYTES) // max(1, sum(saved.values()))))
 
 
 @torch.no_grad()
-def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor,
-                  fisher: bool = False) -> tuple[BlockCache, BlockCache | dict]:
+def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor, fisher: bool = False,
+                  grad_bytes: int | None = None) -> tuple[BlockCache, BlockCache | dict]:
     """Every named block's output on ``images``, and the model's (as ``HEAD``), from one pass; with
     ``fisher`` also each block output's weights for the reconstruction loss, 1 + g^2 / mean(g^2),
     g the gradient of the float model's cross-entropy against its own prediction at that output
     (the diagonal of the empirical Fisher, as BRECQ's loss): errors where the prediction is
     sensitive count more; the 1 keeps every element's plain squared error in the loss. (The
     outputs are the same with gradients on: checked bitwise on DeiT-Ti, CPU.)"""
-    chunk = grad_chunk(model, images[:1]) if fisher else CHUNK
+    chunk = grad_chunk(model, images[:1], grad_bytes) if fisher else CHUNK
     outs: dict[str, torch.Tensor] = {}
     handles = [model.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
                for n in names]
@@ -432,7 +438,8 @@ class BlockReconstruction(Stage):
         state.keep_float_reference()
         fp = copy.deepcopy(state.fp_model).eval().to(state.images.device)
         names = [u.name for u in units if u.name != HEAD]
-        targets, weights = block_outputs(fp, names, state.images, self.fisher)
+        targets, weights = block_outputs(fp, names, state.images, self.fisher,
+                                         None if state.stage_deadline is None else BUDGET_GRAD_PASS_BYTES)
         del fp
         lrs = {"weights": self.lr_weights, "weight_scales": self.lr_scales, "act_scales": self.lr_scales,
                "biases": self.lr_biases}

@@ -20,9 +20,9 @@ def _forward(self, x, attn_mask=None, is_causal=False, rows=None):
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
     if rows is not None:
-        q = q[:, :, rows]
+        q, N = q[:, :, rows], len(rows)
     x = self.vq_attend(q * self.scale, k, v)
-    x = x.transpose(1, 2).reshape(B, q.shape[2], self.attn_dim)
+    x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
     x = self.norm(x)
     x = self.proj(x)
     return self.proj_drop(x)
