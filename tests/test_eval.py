@@ -79,7 +79,7 @@ def test_python_api_example_runs(tiny_calib_dir, tmp_path, capsys):
     import runpy
 
     example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "api_export.py"))
-    report = example["main"](["--model", TINY, "--calib", str(tiny_calib_dir), "--bits", "4/4",
+    report = example["main"](["--model", TINY, "--calib", str(tiny_calib_dir), "--bits", "4/4", "--method", "repq",
                               "-o", str(tmp_path / "api.onnx")])
     assert report["exact_images"] == 1.0 and (tmp_path / "api.recipe.json").is_file()
     assert "bit for bit" in capsys.readouterr().out
@@ -101,7 +101,7 @@ def test_python_api_takes_names_folders_and_batches(tiny_calib_dir, tiny_images)
 def test_eval_of_a_headless_model_compares_features(tmp_path, tiny_calib_dir, capsys):
     """No classes, so no labels (the images need no synset names): features against the FP32 graph."""
     out = tmp_path / "features.onnx"
-    assert main(["export", "--model", TINY, "--random-weights", "--num-classes", "0", "--bits", "4/4", "-q",
+    assert main(["export", "--model", TINY, "--random-weights", "--num-classes", "0", "--bits", "4/4", "--method", "repq", "-q",
                  "--calib", str(tiny_calib_dir), "--save-passes", str(tmp_path / "passes"), "-o", str(out)]) == 0
     report = tmp_path / "eval.json"
     assert main(["eval", str(out), "--compare", str(tmp_path / "passes" / "00_fp32.onnx"), "--images",

@@ -133,13 +133,13 @@ def _export(tmp_path, calib, name, *extra):
 
 
 def test_cli_search_after_a_method_and_on_an_earlier_recipe(tmp_path, tiny_calib_dir):
-    code, out = _export(tmp_path, tiny_calib_dir, "searched.onnx", "--bits", "4/4", "--search", "evol",
+    code, out = _export(tmp_path, tiny_calib_dir, "searched.onnx", "--bits", "4/4", "--method", "repq", "--search", "evol",
                         "--search-fitness", "mse")
     assert code == 0
     meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
     assert meta["vitq.recipe"]["search"]["fitness"] == "mse" and meta["vitq.validation"]["top1_agreement"] == 1.0
     assert Recipe.load(out.with_name("searched.recipe.json")).info["search"]["images"] == 6  # all 8, 2 held out
-    code, base = _export(tmp_path, tiny_calib_dir, "base.onnx", "--bits", "4/4")
+    code, base = _export(tmp_path, tiny_calib_dir, "base.onnx", "--bits", "4/4", "--method", "repq")
     code, refined = _export(tmp_path, tiny_calib_dir, "refined.onnx", "--recipe", str(base.with_name("base.recipe.json")),
                             "--search", "evol")
     recipe = Recipe.load(refined.with_name("refined.recipe.json"))

@@ -173,7 +173,7 @@ def test_every_snapshot_has_shapes_and_metadata_and_evaluates(work, capsys, fmt)
         synset = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041",
                   "n01514668"][i]
         (labelled / f"{synset}_{i}.png").write_bytes(p.read_bytes())
-    assert main(base + ["--bits", "4/4", "--format", fmt, "--save-passes", str(out / "passes"),
+    assert main(base + ["--bits", "4/4", "--method", "repq", "--format", fmt, "--save-passes", str(out / "passes"),
                         "-o", str(out / "m.onnx")]) == 0
     snaps = sorted((out / "passes").iterdir())
     assert [s.name[:3] for s in snaps] == [f"{i:02d}_" for i in range(len(snaps))]

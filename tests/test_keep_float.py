@@ -69,7 +69,7 @@ def test_recipe_keeps_its_float_layers_through_save_and_load(tiny, tiny_images, 
 
 
 def test_cli_exclude_is_keep_float_and_lands_in_the_metadata(tmp_path, tiny_calib_dir):
-    code, out = _export(tmp_path, tiny_calib_dir, "--bits", "4/4", "--exclude", "head", "--keep-float",
+    code, out = _export(tmp_path, tiny_calib_dir, "--bits", "4/4", "--method", "repq", "--exclude", "head", "--keep-float",
                         "blocks.1.mlp.*")
     assert code == 0
     meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}

@@ -47,7 +47,7 @@ def exported(tmp_path_factory, tiny_calib_dir):
                                                  "blocks.0.attn.matmul_av"])):
         out = folder / f"{name}.onnx"
         assert main(["export", "--model", TINY, "--random-weights", "--calib", str(tiny_calib_dir), "--num-calib",
-                     "8", "--bits", "4/4", "-q", "-o", str(out), *extra]) == 0
+                     "8", "--bits", "4/4", "--method", "repq", "-q", "-o", str(out), *extra]) == 0
         models[name] = out
     return models
 

@@ -113,7 +113,7 @@ def test_max_drop_keeps_the_widest_map_when_nothing_narrower_fits(tiny, tiny_ima
 
 
 def test_cli_avg_bits_exports_a_mixed_map_bit_exact(tmp_path, tiny_calib_dir):
-    code, out = _export(tmp_path, tiny_calib_dir, "--avg-bits", "5")
+    code, out = _export(tmp_path, tiny_calib_dir, "--avg-bits", "5", "--method", "repq")
     assert code == 0
     meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
     mixed = meta["vitq.recipe"]["mixed_precision"]

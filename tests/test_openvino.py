@@ -72,7 +72,7 @@ def test_openvino_runs_the_tiny_file_as_onnxruntime_does(tiny, tiny_images, tiny
 
 def _cli_export(tmp_path, calib, fmt):
     out = tmp_path / f"tiny_{fmt}.onnx"
-    assert main(["export", "--model", TINY, "--random-weights", "--calib", str(calib), "--bits", "4/4",
+    assert main(["export", "--model", TINY, "--random-weights", "--calib", str(calib), "--bits", "4/4", "--method", "repq",
                  "--format", fmt, "-q", "-o", str(out)]) == 0
     return out
 

@@ -80,7 +80,7 @@ def _export(tmp_path, calib, *extra):
 
 
 def test_cli_export_with_layer_bits_writes_the_map_into_the_metadata(tmp_path, tiny_calib_dir, capsys):
-    code, out = _export(tmp_path, tiny_calib_dir, "--bits", "4/4", "--layer-bits", "blocks.1.*=6/6")
+    code, out = _export(tmp_path, tiny_calib_dir, "--bits", "4/4", "--method", "repq", "--layer-bits", "blocks.1.*=6/6")
     assert code == 0
     meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
     assert meta["vitq.recipe"]["bits"] == {"w": 4, "a": 4, "layers": ["blocks.1.*=6/6"]}

@@ -73,7 +73,9 @@ _formats = lazy_import("vitq_onnx.formats")
 
 
 def _method_help() -> str:
-    return (f"calibration method, one of {', '.join(_methods.METHODS)} (docs/methods.md):\n"
+    table = ", ".join(f"{least}+ bits: {name}" for least, name in _methods.AUTO)
+    return (f"calibration method, one of auto, {', '.join(_methods.METHODS)} (docs/methods.md):\n"
+            f"- auto: the method for the narrowest width asked ({table})\n"
             + "\n".join(f"- {m.name}: {m.description} ({m.num_calib} images)" for m in _methods.METHODS.values()))
 
 
@@ -97,8 +99,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("calib", "folder of calibration images", type=Path, required=True),
     Option("output", "output .onnx path (its recipe is written beside it as .recipe.json and .recipe.npz)",
            type=Path, flags=("-o", "--output"), required=True),
-    Option("method", lambda: _method_help(), metavar="METHOD", choices=lambda: list(_methods.METHODS),
-           shown_default="repq"),
+    Option("method", lambda: _method_help(), metavar="METHOD", choices=lambda: ["auto", *_methods.METHODS],
+           shown_default="auto"),
     Option("layer_bits", "bits for the layers whose timm module name matches the glob (repeatable, last match "
            "wins), e.g. 'blocks.11.*=8/8'", repeat=True, default=(), metavar="PATTERN=W/A"),
     Option("avg_bits", "greedy mixed precision: each layer's width from {8,6,5,4,3} (at most --bits) so that the "
@@ -166,10 +168,10 @@ ExportOptions = make_dataclass(
 
 
 def resolved(opts) -> Any:
-    """``opts`` with the defaults that depend on nothing given filled in (--bits 8/8, --method repq)."""
+    """``opts`` with the defaults that depend on nothing given filled in (--bits 8/8, --method auto)."""
     from dataclasses import replace
 
-    return replace(opts, bits=opts.bits or "8/8", method=opts.method or "repq")
+    return replace(opts, bits=opts.bits or "8/8", method=opts.method or "auto")
 
 
 def check_options(opts) -> None:

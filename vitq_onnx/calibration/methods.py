@@ -70,6 +70,21 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+# --method auto, the default: the method for the narrowest width asked (weights or activations),
+# as (narrowest width at least, method), the first that holds. Chosen on calibration images held
+# out from calibration (KL to FP32 on 32 of them, DeiT-Ti; docs/methods.md#the-default-method-auto),
+# and on time where those did not separate: 7-8 bits `repq` (seconds; reconstruction has nothing
+# left to gain at FP32's top-1); 5-6 bits `ias` (W6/A6 KL 0.049 in its W6 schedule against repq's
+# 0.073); 4 bits `repq-recon` (KL 0.308 against repq's 0.815, in two thirds of ias's time); 3 bits
+# `ias` (its float-weight stage: KL 1.604).
+AUTO = ((7, "repq"), (5, "ias"), (4, "repq-recon"), (0, "ias"))
+
+
+def auto_method(narrowest: int) -> Method:
+    """The method ``--method auto`` takes for ``narrowest``-bit weights or activations (AUTO)."""
+    return get_method(next(name for least, name in AUTO if narrowest >= least))
+
+
 def log2_up_to(max_bits: int) -> Callable[[int], str]:
     """Post-Softmax kind: RepQ-ViT's log2 quantizer up to ``max_bits``, uniform (faster) above."""
     return lambda bits: "log2" if bits <= max_bits else "uniform"

@@ -49,6 +49,8 @@ CHUNK_TOKENS = 32 * 197  # tokens per no-grad block pass (DeiT-Ti's CHUNK images
 GRAD_PASS_BYTES = 4 * 2**30
 BUDGET_GRAD_PASS_BYTES = 2**30
 CACHE_BYTES = 2**30  # block outputs (and Fisher weights) held in memory up to this, else on disk
+STEP_FORWARDS = 19.0  # a training step's cost per image and block, in the block's share of a float forward
+
 # under a time budget: a block whose family computes chosen rows (Family.block_rows) trains on
 # TRAIN_ROWS random token rows of each image once it has more than twice as many (a 518-px ViT: 256
 # of 1370), the batch may shrink to MIN_BATCH images for more steps, and the losses reported before
@@ -417,6 +419,12 @@ class BlockReconstruction(Stage):
     def image_passes(self) -> float:
         """The Fisher pass (forward and backward), and each block's quantized pass after training."""
         return 8.0 if self.fisher else 4.0
+
+    def expected_forwards(self, images: int) -> float:
+        """Its passes, and its steps: a step of one image through one of B blocks costs about
+        STEP_FORWARDS / B float forwards of the model, so B blocks' ``iters`` steps of ``batch_size``
+        images cost STEP_FORWARDS x iters x batch_size, whatever B."""
+        return self.image_passes * images + STEP_FORWARDS * self.iters * self.batch_size
 
     def unit_iters(self, state: CalibState, unit: "_Unit") -> int:
         """This unit's iterations: ``wide_iters`` when all its weights are wider than 4 bits."""

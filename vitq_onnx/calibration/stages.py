@@ -30,6 +30,10 @@ class Stage:
     # on a 518-px ViT-S, 2 CPU cores): how --time-budget chooses how many images to calibrate on
     image_passes = 0.0
 
+    def expected_forwards(self, images: int) -> float:
+        """Its expected time, in float forwards of one image (``image_passes`` of each image)."""
+        return self.image_passes * images
+
     def describe(self, state: CalibState) -> str:
         return self.name
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..calibration.bits import BitWidths
-from ..calibration.methods import SEARCH_IMAGES, Method, get_method
+from ..calibration.methods import SEARCH_IMAGES, Method, auto_method, get_method
 from ..cpu import check_target
 from ..errors import VitqError
 from ..images import Preprocess, calibration_subset, label_of, list_images, load_images, load_synsets
@@ -49,7 +49,17 @@ def check(opts) -> tuple[Method, BitWidths]:
     """The checks that read more than the options (``options.check_options`` ran first): the CPU
     the file is for; the method and the parsed bit map."""
     check_target(opts.target_cpu, "--target-cpu vnni")  # validated here: onnxruntime must run it exactly
-    return get_method(opts.method), BitWidths.parse(opts.bits, opts.layer_bits, opts.keep_float)
+    bits = BitWidths.parse(opts.bits, opts.layer_bits, opts.keep_float)
+    return (auto_method(narrowest(opts, bits)) if opts.method == "auto" else get_method(opts.method)), bits
+
+
+def narrowest(opts, bits: BitWidths) -> int:
+    """The narrowest width the export may give a layer: --bits and --layer-bits, or the average
+    --avg-bits asks (rounded down; --max-drop narrows from --bits)."""
+    widths = [bits.w, bits.a, *(w for _, *pair in bits.rules for w in pair)]
+    if opts.avg_bits is not None:
+        widths.append(int(opts.avg_bits))
+    return min(widths)
 
 
 def calibration_count(opts, method: Method) -> int:

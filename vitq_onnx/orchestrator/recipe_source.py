@@ -9,29 +9,36 @@ import torch
 
 from ..calibration.bits import BitWidths
 from ..calibration.calibrate import calibrate, refine
-from ..calibration.methods import Method, search_stage
+from ..calibration.methods import AUTO, Method, search_stage
 from ..calibration.state import CalibOptions
 from ..models import build_args
 from ..progress import StageTimes
 from ..recipe import Recipe
-from .inputs import Inputs
+from .inputs import Inputs, narrowest
 
 
 def make_recipe(inputs: Inputs, bits: BitWidths, mixed: dict | None, opts, times: StageTimes, say,
                 started: float) -> Recipe:
     method, given = inputs.method, inputs.given
     search = () if opts.search is None else (search_stage(opts.search, opts.search_budget, opts.search_fitness),)
-    images = inputs.images
-    deadline = None
+    images, deadline = inputs.images, None
+    if given is None or opts.time_budget is not None:
+        image_s = forward_seconds(inputs)
     if opts.time_budget is not None:
-        deadline, image_s = calibration_deadline(inputs, opts, started, say)
+        deadline = calibration_deadline(inputs, opts, started, image_s, say)
         if given is None:
             images = images[:planned_images(method.stages, len(images), image_s, deadline - time.time(), say)]
     options = CalibOptions(opts.seed, opts.device, deadline, opts.progress, times)
     if given is None:
         at = "the mixed-precision map" if bits.rules and not opts.layer_bits else f"W{bits.w}/A{bits.a}"
+        if opts.method == "auto":
+            say(f"method auto: {method.name} for {narrowest(opts, bits)}-bit layers "
+                f"({', '.join(f'{least}+ bits {name}' for least, name in AUTO)}; docs/methods.md)")
+        expected = expected_seconds(method.stages, len(images), image_s)
         say(f"calibrating {inputs.name} at {at} ({method.name}{' + ' + opts.search if search else ''}) "
-            f"on {len(images)} images")
+            f"on {len(images)} images: expected about {_minutes(expected)}"
+            + ("" if deadline is None or expected <= deadline - time.time()
+               else f", held to the budget's {_minutes(deadline - time.time())}"))
         recipe = calibrate(inputs.model, images, bits, Method(method.name, method.description,
                                                               method.stages + search), inputs.name, options)
         model_args = build_args(opts.img_size, opts.num_classes)
@@ -52,21 +59,36 @@ def make_recipe(inputs: Inputs, bits: BitWidths, mixed: dict | None, opts, times
     return recipe
 
 
-def calibration_deadline(inputs: Inputs, opts, started: float, say) -> tuple[float, float]:
+def forward_seconds(inputs: Inputs) -> float:
+    """Seconds per image of the float model's forward, timed on the validation images: the unit
+    of every time the export plans (it grows as blocks x width x tokens x (width + tokens))."""
+    t = time.time()
+    with torch.no_grad():
+        inputs.model(torch.from_numpy(inputs.val_images))
+    return (time.time() - t) / len(inputs.val_images)
+
+
+def calibration_deadline(inputs: Inputs, opts, started: float, image_s: float, say) -> float:
     """When calibration must end for the whole export to fit --time-budget (counted from the
     export's start): the budget, less the time the graph and its validation will take after it,
     estimated from a float forward of the validation images (8 of them, plus 10 s: the passes,
     the simulation and onnxruntime on those images; 28 s of a 518-px ViT-S's export, 4 s of
-    DeiT-Ti's). Also that forward's seconds per image."""
-    t = time.time()
-    with torch.no_grad():
-        inputs.model(torch.from_numpy(inputs.val_images))
-    forward_s = time.time() - t
-    after = 10.0 + 8 * forward_s
+    DeiT-Ti's)."""
+    after = 10.0 + 8 * image_s * len(inputs.val_images)
     deadline = started + 60 * opts.time_budget - after
     say(f"time budget {opts.time_budget:g} min: calibration has {(deadline - time.time()) / 60:.1f} min, "
         f"about {after:.0f} s kept for the graph and its validation")
-    return deadline, forward_s / len(inputs.val_images)
+    return deadline
+
+
+def expected_seconds(stages, images: int, image_s: float) -> float:
+    """Calibration's seconds as its stages estimate them (``Stage.expected_forwards``: float
+    forwards of one image, ``image_s`` each)."""
+    return image_s * sum(getattr(stage, "expected_forwards", lambda n: 0.0)(images) for stage in stages)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 # under --time-budget, the share of calibration's time its passes over the images may take (the
