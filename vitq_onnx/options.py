@@ -130,8 +130,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", "seed of every random choice in calibration", type=int, default=0),
     Option("device", "torch device for calibration, e.g. cuda; the simulation and validation always run the CPU "
            "kernels the graph runs", default="cpu"),
-    Option("time_budget", "minutes for the whole export: the optimizing stages (block reconstruction) take "
-           "fewer iterations to end within it; without it the method's iterations, deterministic", type=float,
+    Option("time_budget", "minutes for the whole export: it plans how many calibration images, and for block "
+           "reconstruction the batch, the token rows per image and the iterations that end within it (printed, "
+           "recorded in the recipe); without it every image and token and the method's iterations", type=float,
            metavar="MIN",
            check=_positive("number of minutes")),
     Option("search", "end the calibration (or refine a --recipe) with a search: evol = Evol-Q's evolutionary "

@@ -49,7 +49,10 @@ CHUNK_TOKENS = 32 * 197  # tokens per no-grad block pass (DeiT-Ti's CHUNK images
 GRAD_PASS_BYTES = 4 * 2**30
 BUDGET_GRAD_PASS_BYTES = 2**30
 CACHE_BYTES = 2**30  # block outputs (and Fisher weights) held in memory up to this, else on disk
-STEP_FORWARDS = 19.0  # a training step's cost per image and block, in the block's share of a float forward
+# a training step's cost per image and block, in the block's share of a float forward: 4 for DeiT-Ti
+# at 224 px (repq-recon's 527 s, ias's 864 s predicted within 10 %); at 1370 tokens about 19 (the
+# fake-quantized attention maps dominate), where --time-budget measures the steps instead
+STEP_FORWARDS = 4.0
 
 # under a time budget: a block whose family computes chosen rows (Family.block_rows) trains on
 # TRAIN_ROWS random token rows of each image once it has more than twice as many (a 518-px ViT: 256
