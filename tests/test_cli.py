@@ -108,7 +108,7 @@ def test_weights_found_in_the_hub_cache_without_the_network(deit, tmp_path, monk
 
 def test_w2a2_is_called_useless_and_strict_refuses_it(base, tmp_path, capsys):
     out = tmp_path / "w2a2.onnx"
-    assert main(base + ["--bits", "2/2", "-o", str(out)]) == 0
+    assert main(base + ["--bits", "2/2", "--method", "repq", "-o", str(out)]) == 0
     warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vitq-onnx: warning:")]
     assert len(warning) == 1 and "agrees with the FP model on only" in warning[0]
     meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}

@@ -70,7 +70,7 @@ def test_headless_dinov2_backbone_exports_bit_exact_features(tmp_path, bits):
     """A DINOv2 ViT-S (headless by default) built at 112 px: features validated by cosine."""
     out = tmp_path / "dino.onnx"
     assert main(["export", "--model", "vit_small_patch14_dinov2", "--random-weights", "--img-size", "112",
-                 "--bits", bits, "--calib", str(CALIB), "--num-calib", "8", "--validate-images", "16", "-q",
+                 "--bits", bits, "--method", "repq", "--calib", str(CALIB), "--num-calib", "8", "--validate-images", "16", "-q",
                  "-o", str(out)]) == 0
     report = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}["vitq.validation"]
     assert report["images"] == 16 and report["exact_images"] >= 0.99 and "top1_agreement" not in report

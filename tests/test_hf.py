@@ -58,7 +58,7 @@ def _export(args, capsys):
 def test_a_tower_exports_bit_exact_with_its_attention_quantized(towers, tiny_calib_dir, tmp_path, capsys, name, bits,
                                                                 fmt):
     out = tmp_path / "m.onnx"
-    report = _export(["--model", f"hf:{towers / name}", "--bits", bits, "--format", fmt, "--calib",
+    report = _export(["--model", f"hf:{towers / name}", "--bits", bits, "--method", "repq", "--format", fmt, "--calib",
                       str(tiny_calib_dir), "--num-calib", "8", "-o", str(out)], capsys)
     assert report["exact_images"] == 1.0
     recipe = Recipe.load(out.with_suffix(".recipe.json"))

@@ -145,7 +145,7 @@ def test_swin_attention_in_slices_of_whole_images_changes_no_simulated_bit(tiny_
 
 @pytest.mark.parametrize("bits", ["8/8", "4/4"])
 def test_headless_export_is_validated_by_feature_similarity(tmp_path, tiny_calib_dir, bits):
-    code, out = _export(tmp_path, tiny_calib_dir, "--num-classes", "0", "--bits", bits)
+    code, out = _export(tmp_path, tiny_calib_dir, "--num-classes", "0", "--bits", bits, "--method", "repq")
     assert code == 0
     model = onnx.load(out)
     features = runtime.run(runtime.session(model), np.zeros((2, 3, 32, 32), np.float32))
