@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weights", type=Path, help=".safetensors weights (default: random, for a try)")
     p.add_argument("--calib", type=Path, required=True, help="folder of images")
     p.add_argument("--bits", default="4/4")
+    p.add_argument("--method", default="auto", help="calibration method (auto: by the bits, docs/methods.md)")
     p.add_argument("-o", "--output", type=Path, help="also write the model and its recipe here")
     args = p.parse_args(argv)
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     preprocess = Preprocess.from_model(model)
     images = load_images(calibration_subset(list_images(args.calib), 32), preprocess)[0]  # float32 [N, 3, H, W]
 
-    result = vitq_onnx.export(model, args.bits, images, output=args.output)
+    result = vitq_onnx.export(model, args.bits, images, method=args.method, output=args.output)
     sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
     logits = sess.run(None, {sess.get_inputs()[0].name: images[:4]})[0]
     print(f"W/A {args.bits}: onnxruntime agrees with the simulation on {result.report['exact_images']:.0%} of "
