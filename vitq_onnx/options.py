@@ -73,9 +73,8 @@ _formats = lazy_import("vitq_onnx.formats")
 
 
 def _method_help() -> str:
-    table = ", ".join(f"{least}+ bits: {name}" for least, name in _methods.AUTO)
     return (f"calibration method, one of auto, {', '.join(_methods.METHODS)} (docs/methods.md):\n"
-            f"- auto: the method for the narrowest width asked ({table})\n"
+            f"- auto: the method for the narrowest width asked ({_methods.auto_table()})\n"
             + "\n".join(f"- {m.name}: {m.description} ({m.num_calib} images)" for m in _methods.METHODS.values()))
 
 

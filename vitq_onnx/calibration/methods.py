@@ -80,6 +80,11 @@ def get_method(name: str) -> Method:
 AUTO = ((7, "repq"), (5, "ias"), (4, "repq-recon"), (0, "ias"))
 
 
+def auto_table() -> str:
+    """AUTO as ``--help`` and the export's printout say it."""
+    return ", ".join(f"{least}+ bits: {name}" for least, name in AUTO)
+
+
 def auto_method(narrowest: int) -> Method:
     """The method ``--method auto`` takes for ``narrowest``-bit weights or activations (AUTO)."""
     return get_method(next(name for least, name in AUTO if narrowest >= least))

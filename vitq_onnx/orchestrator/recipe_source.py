@@ -9,7 +9,7 @@ import torch
 
 from ..calibration.bits import BitWidths
 from ..calibration.calibrate import calibrate, refine
-from ..calibration.methods import AUTO, Method, search_stage
+from ..calibration.methods import Method, auto_table, search_stage
 from ..calibration.state import CalibOptions
 from ..models import build_args
 from ..progress import StageTimes
@@ -32,8 +32,7 @@ def make_recipe(inputs: Inputs, bits: BitWidths, mixed: dict | None, opts, times
     if given is None:
         at = "the mixed-precision map" if bits.rules and not opts.layer_bits else f"W{bits.w}/A{bits.a}"
         if opts.method == "auto":
-            say(f"method auto: {method.name} for {narrowest(opts, bits)}-bit layers "
-                f"({', '.join(f'{least}+ bits {name}' for least, name in AUTO)}; docs/methods.md)")
+            say(f"method auto: {method.name} for {narrowest(opts, bits)}-bit layers ({auto_table()}; docs/methods.md)")
         expected = expected_seconds(method.stages, len(images), image_s)
         say(f"calibrating {inputs.name} at {at} ({method.name}{' + ' + opts.search if search else ''}) "
             f"on {len(images)} images: expected about {_minutes(expected)}"
