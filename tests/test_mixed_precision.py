@@ -3,6 +3,7 @@ saved bit, the drop target takes the furthest map within it, and the tiny ViT ex
 map, bit-exact (fast tier)."""
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -15,7 +16,8 @@ from vitq_onnx.calibration.bits import STEM_BITS, BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import REPQ_SOFTMAX, get_method
 from vitq_onnx.calibration.mixed_precision import (Layer, averages, choose_widths, greedy, greedy_path, layer_rules,
-                                                   longest_within, measure, widths_for_drop)
+                                                   expected_drop, label_margins, longest_within, measure,
+                                                   widths_for_drop)
 from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.errors import VitqError
 
@@ -87,6 +89,24 @@ def test_longest_within_bisects_to_the_last_step_inside_the_drop():
     step, seen = longest_within(list(range(100)), drop, 4.0)
     assert step == 16 and seen[16] <= 4.0 < seen[min(k for k in seen if k > 16)]
     assert len(calls) <= 9  # log2(100) + the widest map
+
+
+def test_expected_drop_smooths_the_counted_drop():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 200)
+    fp = rng.normal(size=(200, 10)).astype(np.float32)
+    fp[np.arange(200), labels] += 1.0  # most right
+    q = fp + rng.normal(scale=0.5, size=fp.shape).astype(np.float32)
+    assert expected_drop(fp, fp, labels) == 0.0
+    counted = 100 * ((fp.argmax(1) == labels).mean() - (q.argmax(1) == labels).mean())
+    assert expected_drop(fp, q, labels, smoothing=1e-6) == pytest.approx(counted)  # no smoothing: the count
+    lowered = fp.copy()
+    lowered[np.arange(200), labels] -= 0.3  # every margin smaller: a drop, growing as they shrink
+    assert 0 < expected_drop(fp, lowered, labels) < expected_drop(fp, lowered - 0.5 * np.eye(10)[labels], labels)
+    m, mq = label_margins(fp, labels), label_margins(q, labels)
+    tau = 0.45 * np.median(np.abs(m))
+    phi = lambda x: 0.5 * (1 + np.vectorize(math.erf)(x / tau / math.sqrt(2)))
+    assert expected_drop(fp, q, labels) == pytest.approx(100 * (phi(m).mean() - phi(mq).mean()))
 
 
 def test_a_method_that_reconstructs_weights_keeps_them_at_4_bits_or_more(tiny, tiny_images):
