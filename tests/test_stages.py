@@ -13,7 +13,7 @@ from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import REPQ_SOFTMAX, Method, sulq
 from vitq_onnx.calibration.quant_points import instrument
-from vitq_onnx.calibration.reconstruct import BlockReconstruction, block_outputs, transformer_blocks
+from vitq_onnx.calibration.reconstruct import BlockReconstruction, augmented, block_outputs, transformer_blocks
 from vitq_onnx.progress import StageTimes
 from vitq_onnx.calibration.stages import ChannelwiseReparam, FitActivations, FitWeights, quantize_as_recipe
 from vitq_onnx.calibration.state import CalibOptions, CalibState
@@ -146,6 +146,19 @@ def test_a_deadline_bounds_every_optimizing_stage_together(tiny, tiny_images):
     stage1, stage3 = (recipe.info[k]["iters"] for k in ("float_weight_reconstruction", "reconstruction"))
     assert 2.0 < elapsed < 8.0 and min(stage1 + stage3) >= 1  # (unbounded, 10^5 steps per block take minutes)
     assert sum(stage1) < sum(stage3) < 300000 * len(stage3)  # the second stage had three quarters
+
+
+def test_augmented_reconstruction_trains_on_mirrored_and_shifted_copies(tiny, tiny_images):
+    x = torch.from_numpy(tiny_images[:3])
+    copies = augmented(x, ("flip", "shift"))
+    assert torch.equal(copies[:3], x) and torch.equal(copies[3:6], x.flip(-1))
+    assert torch.equal(copies[6:, :, 8:, 8:], x[:, :, :-8, :-8])  # half a patch down and right
+    assert torch.equal(copies[6:, :, 0, 8:], x[:, :, 8, :-8])  # the top edge reflected
+    with pytest.raises(VitqError, match="unknown augmentation 'rotate'"):
+        augmented(x, ("rotate",))
+    recipe = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=5, augment=("flip",)), "tiny", QUIET)
+    rec = recipe.info["reconstruction"]
+    assert rec["images"] == 2 * len(tiny_images) and rec["augment"] == ["flip"]
 
 
 def test_fisher_weights_are_the_squared_gradient_of_the_float_models_own_prediction(tiny, tiny_images):

@@ -348,6 +348,25 @@ class _Trainable:
                 state.set_bias_correction(key, bias.detach() - state.ref_biases[key])
 
 
+AUGMENTATIONS = ("flip", "shift")
+
+
+def augmented(images: torch.Tensor, augment: tuple[str, ...]) -> torch.Tensor:
+    """``images`` followed by each augmentation's copy of them (in ``augment``'s order): "flip"
+    mirrors left-right; "shift" moves the content half a patch (8 px) down and right, reflecting
+    the edges, so every patch holds a new crop."""
+    unknown = [a for a in augment if a not in AUGMENTATIONS]
+    if unknown:
+        raise VitqError(f"unknown augmentation '{unknown[0]}': use {', '.join(AUGMENTATIONS)}")
+    copies = [images]
+    for a in augment:
+        if a == "flip":
+            copies.append(images.flip(-1))
+        else:
+            copies.append(F.pad(images, (8, 0, 8, 0), mode="reflect")[..., :images.shape[-2], :images.shape[-1]])
+    return torch.cat(copies)
+
+
 def _drop(x: torch.Tensor, p: float, xq: torch.Tensor) -> torch.Tensor:
     """QDrop (Wei et al. 2022): each element keeps its float value with probability p while
     training, which makes the trained weights robust to the quantization noise around them."""
@@ -416,6 +435,10 @@ class BlockReconstruction(Stage):
     # iterations of a unit whose quantized weights are all wider than 4 bits (None: ``iters``):
     # near-float weights need less; I&S-ViT trains 5x fewer at W6 than at W3/W4
     wide_iters: int | None = None
+    # label-free copies of the calibration images the blocks also train on (``augmented``):
+    # "flip" (mirrored left-right), "shift" (moved half a patch down and right, edges reflected);
+    # each keeps the images' statistics and gives the blocks new token contents to fit
+    augment: tuple[str, ...] = ()
     name = "block_reconstruction"
 
     @property
@@ -437,8 +460,10 @@ class BlockReconstruction(Stage):
     def describe(self, state):
         units = _units(state, self.head)
         counts = sorted({self.unit_iters(state, u) for u in units})
+        copies = f" with {'+'.join(self.augment)} copies" if self.augment else ""
         return (f"block reconstruction ({len(units)} units, {'/'.join(map(str, counts))} iterations each, batch "
-                f"{self.batch_size}, {len(state.images)} images, "
+                f"{self.batch_size}, {len(state.images) * (1 + len(self.augment))} images"
+                f"{copies}, "
                 f"{'quantized' if self.quantized_weights else 'float'} weights)")
 
     def run(self, state: CalibState) -> None:
@@ -449,7 +474,8 @@ class BlockReconstruction(Stage):
         state.keep_float_reference()
         fp = copy.deepcopy(state.fp_model).eval().to(state.images.device)
         names = [u.name for u in units if u.name != HEAD]
-        targets, weights = block_outputs(fp, names, state.images, self.fisher,
+        images = augmented(state.images, self.augment)
+        targets, weights = block_outputs(fp, names, images, self.fisher,
                                          None if state.stage_deadline is None else BUDGET_GRAD_PASS_BYTES)
         del fp
         lrs = {"weights": self.lr_weights, "weight_scales": self.lr_scales, "act_scales": self.lr_scales,
@@ -467,7 +493,7 @@ class BlockReconstruction(Stage):
         for i, unit in enumerate(units):
             unit_start = time.time()
             if x is None or not (unit.name == HEAD or _follows(units[i - 1].name, unit.name)):
-                x, args, kwargs = block_call(state.model, unit.forward, state.images)
+                x, args, kwargs = block_call(state.model, unit.forward, images)
             rows_forward = None
             if unit.name != HEAD:  # (a block next in line takes the same arguments as the one before)
                 rows_forward = block_rows(unit.forward) if plan and not args and not kwargs else None
@@ -522,7 +548,8 @@ class BlockReconstruction(Stage):
         stage = "reconstruction" if self.quantized_weights else "float_weight_reconstruction"
         extra = {} if plan is None else {"budget_batch_size": plan.batch, "budget_rows": plan.rows,
                                          "loss_images": BUDGET_LOSS_IMAGES}
-        state.recipe.info[stage] = {"batch_size": self.batch_size, "images": len(state.images),
+        state.recipe.info[stage] = {"batch_size": self.batch_size, "images": len(images),
+                                    **({"augment": list(self.augment)} if self.augment else {}),
                                     "drop": self.drop, "loss": "fisher" if self.fisher else "mse",
                                     "lr_width": self.lr_width and self.quantized_weights, **extra, **report}
 
