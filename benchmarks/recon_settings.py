@@ -5,6 +5,7 @@ score on the rest.
     python benchmarks/recon_settings.py "method='ias',bits='3/3',float_iters=100,iters=200"
     python benchmarks/recon_settings.py "method='repq',search=dict(mutation=0.02,fitness='mse')"
     python benchmarks/recon_settings.py "method='repq-recon',avg_bits=5"
+    python benchmarks/recon_settings.py "tune=dict(iters=100)"
 
 Calibrates DeiT-Ti (W4/A4 unless ``bits``) with ``repq`` + BlockReconstruction(**settings) on 93
 calib images and reports, on the 32 held-out calib images (a fixed shuffle, seed 1), the
@@ -34,7 +35,7 @@ from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.evol_search import EvolSearch
 from vitq_onnx.calibration.methods import Method, get_method
 from vitq_onnx.calibration.mixed_precision import choose_widths
-from vitq_onnx.calibration.reconstruct import BlockReconstruction
+from vitq_onnx.calibration.reconstruct import BlockReconstruction, OutputTuning
 from vitq_onnx.calibration.state import CalibOptions
 from vitq_onnx.images import Preprocess, label_of, list_images, load_images, load_synsets
 from vitq_onnx.models import create_model
@@ -61,12 +62,15 @@ def main() -> None:
     fp = torch_logits(model, held)
     method = settings.pop("method", None)
     search = settings.pop("search", None)
+    tune = settings.pop("tune", None)
     if method is None:
         stages = get_method("repq").stages
         if settings.get("iters", 1):
             stages += (BlockReconstruction(**settings),)
     else:
         stages = _with_settings(get_method(method).stages, settings)
+    if tune is not None:
+        stages += (OutputTuning(**tune),)
     if search is not None:
         stages += (EvolSearch(**search),)
     trial = Method("trial", "", stages)

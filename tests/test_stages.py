@@ -13,7 +13,8 @@ from vitq_onnx.calibration.bits import BitWidths
 from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import REPQ_SOFTMAX, Method, sulq
 from vitq_onnx.calibration.quant_points import instrument
-from vitq_onnx.calibration.reconstruct import BlockReconstruction, augmented, block_outputs, transformer_blocks
+from vitq_onnx.calibration.reconstruct import (BlockReconstruction, OutputTuning, augmented, block_outputs,
+                                               transformer_blocks)
 from vitq_onnx.progress import StageTimes
 from vitq_onnx.calibration.stages import ChannelwiseReparam, FitActivations, FitWeights, quantize_as_recipe
 from vitq_onnx.calibration.state import CalibOptions, CalibState
@@ -159,6 +160,22 @@ def test_augmented_reconstruction_trains_on_mirrored_and_shifted_copies(tiny, ti
     recipe = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=5, augment=("flip",)), "tiny", QUIET)
     rec = recipe.info["reconstruction"]
     assert rec["images"] == 2 * len(tiny_images) and rec["augment"] == ["flip"]
+
+
+def test_output_tuning_lowers_the_kl_of_the_simulated_recipe(tiny, tiny_images):
+    """After block reconstruction, tuning the scales and biases against the float logits lowers
+    their KL divergence on the calibration images, in training and in the recipe's simulation."""
+    base = _recon(iters=10).stages
+    x = torch.from_numpy(tiny_images)
+    fp = torch.log_softmax(tiny(x), -1).detach()
+    kls = []
+    for stages in (base, base + (OutputTuning(iters=30, batch_size=8, lr_scales=1e-2),)):
+        recipe = calibrate(tiny, tiny_images, BitWidths(3, 3), Method("tuned", "", stages), "tiny", QUIET)
+        with torch.no_grad():
+            q = torch.log_softmax(simulate(tiny, recipe)(x), -1)
+        kls.append(torch.nn.functional.kl_div(q, fp, log_target=True, reduction="batchmean").item())
+    tuned = recipe.info["output_tuning"]
+    assert tuned["kl_after"] < tuned["kl_before"] and kls[1] < kls[0], (tuned, kls)
 
 
 def test_fisher_weights_are_the_squared_gradient_of_the_float_models_own_prediction(tiny, tiny_images):

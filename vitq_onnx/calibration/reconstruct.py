@@ -282,7 +282,7 @@ class _Trainable:
     """
 
     def __init__(self, state: CalibState, unit: "_Unit", learn: tuple[str, ...], drop: float,
-                 quantized: bool = True, lr_width: bool = False):
+                 quantized: bool = True, lr_width: bool = False, from_float: bool = True):
         self.state, self.groups, self.quantized = state, {k: [] for k in LEARNABLE}, quantized
         self.lr_factor: dict[nn.Parameter, float] = {}  # a parameter's learning rate over its group's
         self.points = [p for k, p in state.inst.points.items() if unit.owns(k)]
@@ -300,7 +300,10 @@ class _Trainable:
                 t, {**fixed, **{k: v.exp() for k, v in logs.items()}}, bits))
         for key in self.layers:
             mod = state.inst.weights[key]
-            latent = nn.Parameter(state.fp_weights[key].clone(), requires_grad="weights" in learn)
+            # from the float weight; or (``from_float`` False) from the quantized one the model
+            # holds, so that the codes an earlier stage trained stay while the scales move a little
+            start = state.fp_weights[key] if from_float else mod.weight.detach()
+            latent = nn.Parameter(start.clone(), requires_grad="weights" in learn)
             log_scale = None if not quantized else nn.Parameter(
                 torch.from_numpy(state.recipe.weights[key].scale).to(device).log(),
                 requires_grad="weight_scales" in learn)
@@ -603,3 +606,57 @@ class _Budget:
         """A unit's measured seconds per step and outside its steps, for the units left."""
         self.step_s = steps_s / max(steps, 1)
         self.outside_s = max(0.0, unit_s - steps_s)
+
+
+@dataclass
+class OutputTuning(Stage):
+    """The whole quantized network trained against the float network's predictions (KL divergence
+    of the logits on the calibration images), after block reconstruction: activation and weight
+    scales and biases, each weight's codes where the blocks left them. Blocks are each fitted to
+    their own float output; this fits what they add up to."""
+
+    iters: int = 100
+    batch_size: int = 16
+    lr_scales: float = 1e-3
+    lr_biases: float = 1e-5
+    learn: tuple[str, ...] = ("weight_scales", "act_scales", "biases")
+    name = "output_tuning"
+
+    @property
+    def image_passes(self) -> float:
+        return 2.0  # the float logits, and the loss before and after
+
+    def expected_forwards(self, images: int) -> float:
+        return self.image_passes * images + STEP_FORWARDS * self.iters * self.batch_size
+
+    def describe(self, state):
+        return f"output tuning ({self.iters} iterations, batch {self.batch_size}, {len(state.images)} images)"
+
+    def run(self, state: CalibState) -> None:
+        state.keep_float_reference()
+        target = F.log_softmax(run_chunked(state.fp_model, state.images), -1)
+        unit = _Unit("model", state.model, lambda k: True)
+        trainable = _Trainable(state, unit, self.learn, 0.0, from_float=False)
+        opt = torch.optim.Adam(trainable.param_groups({"weights": 0.0, "weight_scales": self.lr_scales,
+                                                       "act_scales": self.lr_scales, "biases": self.lr_biases}))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iters, eta_min=0.0)
+        gen = torch.Generator().manual_seed(state.options.seed)
+
+        def kl(logits, idx=slice(None)):
+            return F.kl_div(F.log_softmax(logits, -1), target[idx], log_target=True, reduction="batchmean")
+
+        before = kl(run_chunked(state.model, state.images)).item()
+        bar = state.progress(self.iters, "calibration: output tuning")
+        for _ in range(self.iters):
+            idx = torch.randint(0, len(state.images), (min(self.batch_size, len(state.images)),), generator=gen)
+            loss = kl(state.model(state.images[idx]), idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            bar.update(1, loss=loss.item())
+        bar.close()
+        trainable.write_back()
+        after = kl(run_chunked(state.model, state.images)).item()
+        state.recipe.info[self.name] = {"iters": self.iters, "batch_size": self.batch_size,
+                                        "kl_before": round(before, 6), "kl_after": round(after, 6)}
