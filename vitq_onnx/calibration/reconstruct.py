@@ -361,6 +361,8 @@ def augmented(images: torch.Tensor, augment: tuple[str, ...]) -> torch.Tensor:
     unknown = [a for a in augment if a not in AUGMENTATIONS]
     if unknown:
         raise VitqError(f"unknown augmentation '{unknown[0]}': use {', '.join(AUGMENTATIONS)}")
+    if not augment:
+        return images
     copies = [images]
     for a in augment:
         if a == "flip":
