@@ -149,6 +149,14 @@ def test_a_deadline_bounds_every_optimizing_stage_together(tiny, tiny_images):
     assert sum(stage1) < sum(stage3) < 300000 * len(stage3)  # the second stage had three quarters
 
 
+def test_two_blocks_train_as_one_unit_to_the_second_ones_output(tiny, tiny_images):
+    recipe = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=20, span=2), "tiny", QUIET)
+    rec = recipe.info["reconstruction"]
+    assert rec["units"] == ["blocks.1", "head"], rec  # blocks.0 and blocks.1 together, then the head
+    assert all(after < before for before, after in zip(rec["loss_before"], rec["loss_after"])), rec
+    assert all(recipe.weights[k].codes is not None for k in recipe.weights if k.startswith("blocks.0."))
+
+
 def test_augmented_reconstruction_trains_on_mirrored_and_shifted_copies(tiny, tiny_images):
     x = torch.from_numpy(tiny_images[:3])
     copies = augmented(x, ("flip", "shift"))

@@ -384,9 +384,32 @@ def _drop(x: torch.Tensor, p: float, xq: torch.Tensor) -> torch.Tensor:
 class _Unit:
     """One part of the model trained at once: a transformer block, or the head after the last."""
 
-    name: str
+    name: str  # its last block's name (whose float output it is trained to)
     forward: nn.Module | Callable
     owns: Callable[[str], bool]  # recipe key -> is this unit's quantizer or weight
+    first: str = ""  # its first block's name, where several blocks train as one (``spans``)
+    entry: nn.Module | None = None  # that block, whose input the unit reads
+
+    def __post_init__(self):
+        self.first = self.first or self.name
+        if self.entry is None and isinstance(self.forward, nn.Module):
+            self.entry = self.forward
+
+
+def spans(units: list[_Unit], span: int) -> list[_Unit]:
+    """``span`` consecutive blocks (of one Sequential) as one unit, trained to the last one's
+    float output: the blocks then make up for each other's errors; the head stays alone."""
+    groups: list[list[_Unit]] = []
+    for unit in units:
+        group = groups[-1] if groups else None
+        if group and len(group) < span and HEAD not in (unit.name, group[-1].name) \
+                and _follows(group[-1].name, unit.name):
+            group.append(unit)
+        else:
+            groups.append([unit])
+    return [g[0] if len(g) == 1 else _Unit(g[-1].name, nn.Sequential(*[u.forward for u in g]),
+                                           lambda k, g=g: any(u.owns(k) for u in g), g[0].first, g[0].entry)
+            for g in groups]
 
 
 def _units(state: CalibState, head: bool) -> list[_Unit]:
@@ -444,6 +467,7 @@ class BlockReconstruction(Stage):
     # "flip" (mirrored left-right), "shift" (moved half a patch down and right, edges reflected);
     # each keeps the images' statistics and gives the blocks new token contents to fit
     augment: tuple[str, ...] = ()
+    span: int = 1  # consecutive blocks trained as one unit (``spans``)
     name = "block_reconstruction"
 
     @property
@@ -463,7 +487,7 @@ class BlockReconstruction(Stage):
         return self.wide_iters if self.wide_iters is not None and widths and min(widths) > NEAR_FLOAT_ABOVE else self.iters
 
     def describe(self, state):
-        units = _units(state, self.head)
+        units = spans(_units(state, self.head), self.span)
         counts = sorted({self.unit_iters(state, u) for u in units})
         copies = f" with {'+'.join(self.augment)} copies" if self.augment else ""
         return (f"block reconstruction ({len(units)} units, {'/'.join(map(str, counts))} iterations each, batch "
@@ -472,7 +496,7 @@ class BlockReconstruction(Stage):
                 f"{'quantized' if self.quantized_weights else 'float'} weights)")
 
     def run(self, state: CalibState) -> None:
-        units = _units(state, self.head)
+        units = spans(_units(state, self.head), self.span)
         if not units:
             state.say("  no transformer blocks found: nothing to reconstruct")
             return
@@ -497,10 +521,13 @@ class BlockReconstruction(Stage):
         x = None
         for i, unit in enumerate(units):
             unit_start = time.time()
-            if x is None or not (unit.name == HEAD or _follows(units[i - 1].name, unit.name)):
-                x, args, kwargs = block_call(state.model, unit.forward, images)
+            if x is None or not (unit.name == HEAD or _follows(units[i - 1].name, unit.first)):
+                x, args, kwargs = block_call(state.model, unit.entry, images)
             rows_forward = None
             if unit.name != HEAD:  # (a block next in line takes the same arguments as the one before)
+                if unit.first != unit.name and (args or kwargs):
+                    raise VitqError("block reconstruction: blocks that take arguments besides their input train "
+                                    "one at a time (span 1)")
                 rows_forward = block_rows(unit.forward) if plan and not args and not kwargs else None
                 unit.forward = bound(unit.forward, args, kwargs)
             y, w = targets.pop(unit.name), weights.pop(unit.name, None)
