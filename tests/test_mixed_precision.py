@@ -127,8 +127,8 @@ def test_max_drop_keeps_the_widest_map_when_nothing_narrower_fits(tiny, tiny_ima
     assert info["weight_avg"] == 3 and info["held_out_fp_top1"] == 100.0  # any drop fits: all at 3 bits
     strict, info = widths_for_drop(tiny, tiny_images[:8], (tiny_images[8:], labels), BitWidths(8, 8), 1e-9,
                                    "tiny", lambda m: None, False, get_method("repq"))
-    assert info["held_out_drop"] <= 1e-9 or info["weight_avg"] == 8
-    assert all(t["held_out_drop"] > 1e-9 for t in info["tried"] if t["step"] > info["tried"][0]["step"]
+    assert info["held_out_drop_bound"] <= 1e-9 or info["weight_avg"] == 8
+    assert all(t["held_out_drop_bound"] > 1e-9 for t in info["tried"] if t["step"] > info["tried"][0]["step"]
                and t["weight_avg"] < info["weight_avg"])
 
 

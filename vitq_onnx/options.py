@@ -107,7 +107,8 @@ OPTIONS: tuple[Option, ...] = (
            "(the map is printed and stored)", type=float, metavar="B", check=_avg_bits_check),
     Option("max_drop", "greedy mixed precision by accuracy: the narrowest map along the same greedy path whose "
            "expected top-1 on the calibration images that do not calibrate (labelled by synset; each image weighed "
-           "by how near its logit margin is to a flip) is at most POINTS below the FP model's there", type=float, metavar="POINTS", check=_positive("number of top-1 points")),
+           "by how near its logit margin is to a flip), plus one standard error, is at most POINTS below the FP "
+           "model's there", type=float, metavar="POINTS", check=_positive("number of top-1 points")),
     Option("keep_float", "keep the layers whose timm module name (or a parent's) matches the glob float in the "
            "graph, the simulation and the recipe (repeatable), e.g. 'blocks.11.*', head, patch_embed, "
            "blocks.3.attn.matmul_av (the attention's softmax @ v)", flags=("--keep-float", "--exclude"),
