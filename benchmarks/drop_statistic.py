@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.reuse:
         saved = dict(np.load(args.logits))
-        write(rows_of(saved), int(saved["path_steps"]), time.time(), args.output)
+        write(rows_of(saved), int(saved["path_steps"]), None, args.output)
         return
     start = time.time()
     model = create_model("deit_t", WEIGHTS["deit_t"])
@@ -76,7 +76,7 @@ def main() -> None:
         print(json.dumps(rows_of(saved)[-1]), file=sys.stderr)
         if args.logits:
             np.savez(args.logits, **saved)
-    write(rows_of(saved), len(path) - 1, start, args.output)
+    write(rows_of(saved), len(path) - 1, time.time() - start, args.output)
 
 
 def rows_of(saved: dict) -> list[dict]:
@@ -99,7 +99,8 @@ ASKED = 10  # the drops --max-drop is asked for lie below this (a destroyed mode
 SMOOTHINGS = (0.11, 0.23, 0.45, 0.9)  # the widths tried, in median |FP margins| (0.25 to 2 logits on DeiT-Ti)
 
 
-def write(rows: list[dict], path_steps: int, start: float, output: Path) -> None:
+def write(rows: list[dict], path_steps: int, seconds: float | None, output: Path) -> None:
+    """The tables; ``seconds`` the run's, None when rewritten from saved logits."""
     output.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     held, val = rows[0]["images"]["held"], rows[0]["images"]["val"]
     asked = [r for r in rows if r["held_counted"] <= ASKED]
@@ -112,7 +113,7 @@ def write(rows: list[dict], path_steps: int, start: float, output: Path) -> None
 
     lines = ["# --max-drop's statistic: counted against expected drop (DeiT-Ti, repq maps along the greedy path)", "",
              f"- `python benchmarks/drop_statistic.py -o {output} --maps {len(rows)}` ({time.strftime('%Y-%m-%d %H:%M')}"
-             f"{f', {time.time() - start:.0f} s' if time.time() - start > 1 else ', tables rewritten from its logits'})",
+             f"{', tables rewritten from its logits' if seconds is None else f', {seconds:.0f} s'})",
              f"- CPU: {cpu_name()}, flags {', '.join(machine_info(1)['cpu_flags'])} (float kernels move the "
              "last bits of the codes)",
              f"- {held} held-out calibration images (what `--max-drop` sees), {val} val images (reported only); "

@@ -32,7 +32,6 @@ and at W8/A8 a gate on any fall kept noise. A pass that keeps no block ends the 
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -178,7 +177,7 @@ class EvolSearch(Stage):
         state.keep_float_reference()
         fitness = FITNESS[self.fitness]
         train, held = state.images[:-held_out], state.images[-held_out:]
-        fp = copy.deepcopy(state.fp_model).eval().to(state.images.device)
+        fp = state.float_model()
         fp_train, fp_held = run_chunked(fp, train), run_chunked(fp, held)
         del fp
         gen = torch.Generator().manual_seed(state.options.seed)

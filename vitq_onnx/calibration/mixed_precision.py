@@ -331,9 +331,9 @@ def widths_for_drop(model, images: np.ndarray, held: tuple[np.ndarray, np.ndarra
                     timm_name: str, say, progress: bool, method: Method):
     """The narrowest map along the greedy path whose expected top-1 drop from the FP model
     (``expected_drop``) on held-out labelled calibration images (``held``: images, labels; none of
-    them calibrates), plus DROP_MARGIN_SE standard errors, is at most ``max_drop`` points. Each map tried is calibrated with
-    ``method``'s ``sensitivity`` method and scored in the exact simulation; the counted drop is
-    recorded beside the expected one."""
+    them calibrates), plus DROP_MARGIN_SE standard errors, is at most ``max_drop`` points. Each map
+    tried is calibrated with ``method``'s ``sensitivity`` method and scored in the exact
+    simulation; the counted drop is recorded beside the expected one."""
     base = get_method(method.sensitivity)
     layers, widths = _sensitivities(model, images, cap, timm_name, say, progress, base)
     path = greedy_path(layers, widths)

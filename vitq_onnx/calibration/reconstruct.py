@@ -17,7 +17,6 @@ inputs and its training batch.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import tempfile
@@ -501,7 +500,7 @@ class BlockReconstruction(Stage):
             state.say("  no transformer blocks found: nothing to reconstruct")
             return
         state.keep_float_reference()
-        fp = copy.deepcopy(state.fp_model).eval().to(state.images.device)
+        fp = state.float_model()
         names = [u.name for u in units if u.name != HEAD]
         images = augmented(state.images, self.augment)
         targets, weights = block_outputs(fp, names, images, self.fisher,
@@ -663,7 +662,7 @@ class OutputTuning(Stage):
 
     def run(self, state: CalibState) -> None:
         state.keep_float_reference()
-        target = F.log_softmax(run_chunked(state.fp_model, state.images), -1)
+        target = F.log_softmax(run_chunked(state.float_model(), state.images), -1)
         unit = _Unit("model", state.model, lambda k: True)
         trainable = _Trainable(state, unit, self.learn, 0.0, from_float=False)
         opt = torch.optim.Adam(trainable.param_groups({"weights": 0.0, "weight_scales": self.lr_scales,

@@ -8,6 +8,7 @@ reconstruction trains as latent weights.
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass, field
 
@@ -52,6 +53,11 @@ class CalibState:
             self.fp_weights.setdefault(key, mod.weight.detach().clone())
             if mod.bias is not None and isinstance(mod, nn.Linear) and key not in self.ref_biases:
                 self.ref_biases[key] = mod.bias.detach().clone()  # bias corrections: Linears
+
+    def float_model(self) -> nn.Module:
+        """A copy of the user's float model on the calibration device (``fp_model`` stays where
+        and as it is), for the stages that compare against its outputs."""
+        return copy.deepcopy(self.fp_model).eval().to(self.images.device)
 
     def say(self, msg: str) -> None:
         if self.options.progress:
