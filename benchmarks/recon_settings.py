@@ -85,7 +85,9 @@ def main() -> None:
     print(json.dumps({"settings": sys.argv[1:], "calibration_s": round(seconds), "held_out_top1": float((q.argmax(1) == labels).mean()),
                       "fp_top1": float((fp.argmax(1) == labels).mean()),
                       "agreement_with_fp": float((q.argmax(1) == fp.argmax(1)).mean()), "kl_to_fp": round(kl, 4),
-                      **({"search": recipe.info["search"]} if "search" in recipe.info else {})}))
+                      **({"search": recipe.info["search"]} if "search" in recipe.info else {}),
+                      **({"block_loss_after": recipe.info["reconstruction"]["loss_after"]}
+                         if "reconstruction" in recipe.info else {})}))
 
 
 def _with_settings(stages, settings: dict) -> tuple:

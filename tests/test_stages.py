@@ -326,3 +326,30 @@ def test_float_weight_reconstruction_carries_its_weights_into_the_recipe(tiny, t
     with torch.no_grad():
         calibrated, simulated = state.model(x), simulate(tiny, state.recipe)(x)
     assert (calibrated - simulated).abs().max() < 0.05 * calibrated.abs().max()
+
+
+def test_adaround_codes_stay_next_to_the_float_weight_and_lower_every_blocks_error(tiny, tiny_images):
+    """Learned rounding: every trained code is the float weight's floor or ceiling on the grid it
+    started from, the block loss falls, and the soft weight starts at the float weight."""
+    from vitq_onnx.calibration.quantizers import adaround
+
+    w, scale = torch.randn(8, 16), torch.rand(8) * 0.1 + 0.05
+    base, alpha = adaround.start(w, scale)
+    torch.testing.assert_close(adaround.soft_weight(base, alpha, scale, 8), w, atol=2e-5, rtol=0)
+    assert adaround.beta_at(0, 10) is None and adaround.beta_at(2, 10) == 20.0 and adaround.beta_at(10, 10) == 2.0
+    assert adaround.penalty(torch.full((3,), 50.0), 2.0).item() == 0.0  # gates at 1: nothing to pay
+
+    stages = _recon(iters=30, rounding="adaround").stages
+    state = _state(tiny, tiny_images)
+    for stage in stages[:-1]:
+        stage.run(state)
+    fitted = {k: (state.fp_weights[k], torch.from_numpy(q.scale)) for k, q in state.recipe.weights.items()
+              if k.startswith("blocks.")}
+    stages[-1].run(state)
+    rec = state.recipe.info["reconstruction"]
+    assert rec["rounding"] == "adaround"
+    assert all(after < before for before, after in zip(rec["loss_before"], rec["loss_after"])), rec
+    for key, (fp, scale) in fitted.items():
+        floor = torch.floor(fp / scale.reshape(-1, 1)).clamp(-8, 7)
+        codes = torch.from_numpy(state.recipe.weights[key].codes).float()
+        assert ((codes - floor) >= 0).all() and ((codes - floor) <= 1).all(), key

@@ -35,7 +35,7 @@ from ..errors import VitqError
 from ..families import block_rows
 from ..recipe import WeightQuant, split_key
 from .bits import module_of
-from .quantizers import get_kind, torch_params
+from .quantizers import adaround, get_kind, torch_params
 from .quantizers.weights import fake_weight_ste, float16_values, weight_codes, weight_values
 from .stages import Stage, quantize_as_recipe, set_activation
 from .state import CalibState
@@ -281,8 +281,10 @@ class _Trainable:
     """
 
     def __init__(self, state: CalibState, unit: "_Unit", learn: tuple[str, ...], drop: float,
-                 quantized: bool = True, lr_width: bool = False, from_float: bool = True):
-        self.state, self.groups, self.quantized = state, {k: [] for k in LEARNABLE}, quantized
+                 quantized: bool = True, lr_width: bool = False, from_float: bool = True,
+                 rounding: str = "ste"):
+        self.state, self.groups, self.quantized = state, {k: [] for k in (*LEARNABLE, "rounding")}, quantized
+        self.gates: dict[str, tuple[torch.Tensor, nn.Parameter]] = {}  # rounding "adaround": floor codes, alphas
         self.lr_factor: dict[nn.Parameter, float] = {}  # a parameter's learning rate over its group's
         self.points = [p for k, p in state.inst.points.items() if unit.owns(k)]
         self.layers = [k for k in state.inst.weights if unit.owns(k)]
@@ -309,12 +311,24 @@ class _Trainable:
             bias = None if key not in state.ref_biases else nn.Parameter(mod.bias.detach().clone(),
                                                                           requires_grad="biases" in learn)
             self.w[key] = (latent, log_scale, bias)
+            if quantized and rounding == "adaround" and latent.requires_grad:
+                base, alpha = adaround.start(start, log_scale.detach().exp())
+                self.gates[key] = (base, nn.Parameter(alpha))
+                latent.requires_grad_(False)
             if lr_width and quantized:
-                self.lr_factor[latent] = min(1.0, 2.0 ** (NEAR_FLOAT_ABOVE - state.bits.weight(key)))
-            for group, p in (("weights", latent), ("weight_scales", log_scale), ("biases", bias)):
+                factor = min(1.0, 2.0 ** (NEAR_FLOAT_ABOVE - state.bits.weight(key)))
+                self.lr_factor[self.gates[key][1] if key in self.gates else latent] = factor
+            for group, p in (("weights", latent), ("weight_scales", log_scale), ("biases", bias),
+                             ("rounding", self.gates.get(key, (None, None))[1])):
                 if p is not None and p.requires_grad:
                     self.groups[group].append(p)
-            mod.forward = types.MethodType(_ste_forward(latent, log_scale, bias, state.bits.weight(key)), mod)
+            make = _ste_forward(latent, log_scale, bias, state.bits.weight(key)) if key not in self.gates else \
+                _gated_forward(*self.gates[key], log_scale, bias, state.bits.weight(key))
+            mod.forward = types.MethodType(make, mod)
+
+    def rounding_penalty(self, beta: float) -> torch.Tensor:
+        """AdaRound's penalty over this unit's gates (``adaround.penalty``)."""
+        return sum(adaround.penalty(alpha, beta) for _, alpha in self.gates.values())
 
     def param_groups(self, lrs: dict[str, float]) -> list[dict]:
         """Adam's groups: one per kind of parameter and learning-rate factor."""
@@ -339,7 +353,8 @@ class _Trainable:
             del mod.forward  # back to the module's own forward on the (dequantized) weight
             if self.quantized:
                 scale = float16_values(log_scale.detach().exp())
-                codes = weight_codes(latent.detach(), scale, bits)
+                codes = weight_codes(latent.detach(), scale, bits) if key not in self.gates else \
+                    adaround.codes(self.gates[key][0], self.gates[key][1].detach(), bits)
                 mod.weight.copy_(weight_values(codes, scale))
                 state.recipe.weights[key] = WeightQuant(bits, scale.cpu().numpy(), codes.cpu().numpy().astype("int8"))
             else:  # float weights, quantized by a later stage from these
@@ -423,10 +438,20 @@ def _units(state: CalibState, head: bool) -> list[_Unit]:
     return units
 
 
+def _gated_forward(base, alpha, log_scale, bias, bits):
+    return _layer_forward(lambda: adaround.soft_weight(base, alpha, log_scale.exp(), bits), bias)
+
+
 def _ste_forward(latent, log_scale, bias, bits):
+    return _layer_forward(lambda: latent if log_scale is None else fake_weight_ste(latent, log_scale.exp(), bits),
+                          bias)
+
+
+def _layer_forward(weight: Callable[[], torch.Tensor], bias):
+    """A Linear's or Conv2d's forward on ``weight()``, and on ``bias`` where it is trained (else
+    the layer's own)."""
     def forward(self, x):
-        w = latent if log_scale is None else fake_weight_ste(latent, log_scale.exp(), bits)
-        b = self.bias if bias is None else bias  # layers whose bias is not trained keep their own
+        w, b = weight(), self.bias if bias is None else bias
         if isinstance(self, nn.Conv2d):
             return self._conv_forward(x, w, b)
         return F.linear(x, w, b)
@@ -467,6 +492,12 @@ class BlockReconstruction(Stage):
     # each keeps the images' statistics and gives the blocks new token contents to fit
     augment: tuple[str, ...] = ()
     span: int = 1  # consecutive blocks trained as one unit (``spans``)
+    # how quantized weights train: "ste" (latent weights through straight-through rounding) or
+    # "adaround" (each code its floor or ceiling, a learned gate; ``adaround``): the loss is then
+    # the block loss over its first value plus round_weight x the gates' penalty
+    rounding: str = "ste"
+    round_weight: float = 0.01
+    lr_rounding: float = 1e-2
     name = "block_reconstruction"
 
     @property
@@ -507,7 +538,7 @@ class BlockReconstruction(Stage):
                                          None if state.stage_deadline is None else BUDGET_GRAD_PASS_BYTES)
         del fp
         lrs = {"weights": self.lr_weights, "weight_scales": self.lr_scales, "act_scales": self.lr_scales,
-               "biases": self.lr_biases}
+               "biases": self.lr_biases, "rounding": self.lr_rounding}
         gen = torch.Generator().manual_seed(state.options.seed)
         torch.manual_seed(state.options.seed)  # QDrop's masks
         iters = [self.unit_iters(state, u) for u in units]
@@ -544,7 +575,8 @@ class BlockReconstruction(Stage):
                 r = torch.randperm(x.shape[1], generator=gen)[:rows].sort().values.to(x.device)
                 return loss_of(rows_forward(x[idx], r), idx, r)
 
-            trainable = _Trainable(state, unit, self.learn, self.drop, self.quantized_weights, self.lr_width)
+            trainable = _Trainable(state, unit, self.learn, self.drop, self.quantized_weights, self.lr_width,
+                                   rounding=self.rounding)
             opt = torch.optim.Adam(trainable.param_groups(lrs))
             seen = slice(None) if plan is None else slice(0, BUDGET_LOSS_IMAGES)  # (a budget: a few images)
             pass_start = time.time()
@@ -556,9 +588,13 @@ class BlockReconstruction(Stage):
                 iters[i:] = [n] + [min(d, n) for d in defaults[i + 1:]]  # (the rest: an estimate, for the bar)
                 bar.set_total(sum(report["iters"]) + sum(iters[i:]))
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters[i], eta_min=0.0)
-            steps_start, done = time.time(), 0
-            for _ in range(iters[i]):
+            steps_start, done, first = time.time(), 0, None
+            for step in range(iters[i]):
                 loss = step_loss(self.batch_size if plan is None else plan.batch)
+                if trainable.gates:  # AdaRound: the block loss relative to its first, and the penalty
+                    first = first or max(loss.item(), 1e-12)
+                    beta = adaround.beta_at(step, iters[i])
+                    loss = loss / first + (0 if beta is None else self.round_weight * trainable.rounding_penalty(beta))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -582,6 +618,7 @@ class BlockReconstruction(Stage):
         state.recipe.info[stage] = {"batch_size": self.batch_size, "images": len(images),
                                     **({"augment": list(self.augment)} if self.augment else {}),
                                     "drop": self.drop, "loss": "fisher" if self.fisher else "mse",
+                                    **({"rounding": self.rounding} if self.rounding != "ste" else {}),
                                     "lr_width": self.lr_width and self.quantized_weights, **extra, **report}
 
     @staticmethod
