@@ -31,6 +31,7 @@ python benchmarks/accuracy.py -o benchmarks/results/ias_ablation.md --no-sim --c
     deit_t:3/3:repq deit_t:3/3:ias-sulq deit_t:3/3:ias-stage3 deit_t:4/4:repq deit_t:4/4:ias-sulq \
     deit_t:4/4:ias-stage3 deit_t:6/6:repq deit_t:6/6:ias-sulq deit_t:6/6:ias-stage3
 python benchmarks/sulq_eta.py --bits 3/3 4/4 -o benchmarks/results/sulq_eta.md
+python benchmarks/ablation.py -o benchmarks/results/ablation_auto.md
 python benchmarks/export_profile.py -o benchmarks/results/export_profile.md
 python benchmarks/keep_float.py -o benchmarks/results/keep_float.md
 python benchmarks/accuracy.py -o benchmarks/results/mptq.md --configs deit_t:4/4:repq-optm deit_t:4/4:repq-optm:qdq \
