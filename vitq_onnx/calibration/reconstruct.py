@@ -304,17 +304,17 @@ class _Trainable:
             # from the float weight; or (``from_float`` False) from the quantized one the model
             # holds, so that the codes an earlier stage trained stay while the scales move a little
             start = state.fp_weights[key] if from_float else mod.weight.detach()
-            latent = nn.Parameter(start.clone(), requires_grad="weights" in learn)
+            gated = quantized and rounding == "adaround" and "weights" in learn  # the gates train, not the weight
+            latent = nn.Parameter(start.clone(), requires_grad="weights" in learn and not gated)
             log_scale = None if not quantized else nn.Parameter(
                 torch.from_numpy(state.recipe.weights[key].scale).to(device).log(),
                 requires_grad="weight_scales" in learn)
             bias = None if key not in state.ref_biases else nn.Parameter(mod.bias.detach().clone(),
                                                                           requires_grad="biases" in learn)
             self.w[key] = (latent, log_scale, bias)
-            if quantized and rounding == "adaround" and latent.requires_grad:
+            if gated:
                 base, alpha = adaround.start(start, log_scale.detach().exp())
                 self.gates[key] = (base, nn.Parameter(alpha))
-                latent.requires_grad_(False)
             if lr_width and quantized:
                 factor = min(1.0, 2.0 ** (NEAR_FLOAT_ABOVE - state.bits.weight(key)))
                 self.lr_factor[self.gates[key][1] if key in self.gates else latent] = factor

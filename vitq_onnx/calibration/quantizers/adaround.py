@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...codes.weights import weight_range
-from .weights import _channel
+from .weights import channel_view
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch: h reaches 0 and 1 exactly
 
@@ -23,7 +23,7 @@ def gate(alpha: torch.Tensor) -> torch.Tensor:
 def start(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each weight's floor code, and the alpha whose gate is its fractional part (so that the soft
     weight starts at the float weight)."""
-    x = w / _channel(scale, w)
+    x = w / channel_view(scale, w)
     base = torch.floor(x)
     frac = (x - base).clamp(1e-4, 1 - 1e-4)
     return base, -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
@@ -31,7 +31,7 @@ def start(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def soft_weight(base: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     lo, hi = weight_range(bits)
-    return torch.clamp(base + gate(alpha), lo, hi) * _channel(scale, base)
+    return torch.clamp(base + gate(alpha), lo, hi) * channel_view(scale, base)
 
 
 def codes(base: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:

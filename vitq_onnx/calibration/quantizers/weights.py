@@ -9,19 +9,20 @@ from .kind import round_ste
 from .search import alphas
 
 
-def _channel(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def channel_view(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel ``scale`` shaped to broadcast against ``w`` (channels on axis 0)."""
     return scale.reshape(-1, *([1] * (w.dim() - 1)))
 
 
 def weight_codes(w: torch.Tensor, scale: torch.Tensor, bits: int, rounding=torch.round) -> torch.Tensor:
     """Integer codes of a weight whose output channels are on axis 0."""
     lo, hi = weight_range(bits)
-    return torch.clamp(rounding(w / _channel(scale, w)), lo, hi)
+    return torch.clamp(rounding(w / channel_view(scale, w)), lo, hi)
 
 
 def weight_values(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Dequantized weight: codes times their output channel's scale."""
-    return codes * _channel(scale, codes)
+    return codes * channel_view(scale, codes)
 
 
 def fake_weight(w, scale, bits: int):
