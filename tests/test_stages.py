@@ -353,3 +353,5 @@ def test_adaround_codes_stay_next_to_the_float_weight_and_lower_every_blocks_err
         floor = torch.floor(fp / scale.reshape(-1, 1)).clamp(-8, 7)
         codes = torch.from_numpy(state.recipe.weights[key].codes).float()
         assert ((codes - floor) >= 0).all() and ((codes - floor) <= 1).all(), key
+    with pytest.raises(VitqError, match="unknown rounding 'adarond': use ste, adaround"):
+        calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=1, rounding="adarond"), "tiny", QUIET)

@@ -366,6 +366,7 @@ class _Trainable:
 
 
 AUGMENTATIONS = ("flip", "shift")
+ROUNDINGS = ("ste", "adaround")  # how quantized weights train (BlockReconstruction.rounding)
 
 
 def augmented(images: torch.Tensor, augment: tuple[str, ...]) -> torch.Tensor:
@@ -526,6 +527,8 @@ class BlockReconstruction(Stage):
                 f"{'quantized' if self.quantized_weights else 'float'} weights)")
 
     def run(self, state: CalibState) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise VitqError(f"unknown rounding '{self.rounding}': use {', '.join(ROUNDINGS)}")
         units = spans(_units(state, self.head), self.span)
         if not units:
             state.say("  no transformer blocks found: nothing to reconstruct")
