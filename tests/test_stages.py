@@ -14,7 +14,7 @@ from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import REPQ_SOFTMAX, Method, sulq
 from vitq_onnx.calibration.quant_points import instrument
 from vitq_onnx.calibration.reconstruct import (BlockReconstruction, OutputTuning, augmented, block_outputs,
-                                               transformer_blocks)
+                                               fisher_weights, transformer_blocks)
 from vitq_onnx.progress import StageTimes
 from vitq_onnx.calibration.stages import ChannelwiseReparam, FitActivations, FitWeights, quantize_as_recipe
 from vitq_onnx.calibration.state import CalibOptions, CalibState
@@ -186,25 +186,27 @@ def test_output_tuning_lowers_the_kl_of_the_simulated_recipe(tiny, tiny_images):
     assert tuned["kl_after"] < tuned["kl_before"] and kls[1] < kls[0], (tuned, kls)
 
 
-def test_fisher_weights_are_the_squared_gradient_of_the_float_models_own_prediction(tiny, tiny_images):
-    """Against autograd on one image at a time: the weights are 1 + g^2 / mean(g^2), g the gradient
-    of the cross-entropy of the float model's prediction at each block's output; the targets are
-    those of the pass without gradients, bit for bit."""
+def test_fisher_gradients_are_those_of_the_float_models_own_prediction(tiny, tiny_images):
+    """Against autograd on one image at a time: g is the gradient of the cross-entropy of the float
+    model's prediction at each block's output, and the loss weights are 1 + g^2 / mean(g^2); the
+    targets are those of the pass without gradients, bit for bit."""
     x = torch.from_numpy(tiny_images[:5])
-    targets, weights = block_outputs(copy.deepcopy(tiny), ["blocks.0", "blocks.1"], x, fisher=True)
+    targets, grads = block_outputs(copy.deepcopy(tiny), ["blocks.0", "blocks.1"], x, fisher=True)
     plain, none = block_outputs(copy.deepcopy(tiny), ["blocks.0", "blocks.1"], x)
     assert none == {} and plain.keys() == targets.keys() and all(torch.equal(plain[k], targets[k]) for k in plain)
     for name in ("blocks.0", "blocks.1"):
-        grads = []
+        each = []
         for image in x:
             out = {}
             handle = tiny.get_submodule(name).register_forward_hook(lambda _m, _a, o: out.setdefault("y", o))
             logits = tiny(image[None])
             handle.remove()
-            grads.append(torch.autograd.grad(torch.nn.functional.cross_entropy(logits, logits.argmax(1)), out["y"])[0])
-        g2 = torch.cat(grads).pow(2)
-        assert weights[name].shape == g2.shape and weights[name].min() >= 1
-        torch.testing.assert_close(weights[name], 1 + g2 / g2.mean(), rtol=1e-4, atol=1e-5)
+            each.append(torch.autograd.grad(torch.nn.functional.cross_entropy(logits, logits.argmax(1)), out["y"])[0])
+        g = torch.cat(each)
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-8)
+        weights = fisher_weights(grads[name])
+        assert weights.min() >= 1
+        torch.testing.assert_close(weights, 1 + g.pow(2) / g.pow(2).mean(), rtol=1e-4, atol=1e-5)
 
 
 def test_block_caches_past_their_bound_go_to_disk_and_read_back_bit_for_bit(tiny, tiny_images, monkeypatch):
@@ -239,6 +241,21 @@ def test_fisher_weighted_reconstruction_lowers_its_loss(tiny, tiny_images):
     rec = recipe.info["reconstruction"]
     assert rec["loss"] == "fisher"
     assert all(after < before for before, after in zip(rec["loss_before"], rec["loss_after"])), rec
+
+
+def test_rank_one_fisher_term_starts_at_its_share_and_lowers_the_loss(tiny, tiny_images):
+    """``lowrank=1``: each unit's first loss is twice its diagonal term (the rank-one term starts at
+    the diagonal's value); training lowers it; it is recorded; without the Fisher pass it is a
+    clear error."""
+    plain = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=0, fisher=True), "tiny", QUIET)
+    both = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=30, fisher=True, lowrank=1.0), "tiny", QUIET)
+    rec, first = both.info["reconstruction"], plain.info["reconstruction"]
+    assert rec["lowrank"] == 1.0 and "lowrank" not in first
+    torch.testing.assert_close(torch.tensor(rec["loss_before"][0]), 2 * torch.tensor(first["loss_before"][0]),
+                               rtol=2e-3, atol=0)  # (rounded to 6 decimals)
+    assert all(after < before for before, after in zip(rec["loss_before"], rec["loss_after"])), rec
+    with pytest.raises(VitqError, match="needs fisher"):
+        calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=1, fisher=False, lowrank=1.0), "tiny", QUIET)
 
 
 def test_transformer_blocks_are_found_in_forward_order(tiny):

@@ -202,7 +202,10 @@ class BlockCache(Mapping):
         return len(self.chunks if self.folder is None else self.shapes)
 
 
-def _fisher_weights(g2: torch.Tensor) -> torch.Tensor:
+def fisher_weights(g: torch.Tensor) -> torch.Tensor:
+    """A block output's squared-error weights from its gradients ``g`` (``block_outputs``):
+    1 + g^2 / mean(g^2)."""
+    g2 = g.pow(2)
     return 1 + g2 / g2.mean().clamp_min(1e-30)
 
 
@@ -225,13 +228,12 @@ def grad_chunk(model: nn.Module, image: torch.Tensor, limit: int | None = None) 
 
 @torch.no_grad()
 def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor, fisher: bool = False,
-                  grad_bytes: int | None = None) -> tuple[BlockCache, BlockCache | dict]:
+                  grad_bytes: int | None = None, temperature: float = 1.0) -> tuple[BlockCache, BlockCache | dict]:
     """Every named block's output on ``images``, and the model's (as ``HEAD``), from one pass; with
-    ``fisher`` also each block output's weights for the reconstruction loss, 1 + g^2 / mean(g^2),
-    g the gradient of the float model's cross-entropy against its own prediction at that output
-    (the diagonal of the empirical Fisher, as BRECQ's loss): errors where the prediction is
-    sensitive count more; the 1 keeps every element's plain squared error in the loss. (The
-    outputs are the same with gradients on: checked bitwise on DeiT-Ti, CPU.)"""
+    ``fisher`` also g, the gradient of the float model's cross-entropy against its own prediction
+    at each block's output, per image: its square is the diagonal of the empirical Fisher (the
+    loss's weights, ``fisher_weights``, as BRECQ's), g itself the image's rank-one Fisher term.
+    (The outputs are the same with gradients on: checked bitwise on DeiT-Ti, CPU.)"""
     chunk = grad_chunk(model, images[:1], grad_bytes) if fisher else CHUNK
     outs: dict[str, torch.Tensor] = {}
     handles = [model.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
@@ -242,17 +244,18 @@ def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor, fish
             with torch.set_grad_enabled(fisher):
                 logits = model(images[i:i + chunk])
                 if fisher:  # autograd.grad: only these outputs' gradients, none kept in the parameters
-                    loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
-                    g2 = [g.pow(2) for g in torch.autograd.grad(loss, [outs[n] for n in names])]
+                    soft = logits if temperature == 1 else logits / temperature
+                    loss = F.cross_entropy(soft, logits.argmax(1), reduction="sum")
+                    g = torch.autograd.grad(loss, [outs[n] for n in names])
             if seen is None:  # both caches' size, from the first chunk's
                 total = (sum(outs[n][0].nbytes for n in names) + logits[0].nbytes) * len(images) * (1 + fisher)
                 seen = BlockCache(total)
-                grads = BlockCache(total, _fisher_weights) if fisher else {}
+                grads = BlockCache(total) if fisher else {}
             for n in names:
                 seen.add(n, outs[n])
             seen.add(HEAD, logits)
-            for n, g in zip(names, g2 if fisher else []):
-                grads.add(n, g)
+            for n, gn in zip(names, g if fisher else []):
+                grads.add(n, gn)
             outs.clear()
     finally:
         for h in handles:
@@ -479,6 +482,12 @@ class BlockReconstruction(Stage):
     # weight each block output's squared error by the float model's Fisher diagonal (block_outputs):
     # on held-out calibration images it lowered the KL to the float model by 13-14 % (docs/results.md)
     fisher: bool = True
+    # with ``fisher``, also each image's rank-one Fisher term (g . error)^2, g the gradient at the
+    # block's output (FIMA-Q's low-rank part): errors that move the prediction count, not only large
+    # ones; it starts at ``lowrank`` x the diagonal term's value (0: off)
+    lowrank: float = 0.0
+    # the Fisher pass's softmax temperature: above 1, confident images' gradients no longer vanish
+    fisher_temperature: float = 1.0
     # quantized latent weights wider than 4 bits learn at lr_weights x 2^(4 - bits), in step with
     # their grid (half the step per added bit): at one rate for every width, 6-bit weights wander
     # over many steps. On held-out calibration images it lowered the KL of the --avg-bits 4 map
@@ -529,6 +538,8 @@ class BlockReconstruction(Stage):
     def run(self, state: CalibState) -> None:
         if self.rounding not in ROUNDINGS:
             raise VitqError(f"unknown rounding '{self.rounding}': use {', '.join(ROUNDINGS)}")
+        if self.lowrank and not self.fisher:
+            raise VitqError("block reconstruction: the rank-one Fisher term (lowrank) needs fisher=True")
         units = spans(_units(state, self.head), self.span)
         if not units:
             state.say("  no transformer blocks found: nothing to reconstruct")
@@ -537,8 +548,9 @@ class BlockReconstruction(Stage):
         fp = state.float_model()
         names = [u.name for u in units if u.name != HEAD]
         images = augmented(state.images, self.augment)
-        targets, weights = block_outputs(fp, names, images, self.fisher,
-                                         None if state.stage_deadline is None else BUDGET_GRAD_PASS_BYTES)
+        targets, grads = block_outputs(fp, names, images, self.fisher,
+                                       None if state.stage_deadline is None else BUDGET_GRAD_PASS_BYTES,
+                                       self.fisher_temperature)
         del fp
         lrs = {"weights": self.lr_weights, "weight_scales": self.lr_scales, "act_scales": self.lr_scales,
                "biases": self.lr_biases, "rounding": self.lr_rounding}
@@ -563,13 +575,20 @@ class BlockReconstruction(Stage):
                                     "one at a time (span 1)")
                 rows_forward = block_rows(unit.forward) if plan and not args and not kwargs else None
                 unit.forward = bound(unit.forward, args, kwargs)
-            y, w = targets.pop(unit.name), weights.pop(unit.name, None)
+            y, g = targets.pop(unit.name), grads.pop(unit.name, None)
+            w = None if g is None else fisher_weights(g)
             rows = None if rows_forward is None or x.shape[1] <= 2 * TRAIN_ROWS else TRAIN_ROWS
+            rank_one = {"scale": 0.0}  # set from the unit's first loss below
 
-            def loss_of(out, idx=slice(None), r=slice(None)):
+            def loss_of(out, idx=slice(None), r=slice(None), parts=False):
                 if w is None:
                     return F.mse_loss(out, y[idx][:, r])
-                return (w[idx][:, r] * (out - y[idx][:, r]).pow(2)).mean()
+                err = out - y[idx][:, r]
+                diag = (w[idx][:, r] * err.pow(2)).mean()
+                if not self.lowrank:
+                    return diag
+                projected = (g[idx][:, r] * err).flatten(1).sum(1).pow(2).mean()
+                return (diag, projected) if parts else diag + rank_one["scale"] * projected
 
             def step_loss(batch: int):
                 idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen).to(x.device)
@@ -583,7 +602,12 @@ class BlockReconstruction(Stage):
             opt = torch.optim.Adam(trainable.param_groups(lrs))
             seen = slice(None) if plan is None else slice(0, BUDGET_LOSS_IMAGES)  # (a budget: a few images)
             pass_start = time.time()
-            report["loss_before"].append(round(loss_of(run_chunked(unit.forward, x[seen]), seen).item(), 6))
+            out = run_chunked(unit.forward, x[seen])
+            if self.lowrank and w is not None:  # the rank-one term starts at lowrank x the diagonal's value
+                diag, projected = loss_of(out, seen, parts=True)
+                rank_one["scale"] = self.lowrank * diag.item() / max(projected.item(), 1e-30)
+            report["loss_before"].append(round(loss_of(out, seen).item(), 6))
+            del out
             if plan is not None:  # the steps that fit in this unit's share of what is left
                 pass_s = (time.time() - pass_start) * len(x) / len(x[seen])  # the pass over every image after it
                 n = plan.unit_iters(i, defaults[i], pass_s, lambda b: self._step_seconds(step_loss, b, opt),
@@ -621,6 +645,7 @@ class BlockReconstruction(Stage):
         state.recipe.info[stage] = {"batch_size": self.batch_size, "images": len(images),
                                     **({"augment": list(self.augment)} if self.augment else {}),
                                     "drop": self.drop, "loss": "fisher" if self.fisher else "mse",
+                                    **({"lowrank": self.lowrank} if self.lowrank else {}),
                                     **({"rounding": self.rounding} if self.rounding != "ste" else {}),
                                     "lr_width": self.lr_width and self.quantized_weights, **extra, **report}
 
