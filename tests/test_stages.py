@@ -14,7 +14,7 @@ from vitq_onnx.calibration.calibrate import calibrate
 from vitq_onnx.calibration.methods import REPQ_SOFTMAX, Method, sulq
 from vitq_onnx.calibration.quant_points import instrument
 from vitq_onnx.calibration.reconstruct import (BlockReconstruction, OutputTuning, augmented, block_outputs,
-                                               fisher_weights, transformer_blocks)
+                                               fisher_weights, quantized_point_grads, transformer_blocks)
 from vitq_onnx.progress import StageTimes
 from vitq_onnx.calibration.stages import ChannelwiseReparam, FitActivations, FitWeights, quantize_as_recipe
 from vitq_onnx.calibration.state import CalibOptions, CalibState
@@ -256,6 +256,22 @@ def test_rank_one_fisher_term_starts_at_its_share_and_lowers_the_loss(tiny, tiny
     assert all(after < before for before, after in zip(rec["loss_before"], rec["loss_after"])), rec
     with pytest.raises(VitqError, match="needs fisher"):
         calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=1, fisher=False, lowrank=1.0), "tiny", QUIET)
+    with pytest.raises(VitqError, match="unknown fisher_at 'both'"):
+        calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=1, fisher_at="both"), "tiny", QUIET)
+
+
+def test_fisher_at_the_quantized_point_is_the_float_fisher_when_given_the_float_output(tiny, tiny_images):
+    """``quantized_point_grads`` puts a given output in place of a block's: given the float output
+    itself it is the float pass's gradient; given another, another."""
+    x, name = torch.from_numpy(tiny_images[:4]), "blocks.0"
+    model = copy.deepcopy(tiny)
+    targets, grads = block_outputs(model, [name], x, fisher=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    labels = targets["head"].argmax(1)
+    torch.testing.assert_close(quantized_point_grads(model, name, targets[name], x, labels), grads[name])
+    moved = quantized_point_grads(model, name, targets[name] * 1.5, x, labels)
+    assert not torch.allclose(moved, grads[name])
 
 
 def test_transformer_blocks_are_found_in_forward_order(tiny):

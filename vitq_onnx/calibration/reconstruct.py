@@ -263,6 +263,25 @@ def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor, fish
     return seen, grads
 
 
+def quantized_point_grads(fp: nn.Module, name: str, out: torch.Tensor, images: torch.Tensor,
+                          labels: torch.Tensor) -> torch.Tensor:
+    """The gradient of the float model's cross-entropy against ``labels`` at block ``name``'s
+    output when that output is ``out`` (the quantized blocks' up to it; the float blocks after):
+    the Fisher where the quantized network is, not where the float one is (FIMA-Q)."""
+    chunk, grads = grad_chunk(fp, images[:1]), []
+    block = fp.get_submodule(name)
+    for i in range(0, len(images), chunk):
+        o = out[i:i + chunk].detach().requires_grad_(True)
+        handle = block.register_forward_hook(lambda _m, _a, _o: o)
+        try:
+            with torch.enable_grad():
+                loss = F.cross_entropy(fp(images[i:i + chunk]), labels[i:i + chunk], reduction="sum")
+                grads.append(torch.autograd.grad(loss, o)[0])
+        finally:
+            handle.remove()
+    return torch.cat(grads)
+
+
 @torch.no_grad()
 def run_chunked(forward: Callable, x: torch.Tensor) -> torch.Tensor:
     """``forward`` on ``x`` (images x tokens (or rows x columns) x channels) in chunks of CHUNK
@@ -488,6 +507,7 @@ class BlockReconstruction(Stage):
     lowrank: float = 0.0
     # the Fisher pass's softmax temperature: above 1, confident images' gradients no longer vanish
     fisher_temperature: float = 1.0
+    fisher_at: str = "float"  # or "quantized": each block's Fisher where its quantized input puts it
     # quantized latent weights wider than 4 bits learn at lr_weights x 2^(4 - bits), in step with
     # their grid (half the step per added bit): at one rate for every width, 6-bit weights wander
     # over many steps. On held-out calibration images it lowered the KL of the --avg-bits 4 map
@@ -538,6 +558,8 @@ class BlockReconstruction(Stage):
     def run(self, state: CalibState) -> None:
         if self.rounding not in ROUNDINGS:
             raise VitqError(f"unknown rounding '{self.rounding}': use {', '.join(ROUNDINGS)}")
+        if self.fisher_at not in ("float", "quantized"):
+            raise VitqError(f"unknown fisher_at '{self.fisher_at}': use float or quantized")
         if self.lowrank and not self.fisher:
             raise VitqError("block reconstruction: the rank-one Fisher term (lowrank) needs fisher=True")
         units = spans(_units(state, self.head), self.span)
@@ -551,7 +573,12 @@ class BlockReconstruction(Stage):
         targets, grads = block_outputs(fp, names, images, self.fisher,
                                        None if state.stage_deadline is None else BUDGET_GRAD_PASS_BYTES,
                                        self.fisher_temperature)
-        del fp
+        if self.fisher_at == "quantized":
+            for p in fp.parameters():
+                p.requires_grad_(False)
+            labels = targets[HEAD].argmax(1)
+        else:
+            del fp
         lrs = {"weights": self.lr_weights, "weight_scales": self.lr_scales, "act_scales": self.lr_scales,
                "biases": self.lr_biases, "rounding": self.lr_rounding}
         gen = torch.Generator().manual_seed(state.options.seed)
@@ -576,6 +603,8 @@ class BlockReconstruction(Stage):
                 rows_forward = block_rows(unit.forward) if plan and not args and not kwargs else None
                 unit.forward = bound(unit.forward, args, kwargs)
             y, g = targets.pop(unit.name), grads.pop(unit.name, None)
+            if g is not None and self.fisher_at == "quantized":
+                g = quantized_point_grads(fp, unit.name, run_chunked(unit.forward, x), images, labels)
             w = None if g is None else fisher_weights(g)
             rows = None if rows_forward is None or x.shape[1] <= 2 * TRAIN_ROWS else TRAIN_ROWS
             rank_one = {"scale": 0.0}  # set from the unit's first loss below
