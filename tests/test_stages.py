@@ -207,6 +207,13 @@ def test_fisher_gradients_are_those_of_the_float_models_own_prediction(tiny, tin
         weights = fisher_weights(grads[name])
         assert weights.min() >= 1
         torch.testing.assert_close(weights, 1 + g.pow(2) / g.pow(2).mean(), rtol=1e-4, atol=1e-5)
+    softer = block_outputs(copy.deepcopy(tiny), ["blocks.0"], x, fisher=True, temperature=4.0)[1]["blocks.0"]
+    out = {}
+    handle = tiny.get_submodule("blocks.0").register_forward_hook(lambda _m, _a, o: out.setdefault("y", o))
+    logits = tiny(x)
+    handle.remove()
+    loss = torch.nn.functional.cross_entropy(logits / 4.0, logits.argmax(1), reduction="sum")
+    torch.testing.assert_close(softer, torch.autograd.grad(loss, out["y"])[0], rtol=1e-4, atol=1e-8)
 
 
 def test_block_caches_past_their_bound_go_to_disk_and_read_back_bit_for_bit(tiny, tiny_images, monkeypatch):
@@ -272,6 +279,10 @@ def test_fisher_at_the_quantized_point_is_the_float_fisher_when_given_the_float_
     torch.testing.assert_close(quantized_point_grads(model, name, targets[name], x, labels), grads[name])
     moved = quantized_point_grads(model, name, targets[name] * 1.5, x, labels)
     assert not torch.allclose(moved, grads[name])
+    recipe = calibrate(tiny, tiny_images, BitWidths(4, 4), _recon(iters=10, fisher_at="quantized"), "tiny", QUIET)
+    rec = recipe.info["reconstruction"]
+    assert rec["fisher_at"] == "quantized" and rec["loss"] == "fisher"
+    assert all(after < before for before, after in zip(rec["loss_before"], rec["loss_after"])), rec
 
 
 def test_transformer_blocks_are_found_in_forward_order(tiny):

@@ -244,8 +244,7 @@ def block_outputs(model: nn.Module, names: list[str], images: torch.Tensor, fish
             with torch.set_grad_enabled(fisher):
                 logits = model(images[i:i + chunk])
                 if fisher:  # autograd.grad: only these outputs' gradients, none kept in the parameters
-                    soft = logits if temperature == 1 else logits / temperature
-                    loss = F.cross_entropy(soft, logits.argmax(1), reduction="sum")
+                    loss = F.cross_entropy(logits / temperature, logits.argmax(1), reduction="sum")
                     g = torch.autograd.grad(loss, [outs[n] for n in names])
             if seen is None:  # both caches' size, from the first chunk's
                 total = (sum(outs[n][0].nbytes for n in names) + logits[0].nbytes) * len(images) * (1 + fisher)
@@ -570,10 +569,11 @@ class BlockReconstruction(Stage):
         fp = state.float_model()
         names = [u.name for u in units if u.name != HEAD]
         images = augmented(state.images, self.augment)
-        targets, grads = block_outputs(fp, names, images, self.fisher,
+        at_quantized = self.fisher and self.fisher_at == "quantized"  # (then no float-pass gradients)
+        targets, grads = block_outputs(fp, names, images, self.fisher and not at_quantized,
                                        None if state.stage_deadline is None else BUDGET_GRAD_PASS_BYTES,
                                        self.fisher_temperature)
-        if self.fisher_at == "quantized":
+        if at_quantized:
             for p in fp.parameters():
                 p.requires_grad_(False)
             labels = targets[HEAD].argmax(1)
@@ -603,21 +603,23 @@ class BlockReconstruction(Stage):
                 rows_forward = block_rows(unit.forward) if plan and not args and not kwargs else None
                 unit.forward = bound(unit.forward, args, kwargs)
             y, g = targets.pop(unit.name), grads.pop(unit.name, None)
-            if g is not None and self.fisher_at == "quantized":
+            if at_quantized and unit.name != HEAD:
                 g = quantized_point_grads(fp, unit.name, run_chunked(unit.forward, x), images, labels)
             w = None if g is None else fisher_weights(g)
             rows = None if rows_forward is None or x.shape[1] <= 2 * TRAIN_ROWS else TRAIN_ROWS
-            rank_one = {"scale": 0.0}  # set from the unit's first loss below
+            rank_scale = 0.0  # the rank-one term's factor, set from the unit's first loss below
 
-            def loss_of(out, idx=slice(None), r=slice(None), parts=False):
-                if w is None:
-                    return F.mse_loss(out, y[idx][:, r])
+            def fisher_terms(out, idx=slice(None), r=slice(None)):
+                """The diagonal term, and (with ``lowrank``) the rank-one term, else None."""
                 err = out - y[idx][:, r]
                 diag = (w[idx][:, r] * err.pow(2)).mean()
-                if not self.lowrank:
-                    return diag
-                projected = (g[idx][:, r] * err).flatten(1).sum(1).pow(2).mean()
-                return (diag, projected) if parts else diag + rank_one["scale"] * projected
+                return diag, (g[idx][:, r] * err).flatten(1).sum(1).pow(2).mean() if self.lowrank else None
+
+            def loss_of(out, idx=slice(None), r=slice(None)):
+                if w is None:
+                    return F.mse_loss(out, y[idx][:, r])
+                diag, projected = fisher_terms(out, idx, r)
+                return diag if projected is None else diag + rank_scale * projected
 
             def step_loss(batch: int):
                 idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen).to(x.device)
@@ -633,8 +635,8 @@ class BlockReconstruction(Stage):
             pass_start = time.time()
             out = run_chunked(unit.forward, x[seen])
             if self.lowrank and w is not None:  # the rank-one term starts at lowrank x the diagonal's value
-                diag, projected = loss_of(out, seen, parts=True)
-                rank_one["scale"] = self.lowrank * diag.item() / max(projected.item(), 1e-30)
+                diag, projected = fisher_terms(out, seen)
+                rank_scale = self.lowrank * diag.item() / max(projected.item(), 1e-30)
             report["loss_before"].append(round(loss_of(out, seen).item(), 6))
             del out
             if plan is not None:  # the steps that fit in this unit's share of what is left
@@ -675,6 +677,9 @@ class BlockReconstruction(Stage):
                                     **({"augment": list(self.augment)} if self.augment else {}),
                                     "drop": self.drop, "loss": "fisher" if self.fisher else "mse",
                                     **({"lowrank": self.lowrank} if self.lowrank else {}),
+                                    **({"fisher_temperature": self.fisher_temperature}
+                                       if self.fisher and self.fisher_temperature != 1 else {}),
+                                    **({"fisher_at": self.fisher_at} if at_quantized else {}),
                                     **({"rounding": self.rounding} if self.rounding != "ste" else {}),
                                     "lr_width": self.lr_width and self.quantized_weights, **extra, **report}
 
